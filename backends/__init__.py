@@ -1,0 +1,1 @@
+"""Backends: each turns a verified Graph into files (hf: safetensors + config.json; torch: generated code)."""

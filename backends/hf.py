@@ -1,0 +1,109 @@
+"""The hf backend: a verified Graph -> config.json + sharded safetensors for a native transformers class.
+
+Tensors are evaluated and written one at a time (see shards.py and ir/evaluate.py). The caller owns the
+output folder's atomicity (compose.build writes into a temporary folder and renames it into place).
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from compose.errors import BuildError
+from compose.ir import Graph, Load
+from compose.ir.evaluate import Evaluator, torch_dtype
+from compose.ir.weights import Expr
+from compose.backends.shards import Entry, parse_size, plan_shards, shard_names, write_index, write_shard
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def tensors(g: Graph) -> dict[str, Expr]:
+    """Output tensor name -> expression, in file order (Hugging Face names)."""
+    out: dict[str, Expr] = {"model.embed_tokens.weight": g.embedding.params()["weight"]}
+    for i, (_, b) in enumerate(g.blocks()):
+        out.update({f"model.layers.{i}.{k}": e for k, e in b.params().items()})
+    out["model.norm.weight"] = g.final_norm.params()["weight"]
+    if not g.head.tied:
+        out["lm_head.weight"] = g.head.params()["weight"]
+    return out
+
+
+def trainable_names(g: Graph) -> list[str]:
+    names = []
+    if g.embedding.trainable:
+        names.append("model.embed_tokens.weight")
+    for i, (_, b) in enumerate(g.blocks()):
+        if b.trainable:
+            names += [f"model.layers.{i}.{k}" for k in b.params()]
+    if g.final_norm.trainable:
+        names.append("model.norm.weight")
+    if g.head.trainable and not g.head.tied:
+        names.append("lm_head.weight")
+    return names
+
+
+def hf_config(g: Graph) -> dict:
+    cfg = g.config.source_config()
+    if g.config.family not in ARCHITECTURES:
+        raise BuildError(f"the hf backend has no native class for family {g.config.family!r}")
+    blocks = g.blocks()
+    cfg["architectures"] = [ARCHITECTURES[g.config.family]]
+    cfg["num_hidden_layers"] = len(blocks)
+    cfg["dtype"] = g.config.dtype
+    cfg.pop("torch_dtype", None)
+    cfg.pop("_name_or_path", None)
+    if isinstance(cfg.get("layer_types"), list):
+        # Each block keeps the attention type of the layer it came from.
+        src_types = cfg["layer_types"]
+        cfg["layer_types"] = [src_types[b.origin.layer] if b.origin.layer < len(src_types) else "full_attention"
+                              for _, b in blocks]
+    if "max_window_layers" in cfg:
+        cfg["max_window_layers"] = min(int(cfg["max_window_layers"]), len(blocks))
+    return cfg
+
+
+def _reader():
+    from compose.sources import open_source
+
+    return lambda e: open_source(e.source).tensor(e.key)
+
+
+def write(g: Graph, out: Path, *, max_shard_size: str | int = "5GB", progress: bool = True) -> dict:
+    """Write weights and config into `out` (an existing empty folder); return what was written."""
+    import json
+
+    from tqdm import tqdm
+
+    named = tensors(g)
+    dtype = g.config.dtype
+    tdtype = torch_dtype(dtype)
+    entries = [Entry(n, tuple(e.shape), dtype) for n, e in named.items()]
+    shards = plan_shards(entries, parse_size(max_shard_size))
+    files = shard_names(len(shards))
+    evaluate = Evaluator(named.values(), _reader())
+    total = sum(e.nbytes for e in entries)
+    sha: dict[str, str] = {}
+    with tqdm(total=total, unit="B", unit_scale=True, desc="writing weights", disable=not progress,
+              leave=False) as bar:
+        for fname, shard in zip(files, shards):
+            sha[fname] = write_shard(out / fname, shard, lambda e: evaluate(named[e.name]).to(tdtype), bar.update)
+    if len(files) > 1:
+        write_index(out / "model.safetensors.index.json",
+                    {e.name: f for f, shard in zip(files, shards) for e in shard}, total)
+    (out / "config.json").write_text(json.dumps(hf_config(g), indent=2, sort_keys=True) + "\n")
+    copied = _copy_extra_files(g, out)
+    return {"shards": sha, "files": sorted(files + copied + ["config.json"]), "total_bytes": total}
+
+
+def _copy_extra_files(g: Graph, out: Path) -> list[str]:
+    """Tokenizer and generation config travel with the embeddings: copied from their source."""
+    from compose.sources import open_source
+
+    w = g.embedding.params()["weight"]
+    if not isinstance(w, Load):
+        return []
+    copied = []
+    for f in open_source(w.source).extra_files():
+        shutil.copyfile(f, out / f.name)
+        copied.append(f.name)
+    return copied

@@ -1,0 +1,21 @@
+"""compose: a declarative graph-IR compiler for composing large language models.
+
+    from compose import load, expand_blocks, depth_upscale, layers, stack
+    model = expand_blocks(load("tiny:llama"), groups=4)
+
+Importing compose is cheap: torch and transformers load only when a build runs.
+"""
+__version__ = "0.1.0"
+
+from compose.dsl import depth_upscale, expand_blocks, layers, load, stack  # noqa: E402
+from compose.errors import ComposeError  # noqa: E402
+
+
+def build(spec, out, **kwargs):
+    """Build a spec (a DSL object, a BuildSpec, or a spec file path) into the folder `out`."""
+    from compose.pipeline import build as _build
+
+    return _build(spec, out, **kwargs)
+
+
+__all__ = ["load", "expand_blocks", "depth_upscale", "layers", "stack", "build", "ComposeError", "__version__"]

@@ -1,0 +1,43 @@
+"""The Python DSL: functions that return lazy composition objects (spec nodes); nothing runs until build."""
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+from compose.errors import SpecError
+from compose.spec import ExpandSpec, LayersSpec, LoadSpec, StackSpec, UpscaleSpec
+
+
+def _make(cls, fn: str, **fields):
+    try:
+        return cls(**fields)
+    except ValidationError as e:
+        from compose.spec import describe_validation_error
+
+        raise SpecError(describe_validation_error(e, fn)) from None
+
+
+def load(ref: str, *, dtype: str | None = None) -> LoadSpec:
+    """A model: a local HF folder, a hub id (through the local HF cache), or `tiny:llama|mistral|qwen2`."""
+    return _make(LoadSpec, "load", ref=ref, dtype=dtype)
+
+
+def expand_blocks(model, *, groups: int | None = None, per_group: int = 1,
+                  positions: list[int] | None = None) -> ExpandSpec:
+    """LLaMA-Pro block expansion: identity copies (zeroed o_proj/down_proj) after each group of layers."""
+    return _make(ExpandSpec, "expand_blocks", model=model, groups=groups, per_group=per_group,
+                 positions=positions)
+
+
+def depth_upscale(model, *, drop: int) -> UpscaleSpec:
+    """SOLAR depth up-scaling: n layers become 2*(n-drop): [0, n-drop) then [drop, n)."""
+    return _make(UpscaleSpec, "depth_upscale", model=model, drop=drop)
+
+
+def layers(model, start: int, stop: int) -> LayersSpec:
+    """Layers [start, stop) of `model`, for `stack`."""
+    return _make(LayersSpec, "layers", model=model, start=start, stop=stop)
+
+
+def stack(*slices) -> StackSpec:
+    """Stack slices (from one or several models of the same family and width) into one model."""
+    return _make(StackSpec, "stack", slices=list(slices))

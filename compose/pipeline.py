@@ -1,0 +1,133 @@
+"""The front door: read a spec, lower it, run the passes, hand the graph to backends, write atomically."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Iterable
+
+from compose.errors import BuildError, SpecError
+from compose.spec import BuildSpec, parse_build_spec
+
+FORMATS = ("hf", "torch")
+
+
+def load_spec(path: str | os.PathLike) -> BuildSpec:
+    """A `.py` spec (its module-level `model`) or a `.yaml`/`.yml`/`.json` spec."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"{p}: no such spec file")
+    if p.suffix == ".py":
+        import runpy
+
+        try:
+            ns = runpy.run_path(str(p), run_name="__compose_spec__")
+        except SpecError as e:
+            raise SpecError(f"{p}: {e}") from None
+        if "model" not in ns:
+            raise SpecError(f"{p}: defines no module-level `model`")
+        return parse_build_spec({"model": ns["model"]}, str(p))
+    if p.suffix in (".yaml", ".yml", ".json"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise SpecError(f"{p}: not valid YAML/JSON ({str(e).splitlines()[0]})") from None
+        return parse_build_spec(data, str(p))
+    raise SpecError(f"{p}: unknown spec type {p.suffix!r} (use .py, .yaml, .yml or .json)")
+
+
+def as_build_spec(spec) -> BuildSpec:
+    if isinstance(spec, BuildSpec):
+        return spec
+    if isinstance(spec, (str, os.PathLike)):
+        return load_spec(spec)
+    return parse_build_spec({"model": spec}, "spec")
+
+
+def compile_graph(spec, *, dtype: str | None = None, passes: Iterable[str] | None = None, verify_each: bool = False,
+                  after: Callable[[str, object], None] | None = None):
+    """Lower a spec and run the pass pipeline; `after(name, graph)` sees the IR after each stage."""
+    from compose.lower import lower
+    from compose.passes import DEFAULT_PIPELINE, PassManager
+    from compose.sources import clear_cache
+
+    spec = as_build_spec(spec)
+    clear_cache()
+    g = lower(spec.model)
+    if dtype:
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise SpecError(f"--dtype: {dtype!r} is not one of float32, bfloat16, float16")
+        g = type(g)(dataclasses.replace(g.config, dtype=dtype), g.items(), g.nx.edges, g.meta)
+    if after:
+        after("lower", g)
+    return PassManager(tuple(passes or DEFAULT_PIPELINE), verify_each=verify_each).run(g, after)
+
+
+def build(spec, out: str | os.PathLike, *, formats: Iterable[str] = ("hf",), dtype: str | None = None,
+          max_shard_size: str | int = "5GB", force: bool = False, progress: bool = True) -> Path:
+    """Build `spec` into the folder `out`. Written to a temporary folder and renamed into place: a failed
+    build leaves nothing behind, and an existing `out` is replaced only with `force`."""
+    from compose import __version__
+    from compose.backends import hf
+    from compose.ir import graph_hash
+    from compose.passes.manager import DEFAULT_PIPELINE
+
+    formats = list(dict.fromkeys(formats))
+    bad = [f for f in formats if f not in FORMATS]
+    if bad:
+        raise BuildError(f"--format: unknown format {bad[0]!r} (choose from {', '.join(FORMATS)})")
+    out = Path(out)
+    if out.exists() and not force:
+        raise BuildError(f"{out} already exists; pass --force to replace it")
+    spec = as_build_spec(spec)
+    g = compile_graph(spec, dtype=dtype, verify_each=True)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.compose-tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        # The hf checkpoint is what every format loads its weights from, so it is always written.
+        written = hf.write(g, tmp, max_shard_size=max_shard_size, progress=progress)
+        files = list(written["files"])
+        if "torch" in formats:
+            from compose.backends import torch as torch_backend
+
+            files += torch_backend.write(g, tmp)
+        manifest = {
+            "compose_version": __version__,
+            "spec": spec.model_dump(mode="json"),
+            "formats": formats,
+            "dtype": g.config.dtype,
+            "passes": list(DEFAULT_PIPELINE),
+            "ir_hash": graph_hash(g),
+            "cost": g.meta.get("cost", {}),
+            "layers": [{"index": i, "source": b.origin.source, "source_layer": b.origin.layer, "new": b.origin.new,
+                        "identity_at_init": bool(b.identity), "trainable": bool(b.trainable)}
+                       for i, (_, b) in enumerate(g.blocks())],
+            "trainable": hf.trainable_names(g),
+            "provenance": {k: str(e) for k, e in hf.tensors(g).items()},
+            "shards": written["shards"],
+            "files": sorted(files + ["compose.json"]),
+        }
+        (tmp / "compose.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.compose-old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

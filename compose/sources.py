@@ -1,0 +1,305 @@
+"""Model sources: a reference (local HF folder, hub id, `tiny:<family>`) resolved to a config and tensors.
+
+A source is opened once per process and read lazily, one tensor at a time: only its safetensors headers
+are parsed up front (which is also where a corrupt file is caught and named). Weights are never unpickled:
+a folder with only `.bin` files is refused. `reads` records every key handed out, so tests can check that
+dropped layers are never read.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from collections import Counter
+from pathlib import Path
+from urllib.parse import parse_qsl
+
+from compose.errors import SourceError
+
+FAMILIES = ("llama", "mistral", "qwen2")
+_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+               "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
+
+
+class Source:
+    ref: str
+    config: dict
+    folder: Path | None = None
+
+    def __init__(self) -> None:
+        self.reads: Counter[str] = Counter()
+
+    @property
+    def family(self) -> str:
+        return self.config["model_type"]
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config["num_hidden_layers"])
+
+    def keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def meta(self, key: str) -> tuple[tuple[int, ...], str]:
+        """(shape, dtype) without reading data."""
+        raise NotImplementedError
+
+    def tensor(self, key: str):
+        self.reads[key] += 1
+        return self._read(key)
+
+    def _read(self, key: str):
+        raise NotImplementedError
+
+    def extra_files(self) -> list[Path]:
+        """Tokenizer and generation files to copy into a build that takes its embeddings from here."""
+        if self.folder is None:
+            return []
+        return [self.folder / f for f in EXTRA_FILES if (self.folder / f).is_file()]
+
+    def has(self, key: str) -> bool:
+        return key in set(self.keys())
+
+
+# -- local folders ---------------------------------------------------------------------------------------
+
+def read_safetensors_header(path: Path) -> dict:
+    """The header of a safetensors file, checked enough to name the file when it is corrupt."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError("shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8 or n > 100_000_000:
+                raise ValueError(f"header length {n} exceeds the file size {size}")
+            header = json.loads(f.read(n))
+        end = 0
+        for k, v in header.items():
+            if k == "__metadata__":
+                continue
+            if v.get("dtype") not in _ST_DTYPES and v.get("dtype") not in ("I64", "I32", "I8", "U8", "BOOL"):
+                raise ValueError(f"tensor {k} has unknown dtype {v.get('dtype')}")
+            end = max(end, v["data_offsets"][1])
+        if 8 + n + end > size:
+            raise ValueError(f"tensor data runs past the end of the file ({8 + n + end} > {size} bytes)")
+        return header
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+        raise SourceError(f"{path}: not a valid safetensors file ({e})") from None
+
+
+class FolderSource(Source):
+    def __init__(self, folder: Path, ref: str | None = None):
+        super().__init__()
+        self.folder = folder
+        self.ref = ref or str(folder)
+        cfg = folder / "config.json"
+        if not cfg.is_file():
+            raise SourceError(f"{folder}: no config.json (expected a Hugging Face model folder)")
+        try:
+            self.config = json.loads(cfg.read_text())
+        except ValueError as e:
+            raise SourceError(f"{cfg}: invalid JSON ({e})") from None
+        self._where: dict[str, Path] = {}
+        self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
+        self._handles: dict[Path, object] = {}
+        for f in self._weight_files():
+            for k, v in read_safetensors_header(f).items():
+                if k == "__metadata__":
+                    continue
+                self._where[k] = f
+                self._meta[k] = (tuple(v["shape"]), _ST_DTYPES.get(v["dtype"], v["dtype"]))
+
+    def _weight_files(self) -> list[Path]:
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError) as e:
+                raise SourceError(f"{index}: invalid index ({e})") from None
+            files = [self.folder / n for n in names]
+            for f in files:
+                if not f.is_file():
+                    raise SourceError(f"{f}: shard listed in {index.name} is missing")
+            return files
+        files = sorted(self.folder.glob("*.safetensors"))
+        if files:
+            return files
+        if list(self.folder.glob("*.bin")) or list(self.folder.glob("*.pt")):
+            raise SourceError(f"{self.folder}: only pickled weights (.bin/.pt); compose reads safetensors "
+                              "only (convert with `save_pretrained(..., safe_serialization=True)`)")
+        raise SourceError(f"{self.folder}: no .safetensors weights")
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def meta(self, key: str):
+        if key not in self._meta:
+            raise SourceError(f"{self.ref}: no tensor named {key}")
+        return self._meta[key]
+
+    def _read(self, key: str):
+        from safetensors import safe_open
+
+        f = self._where[key]
+        if f not in self._handles:
+            try:
+                self._handles[f] = safe_open(str(f), framework="pt")
+            except Exception as e:  # safetensors raises its own error types
+                raise SourceError(f"{f}: cannot open ({e})") from None
+        try:
+            return self._handles[f].get_tensor(key)
+        except Exception as e:
+            raise SourceError(f"{f}: cannot read tensor {key} ({e})") from None
+
+
+# -- hub ids ---------------------------------------------------------------------------------------------
+
+def _hub_folder(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+            raise SourceError(f"{repo_id}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set") from None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:
+        raise SourceError(f"{repo_id}: not a local folder, not in the Hugging Face cache, and the download "
+                          f"failed ({type(e).__name__})") from None
+
+
+# -- built-in tiny models --------------------------------------------------------------------------------
+
+TINY_DEFAULTS = dict(seed=0, layers=8, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=512)
+_TINY_FAMILY = {
+    # Qwen2 ties its embeddings (as Qwen2-0.5B does) and has q/k/v biases; Mistral has a sliding window
+    # small enough for tests to cross it.
+    "llama": dict(tie=0, window=0),
+    "mistral": dict(tie=0, window=16),
+    "qwen2": dict(tie=1, window=0),
+}
+
+
+class TinySource(Source):
+    """A deterministic random model: each tensor drawn from a generator seeded by (seed, tensor name)."""
+
+    def __init__(self, family: str, opts: dict[str, int]):
+        super().__init__()
+        self.opts = opts
+        self.ref = f"tiny:{family}?" + "&".join(f"{k}={opts[k]}" for k in sorted(opts))
+        o = opts
+        cfg: dict = {
+            "architectures": [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                               "qwen2": "Qwen2ForCausalLM"}[family]],
+            "model_type": family, "vocab_size": o["vocab"], "hidden_size": o["hidden"],
+            "intermediate_size": o["intermediate"], "num_hidden_layers": o["layers"],
+            "num_attention_heads": o["heads"], "num_key_value_heads": o["kv_heads"],
+            "head_dim": o["hidden"] // o["heads"], "hidden_act": "silu", "max_position_embeddings": 512,
+            "rms_norm_eps": 1e-6, "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+            "tie_word_embeddings": bool(o["tie"]), "bos_token_id": 1, "eos_token_id": 2,
+            "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True, "dtype": "float32",
+        }
+        if family == "llama":
+            cfg.update(attention_bias=False, mlp_bias=False)
+        if family == "mistral":
+            cfg["sliding_window"] = o["window"] or None
+        if family == "qwen2":
+            cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=o["layers"],
+                       layer_types=["full_attention"] * o["layers"])
+        self.config = cfg
+        self._meta = {k: (s, "float32") for k, s in self._shapes().items()}
+
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        o = self.opts
+        h, i, hd = o["hidden"], o["intermediate"], o["hidden"] // o["heads"]
+        q, kv = o["heads"] * hd, o["kv_heads"] * hd
+        s: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (o["vocab"], h)}
+        for n in range(o["layers"]):
+            p = f"model.layers.{n}."
+            s.update({p + "input_layernorm.weight": (h,), p + "self_attn.q_proj.weight": (q, h),
+                      p + "self_attn.k_proj.weight": (kv, h), p + "self_attn.v_proj.weight": (kv, h),
+                      p + "self_attn.o_proj.weight": (h, q), p + "post_attention_layernorm.weight": (h,),
+                      p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+                      p + "mlp.down_proj.weight": (h, i)})
+            if self.family == "qwen2":
+                s.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                          p + "self_attn.v_proj.bias": (kv,)})
+        s["model.norm.weight"] = (h,)
+        if not o["tie"]:
+            s["lm_head.weight"] = (o["vocab"], h)
+        return s
+
+    def keys(self) -> list[str]:
+        return list(self._meta)
+
+    def meta(self, key: str):
+        if key not in self._meta:
+            raise SourceError(f"{self.ref}: no tensor named {key}")
+        return self._meta[key]
+
+    def _read(self, key: str):
+        import torch
+
+        shape = self._meta[key][0]
+        g = torch.Generator().manual_seed(zlib.crc32(f"{self.opts['seed']}:{key}".encode()))
+        x = torch.randn(shape, generator=g, dtype=torch.float32)
+        # Norm gains near 1 (not exactly 1, so a norm taken from the wrong layer shows in the logits).
+        if key.endswith("norm.weight"):
+            return 1.0 + 0.1 * x
+        return 0.05 * x if key.endswith("bias") else 0.08 * x
+
+
+def _parse_tiny(ref: str) -> TinySource:
+    body = ref[len("tiny:"):]
+    family, _, query = body.partition("?")
+    if family not in FAMILIES:
+        raise SourceError(f"{ref}: unknown tiny family {family!r} (choose from {', '.join(FAMILIES)})")
+    opts = dict(TINY_DEFAULTS, **_TINY_FAMILY[family])
+    for k, v in parse_qsl(query, keep_blank_values=True):
+        if k not in opts:
+            raise SourceError(f"{ref}: unknown option {k!r} (choose from {', '.join(sorted(opts))})")
+        try:
+            opts[k] = int(v)
+        except ValueError:
+            raise SourceError(f"{ref}: option {k} must be an integer, got {v!r}") from None
+    if opts["layers"] < 1 or opts["hidden"] % opts["heads"] or opts["heads"] % opts["kv_heads"]:
+        raise SourceError(f"{ref}: needs layers >= 1, hidden divisible by heads, heads by kv_heads")
+    return TinySource(family, opts)
+
+
+# -- resolution ------------------------------------------------------------------------------------------
+
+_OPEN: dict[str, Source] = {}
+
+
+def open_source(ref: str) -> Source:
+    """Resolve a reference to an opened source (cached: a build opens each source once)."""
+    if ref in _OPEN:
+        return _OPEN[ref]
+    if ref.startswith("tiny:"):
+        src: Source = _parse_tiny(ref)
+    else:
+        path = Path(ref).expanduser()
+        if path.exists():
+            if not path.is_dir():
+                raise SourceError(f"{ref}: not a folder (expected a Hugging Face model folder)")
+            src = FolderSource(path.resolve())
+        elif ref.startswith((".", "/", "~")) or ref.count("/") != 1:
+            raise SourceError(f"{ref}: no such folder")
+        else:
+            src = FolderSource(_hub_folder(ref), ref=ref)
+    if src.family not in FAMILIES:
+        raise SourceError(f"{ref}: model_type {src.family!r} is not supported yet (supported: {', '.join(FAMILIES)})")
+    _OPEN[src.ref] = _OPEN[ref] = src
+    return src
+
+
+def clear_cache() -> None:
+    """Forget opened sources (tests that rewrite a folder in place call this)."""
+    _OPEN.clear()

@@ -1,0 +1,106 @@
+"""Spec models: what the user asked for, validated and serialisable (YAML/JSON specs are these, dumped).
+
+A spec is a tree of composition nodes, each with an `op` tag. The Python DSL (`compose.dsl`) builds these
+same objects, so a `.py` spec and a `.yaml` spec of the same composition are the same value.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, model_validator
+
+from compose.errors import SpecError
+
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class _Node(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoadSpec(_Node):
+    """A model source: a local Hugging Face folder, a hub id, or `tiny:<family>?seed=..&layers=..`."""
+
+    op: Literal["load"] = "load"
+    ref: str = Field(min_length=1)
+    dtype: Optional[DType] = None
+
+
+class ExpandSpec(_Node):
+    """LLaMA-Pro: `per_group` identity blocks after each of `groups` groups (or after `positions`)."""
+
+    op: Literal["expand_blocks"] = "expand_blocks"
+    model: "ModelSpec"
+    groups: Optional[PositiveInt] = None
+    per_group: PositiveInt = 1
+    positions: Optional[list[NonNegativeInt]] = None
+
+    @model_validator(mode="after")
+    def _one_placement(self):
+        if (self.groups is None) == (self.positions is None):
+            raise ValueError("give exactly one of groups and positions")
+        return self
+
+
+class UpscaleSpec(_Node):
+    """SOLAR depth up-scaling: layers [0, n-drop) then [drop, n)."""
+
+    op: Literal["depth_upscale"] = "depth_upscale"
+    model: "ModelSpec"
+    drop: PositiveInt
+
+
+class LayersSpec(_Node):
+    """Layers [start, stop) of a model (half-open, like mergekit's layer_range)."""
+
+    op: Literal["layers"] = "layers"
+    model: "ModelSpec"
+    start: NonNegativeInt
+    stop: PositiveInt
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.start >= self.stop:
+            raise ValueError(f"start ({self.start}) must be less than stop ({self.stop})")
+        return self
+
+
+class StackSpec(_Node):
+    """Slices stacked in order; embeddings, final norm and head come from the first slice's model."""
+
+    op: Literal["stack"] = "stack"
+    slices: list["ModelSpec"] = Field(min_length=1)
+
+
+ModelSpec = Annotated[Union[LoadSpec, ExpandSpec, UpscaleSpec, LayersSpec, StackSpec], Field(discriminator="op")]
+
+for _cls in (ExpandSpec, UpscaleSpec, LayersSpec, StackSpec):
+    _cls.model_rebuild()
+
+
+class BuildSpec(_Node):
+    """A whole spec file: the model to build (YAML/JSON specs have exactly this shape)."""
+
+    version: Literal[1] = 1
+    model: ModelSpec
+
+
+def describe_validation_error(e: ValidationError, root: str) -> str:
+    """One sentence naming the field: `model.groups: Input should be greater than 0`."""
+    err = e.errors()[0]
+    loc = [root] + [str(p) for p in err["loc"] if p not in _OP_TAGS]
+    path = ".".join(loc).replace(".[", "[")
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field"
+    return f"{path}: {msg}"
+
+
+_OP_TAGS = {"load", "expand_blocks", "depth_upscale", "layers", "stack"}
+
+
+def parse_build_spec(data: object, origin: str) -> BuildSpec:
+    try:
+        return BuildSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(f"{origin}: {describe_validation_error(e, 'spec')}") from None

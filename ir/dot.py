@@ -1,0 +1,27 @@
+"""The graph as Graphviz DOT: one box per node, new blocks green, frozen nodes grey, dropped ones dashed."""
+from __future__ import annotations
+
+from compose.ir.graph import Graph
+from compose.ir.nodes import DecoderBlock
+
+
+def to_dot(g: Graph) -> str:
+    lines = ["digraph compose {", "  rankdir=TB;", '  node [shape=box, fontname="monospace"];']
+    dead = set(g.dead())
+    for name, op in g.items():
+        label = name
+        style = ["filled"]
+        color = "white"
+        if isinstance(op, DecoderBlock):
+            label += f"\\n{'new copy of' if op.origin.new else 'from'} {op.origin.source.split('?')[0]} L{op.origin.layer}"
+            if op.identity:
+                label += "\\nidentity at init"
+        if op.trainable is not None:
+            color = "palegreen" if op.trainable else "lightgrey"
+        if name in dead:
+            style.append("dashed")
+        lines.append(f'  "{name}" [label="{label}", style="{",".join(style)}", fillcolor="{color}"];')
+    for a, b in g.nx.edges:
+        lines.append(f'  "{a}" -> "{b}";')
+    lines.append("}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,151 @@
+"""The architecture graph: typed ops joined by hidden-state edges, over a networkx DiGraph.
+
+A Graph is treated as a value: passes never mutate one, they build a new one with `replace`/`remove`.
+The live model is the path from the Embedding to the LMHead; nodes off that path (layers a slice did
+not take) stay in the graph until dead-weight elimination removes them, so a dump shows what was dropped.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import networkx as nx
+
+from compose.errors import IRError
+from compose.ir.nodes import DecoderBlock, Embedding, LMHead, Norm, Op
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    """Model-wide hyper-parameters every block shares, and the source config the hf backend extends."""
+
+    family: str
+    vocab: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    rms_eps: float
+    rope: tuple[tuple[str, object], ...]
+    max_positions: int
+    tie_embeddings: bool
+    qkv_bias: bool
+    sliding_window: int | None
+    act: str
+    dtype: str
+    hf_config: str = field(repr=False)
+    """The source's config.json as sorted JSON: kept whole so the output carries every field through."""
+
+    @property
+    def rope_theta(self) -> float:
+        return float(dict(self.rope).get("rope_theta", 10000.0))
+
+    @property
+    def rope_type(self) -> str:
+        return str(dict(self.rope).get("rope_type", "default"))
+
+    def source_config(self) -> dict:
+        return json.loads(self.hf_config)
+
+    def describe(self) -> str:
+        return (f"family={self.family} hidden={self.hidden} intermediate={self.intermediate} "
+                f"heads={self.heads} kv_heads={self.kv_heads} head_dim={self.head_dim} vocab={self.vocab} "
+                f"tied={self.tie_embeddings} dtype={self.dtype}")
+
+
+class Graph:
+    def __init__(self, config: ArchConfig, nodes: Iterable[tuple[str, Op]], edges: Iterable[tuple[str, str]],
+                 meta: dict | None = None):
+        self.config = config
+        self.meta: dict = dict(meta or {})
+        self._g = nx.DiGraph()
+        for name, op in nodes:
+            if name in self._g:
+                raise IRError(f"node {name} is defined twice")
+            self._g.add_node(name, op=op)
+        for a, b in edges:
+            if a not in self._g or b not in self._g:
+                raise IRError(f"edge {a} -> {b} names a node that does not exist")
+            self._g.add_edge(a, b)
+
+    # -- reading -------------------------------------------------------------------------------------
+    @property
+    def nx(self) -> nx.DiGraph:
+        """The underlying networkx graph (read it; build new Graphs to change it)."""
+        return self._g
+
+    def op(self, name: str) -> Op:
+        return self._g.nodes[name]["op"]
+
+    def names(self) -> list[str]:
+        """All nodes: the live chain in order, then nodes off it in insertion order."""
+        chain = self.chain()
+        on = set(chain)
+        return chain + [n for n in self._g.nodes if n not in on]
+
+    def items(self) -> Iterator[tuple[str, Op]]:
+        for n in self.names():
+            yield n, self.op(n)
+
+    def chain(self) -> list[str]:
+        """The hidden-state path from the Embedding to the LMHead."""
+        starts = [n for n, d in self._g.nodes(data=True) if isinstance(d["op"], Embedding)]
+        if len(starts) != 1:
+            raise IRError(f"the graph needs exactly one Embedding, found {len(starts)}")
+        path, node, seen = [starts[0]], starts[0], {starts[0]}
+        while True:
+            succ = list(self._g.successors(node))
+            if not succ:
+                return path
+            if len(succ) > 1:
+                raise IRError(f"node {node} feeds {len(succ)} nodes; a decoder chain feeds one")
+            node = succ[0]
+            if node in seen:
+                raise IRError(f"node {node} is on a cycle")
+            seen.add(node)
+            path.append(node)
+
+    def blocks(self) -> list[tuple[str, DecoderBlock]]:
+        return [(n, op) for n in self.chain() if isinstance(op := self.op(n), DecoderBlock)]
+
+    def dead(self) -> list[str]:
+        on = set(self.chain())
+        return [n for n in self._g.nodes if n not in on]
+
+    @property
+    def embedding(self) -> Embedding:
+        return self.op(self.chain()[0])  # type: ignore[return-value]
+
+    @property
+    def final_norm(self) -> Norm:
+        return next(op for _, op in self.items() if isinstance(op, Norm))  # type: ignore[return-value]
+
+    @property
+    def head(self) -> LMHead:
+        return next(op for _, op in self.items() if isinstance(op, LMHead))  # type: ignore[return-value]
+
+    # -- building new graphs -------------------------------------------------------------------------
+    def replace(self, ops: dict[str, Op] | None = None, meta: dict | None = None) -> "Graph":
+        ops = ops or {}
+        unknown = set(ops) - set(self._g.nodes)
+        if unknown:
+            raise IRError(f"no nodes named {sorted(unknown)}")
+        nodes = [(n, ops.get(n, self.op(n))) for n in self._g.nodes]
+        return Graph(self.config, nodes, self._g.edges, {**self.meta, **(meta or {})})
+
+    def remove(self, names: Iterable[str]) -> "Graph":
+        drop = set(names)
+        nodes = [(n, self.op(n)) for n in self._g.nodes if n not in drop]
+        edges = [(a, b) for a, b in self._g.edges if a not in drop and b not in drop]
+        return Graph(self.config, nodes, edges, self.meta)
+
+    @staticmethod
+    def decoder(config: ArchConfig, embed: Embedding, blocks: list[DecoderBlock], norm: Norm, head: LMHead,
+                unused: list[DecoderBlock] = (), meta: dict | None = None) -> "Graph":
+        """A decoder-only chain: embed -> layers.0 .. layers.N-1 -> norm -> lm_head (+ unused blocks)."""
+        names = ["embed"] + [f"layers.{i}" for i in range(len(blocks))] + ["norm", "lm_head"]
+        ops = [embed, *blocks, norm, head]
+        nodes = list(zip(names, ops)) + [(f"unused.{i}", b) for i, b in enumerate(unused)]
+        return Graph(config, nodes, zip(names, names[1:]), meta)
