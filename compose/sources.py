@@ -192,7 +192,10 @@ class TinySource(Source):
     def __init__(self, family: str, opts: dict[str, int]):
         super().__init__()
         self.opts = opts
-        self.ref = f"tiny:{family}?" + "&".join(f"{k}={opts[k]}" for k in sorted(opts))
+        # Canonical: only the options that differ from the defaults, so `tiny:llama?layers=8` is `tiny:llama`.
+        defaults = dict(TINY_DEFAULTS, **_TINY_FAMILY[family])
+        query = "&".join(f"{k}={opts[k]}" for k in sorted(opts) if opts[k] != defaults[k])
+        self.ref = f"tiny:{family}" + (f"?{query}" if query else "")
         o = opts
         cfg: dict = {
             "architectures": [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",

@@ -88,8 +88,9 @@ class BuildSpec(_Node):
 def describe_validation_error(e: ValidationError, root: str) -> str:
     """One sentence naming the field: `model.groups: Input should be greater than 0`."""
     err = e.errors()[0]
-    loc = [root] + [str(p) for p in err["loc"] if p not in _OP_TAGS]
-    path = ".".join(loc).replace(".[", "[")
+    loc = ([root] if root else []) + [f"[{p}]" if isinstance(p, int) else str(p)
+                                      for p in err["loc"] if p not in _OP_TAGS]
+    path = ".".join(loc).replace(".[", "[") or "spec"
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown field"
@@ -103,4 +104,4 @@ def parse_build_spec(data: object, origin: str) -> BuildSpec:
     try:
         return BuildSpec.model_validate(data)
     except ValidationError as e:
-        raise SpecError(f"{origin}: {describe_validation_error(e, 'spec')}") from None
+        raise SpecError(f"{origin}: {describe_validation_error(e, '')}") from None

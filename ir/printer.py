@@ -90,12 +90,14 @@ def print_graph(g: Graph) -> str:
         body.append("// off the chain: never read unless dead-weight elimination keeps them")
         for name in dead:
             body.extend(format_node(name, g.op(name), aliases))
+    for k in sorted(g.meta):
+        if k == "dropped":
+            body.append("meta dropped = " + ", ".join(f"{aliases.of(src)} layer {i}" for src, i in g.meta[k]))
+        elif k != "cost":
+            body.append(f"meta {k} = {g.meta[k]}")
     lines = [f"graph {g.config.describe()}"]
     lines += [f"source {a} = {ref}" for ref, a in aliases.items()]
     lines += body
-    for k in sorted(g.meta):
-        if k != "cost":
-            lines.append(f"meta {k} = {g.meta[k]}")
     return "\n".join(lines) + "\n"
 
 

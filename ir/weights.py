@@ -173,6 +173,11 @@ class Merge(Expr):
     inputs: tuple[Expr, ...]
     params: tuple[tuple[str, object], ...] = ()
 
+    def __post_init__(self) -> None:
+        # Lists become tuples so the expression stays hashable (and so CSE-able).
+        frozen = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in self.params))
+        object.__setattr__(self, "params", frozen)
+
     @property
     def shape(self) -> Shape:  # type: ignore[override]
         return self.inputs[0].shape

@@ -21,6 +21,6 @@ class DeadWeights(Pass):
         dead = g.dead()
         if not dead:
             return g
-        dropped = sorted({f"{op.origin.source} layer {op.origin.layer}" for n in dead
-                          if isinstance(op := g.op(n), DecoderBlock)})
-        return g.remove(dead).replace(meta={"dropped": ", ".join(dropped)})
+        dropped = tuple(sorted({(op.origin.source, op.origin.layer) for n in dead
+                                if isinstance(op := g.op(n), DecoderBlock)}))
+        return g.remove(dead).replace(meta={"dropped": dropped})

@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny models written by transformers itself, and helpers to build and run them."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+VOCAB = 512
+
+
+def hf_config(family: str, layers: int = 8, hidden: int = 64, tie: bool = False, **kw):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family]
+    extra = {"sliding_window": 16} if family == "mistral" else {}
+    extra.update(kw)
+    return cls(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+               tie_word_embeddings=tie, **extra)
+
+
+def save_hf_model(folder: Path, family: str, seed: int = 0, shard: str | None = None, **cfg) -> Path:
+    """A randomly initialised model of transformers' own class, saved with save_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_config(family, **cfg), dtype=torch.float32)
+    # Norm gains of exactly 1 would hide a norm taken from the wrong layer: perturb them.
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.add_(0.1 * torch.randn_like(p))
+    kwargs = {"max_shard_size": shard} if shard else {}
+    model.save_pretrained(folder, **kwargs)
+    return folder
+
+
+def load_hf(folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def token_ids(batch: int = 2, seq: int = 40, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(ids).logits
+
+
+def manifest(folder: Path) -> dict:
+    return json.loads((folder / "compose.json").read_text())
+
+
+def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory):
+    """Source folders, one per family; qwen2 ties its embeddings, llama is sharded into several files."""
+    root = tmp_path_factory.mktemp("sources")
+    return {
+        "llama": save_hf_model(root / "llama", "llama", seed=1, shard="100KB"),
+        "mistral": save_hf_model(root / "mistral", "mistral", seed=2),
+        "qwen2": save_hf_model(root / "qwen2", "qwen2", seed=3, tie=True),
+    }
