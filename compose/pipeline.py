@@ -26,6 +26,14 @@ def load_spec(path: str | os.PathLike) -> BuildSpec:
             ns = runpy.run_path(str(p), run_name="__compose_spec__")
         except SpecError as e:
             raise SpecError(f"{p}: {e}") from None
+        except Exception as e:
+            # The user's own Python failed: point at their line, not at compose's internals.
+            import traceback
+
+            frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename) == p.resolve()
+                      or f.filename == str(p)]
+            where = f" line {frames[-1].lineno}" if frames else ""
+            raise SpecError(f"{p}{where}: {type(e).__name__}: {e}") from e
         if "model" not in ns:
             raise SpecError(f"{p}: defines no module-level `model`")
         return parse_build_spec({"model": ns["model"]}, str(p))

@@ -106,3 +106,8 @@ def test_failed_build_leaves_no_folder_even_when_writing_fails(tmp_path, monkeyp
         build(load("tiny:llama?layers=2"), tmp_path / "out", max_shard_size="50KB", progress=False)
     assert calls["n"] == 2
     assert list(tmp_path.iterdir()) == []
+
+
+def test_python_error_in_a_spec_points_at_the_line(tmp_path):
+    spec = write(tmp_path / "s.py", "from compose import load\nx = 1\nmodel = lod('tiny:llama')\n")
+    assert_clean_failure(tmp_path, spec, "s.py line 3", "NameError", "lod")
