@@ -1,0 +1,109 @@
+"""Fill templates/modeling.py.j2 from a Graph: the source of a standalone, readable PyTorch module.
+
+The renderer decides everything that can be decided at build time (biases, activation, sliding window,
+tied head, GQA repeat) and the template emits only that path: the generated code has no flags to branch on.
+It reads hyper-parameters only, never weights.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import jinja2
+
+from compose.errors import BuildError
+from compose.ir import Graph
+
+TEMPLATES = Path(__file__).parent / "templates"
+
+# Hugging Face `hidden_act` -> the call that computes it on `self.gate_proj(x)`, matching transformers'
+# ACT2FN (silu/swish: F.silu; gelu: the exact erf form; gelu_pytorch_tanh: torch's tanh approximation).
+ACTIVATIONS = {
+    "silu": ("silu", "F.silu({})"),
+    "swish": ("silu", "F.silu({})"),
+    "gelu": ("gelu", "F.gelu({})"),
+    "gelu_pytorch_tanh": ("gelu_tanh", 'F.gelu({}, approximate="tanh")'),
+}
+
+# Only for the header comment: the class whose function the generated module reproduces.
+HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+@lru_cache(maxsize=None)
+def _template(name: str) -> jinja2.Template:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        undefined=jinja2.StrictUndefined,  # a missing value is a compose bug: fail, never render ""
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    return env.get_template(name)
+
+
+def _shared_block_attrs(graph: Graph) -> dict:
+    """The per-block choices, which must agree across blocks: the module has a single Block class."""
+    blocks = graph.blocks()
+    if not blocks:
+        raise BuildError("the torch backend needs at least one decoder block; the graph has none")
+    c = graph.config
+    want = {"heads": c.heads, "kv_heads": c.kv_heads, "head_dim": c.head_dim, "hidden": c.hidden,
+            "intermediate": c.intermediate, "act": c.act, "eps": c.rms_eps}
+    first_name, first = blocks[0]
+    choice = {"qkv_bias": first.attn.qkv_bias, "o_bias": first.attn.o_bias, "mlp_bias": first.ffn.bias}
+    for name, b in blocks:
+        got = {"heads": b.attn.heads, "kv_heads": b.attn.kv_heads, "head_dim": b.attn.head_dim,
+               "hidden": b.hidden, "intermediate": b.ffn.intermediate, "act": b.ffn.act,
+               "eps": b.input_norm.eps}
+        for k in want:
+            if got[k] != want[k]:
+                raise BuildError(f"node {name}: {k}={got[k]} differs from the model's {k}={want[k]}; "
+                                 "the torch backend emits one Block class shared by every layer")
+        mine = {"qkv_bias": b.attn.qkv_bias, "o_bias": b.attn.o_bias, "mlp_bias": b.ffn.bias}
+        for k in choice:
+            if mine[k] != choice[k]:
+                raise BuildError(f"node {name}: {k}={mine[k]} differs from {first_name}'s {k}={choice[k]}; "
+                                 "the torch backend emits one Block class shared by every layer")
+    return choice
+
+
+def render_modeling(graph: Graph) -> str:
+    """The source of modeling_compose.py for `graph` (a verified decoder-only Graph)."""
+    c = graph.config
+    if c.rope_type != "default":
+        raise BuildError(f"the torch backend supports rope_type 'default' only, not {c.rope_type!r} "
+                         "(rope_parameters of the source config)")
+    if c.act not in ACTIVATIONS:
+        raise BuildError(f"the torch backend has no activation {c.act!r} (supported: {', '.join(ACTIVATIONS)})")
+    if c.dtype not in DTYPES:
+        raise BuildError(f"the torch backend has no dtype {c.dtype!r} (supported: {', '.join(DTYPES)})")
+    if c.heads % c.kv_heads:
+        raise BuildError(f"{c.heads} attention heads are not a multiple of {c.kv_heads} kv heads")
+    choice = _shared_block_attrs(graph)
+    act_doc, act_call = ACTIVATIONS[c.act]
+    return _template("modeling.py.j2").render(
+        family=c.family,
+        hf_class=HF_CLASSES.get(c.family, f"the {c.family} model"),
+        vocab_size=c.vocab,
+        n_layer=len(graph.blocks()),
+        n_embd=c.hidden,
+        intermediate_size=c.intermediate,
+        n_head=c.heads,
+        n_kv_head=c.kv_heads,
+        n_rep=c.heads // c.kv_heads,
+        head_dim=c.head_dim,
+        norm_eps=repr(float(c.rms_eps)),
+        rope_theta=repr(float(c.rope_theta)),
+        sliding_window=c.sliding_window,
+        max_positions=c.max_positions,
+        dtype=c.dtype,
+        tied=graph.head.tied,
+        qkv_bias=choice["qkv_bias"],
+        o_bias=choice["o_bias"],
+        mlp_bias=choice["mlp_bias"],
+        act_doc=act_doc,
+        act_call=act_call.format("self.gate_proj(x)"),
+    )
