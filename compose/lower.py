@@ -53,11 +53,20 @@ def arch_config(src: Source, dtype: str | None) -> ArchConfig:
             qkv_bias=c["model_type"] == "qwen2" or bool(c.get("attention_bias", False)),
             sliding_window=int(window) if window else None,
             act=c.get("hidden_act", "silu"),
-            dtype=dtype or c.get("dtype") or c.get("torch_dtype") or src.meta("model.embed_tokens.weight")[1],
+            dtype=_dtype(src, dtype),
             hf_config=json.dumps(c, sort_keys=True),
         )
     except KeyError as e:
         raise SourceError(f"{src.ref}: config.json lacks {e.args[0]}") from None
+
+
+def _dtype(src: Source, asked: str | None) -> str:
+    """The output dtype: asked for in the spec, else the config's, else the embedding's on disk."""
+    d = asked or src.config.get("dtype") or src.config.get("torch_dtype") or src.meta("model.embed_tokens.weight")[1]
+    if d not in ("float32", "bfloat16", "float16"):
+        raise SourceError(f"{src.ref}: weights of dtype {d!r}; compose writes float32, bfloat16 or float16 "
+                          "(pick one with dtype=...)")
+    return d
 
 
 def _loads(src: Source, prefix: str, names: list[str], path: str) -> dict:

@@ -1,7 +1,6 @@
 """The front door: read a spec, lower it, run the passes, hand the graph to backends, write atomically."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -69,7 +68,7 @@ def compile_graph(spec, *, dtype: str | None = None, passes: Iterable[str] | Non
     if dtype:
         if dtype not in ("float32", "bfloat16", "float16"):
             raise SpecError(f"--dtype: {dtype!r} is not one of float32, bfloat16, float16")
-        g = type(g)(dataclasses.replace(g.config, dtype=dtype), g.items(), g.nx.edges, g.meta)
+        g = g.with_config(dtype=dtype)
     if after:
         after("lower", g)
     return PassManager(tuple(passes or DEFAULT_PIPELINE), verify_each=verify_each).run(g, after)

@@ -39,12 +39,17 @@ class Source:
     def num_layers(self) -> int:
         return int(self.config["num_hidden_layers"])
 
+    _meta: dict[str, tuple[tuple[int, ...], str]]
+    """Tensor name -> (shape, dtype), known before any data is read."""
+
     def keys(self) -> list[str]:
-        raise NotImplementedError
+        return list(self._meta)
 
     def meta(self, key: str) -> tuple[tuple[int, ...], str]:
         """(shape, dtype) without reading data."""
-        raise NotImplementedError
+        if key not in self._meta:
+            raise SourceError(f"{self.ref}: no tensor named {key}")
+        return self._meta[key]
 
     def tensor(self, key: str):
         self.reads[key] += 1
@@ -58,9 +63,6 @@ class Source:
         if self.folder is None:
             return []
         return [self.folder / f for f in EXTRA_FILES if (self.folder / f).is_file()]
-
-    def has(self, key: str) -> bool:
-        return key in set(self.keys())
 
 
 # -- local folders ---------------------------------------------------------------------------------------
@@ -132,14 +134,6 @@ class FolderSource(Source):
             raise SourceError(f"{self.folder}: only pickled weights (.bin/.pt); compose reads safetensors "
                               "only (convert with `save_pretrained(..., safe_serialization=True)`)")
         raise SourceError(f"{self.folder}: no .safetensors weights")
-
-    def keys(self) -> list[str]:
-        return list(self._where)
-
-    def meta(self, key: str):
-        if key not in self._meta:
-            raise SourceError(f"{self.ref}: no tensor named {key}")
-        return self._meta[key]
 
     def _read(self, key: str):
         from safetensors import safe_open
@@ -237,14 +231,6 @@ class TinySource(Source):
         if not o["tie"]:
             s["lm_head.weight"] = (o["vocab"], h)
         return s
-
-    def keys(self) -> list[str]:
-        return list(self._meta)
-
-    def meta(self, key: str):
-        if key not in self._meta:
-            raise SourceError(f"{self.ref}: no tensor named {key}")
-        return self._meta[key]
 
     def _read(self, key: str):
         import torch

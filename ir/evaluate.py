@@ -74,7 +74,7 @@ class Evaluator:
         if isinstance(e, Slice):
             return self._get(e.x, local).narrow(e.dim, e.start, e.stop - e.start)
         if isinstance(e, Concat):
-            return torch.cat([self._get(x, local) for x in e.xs], dim=e.dim)
+            return torch.cat([self._get(x, local) for x in e.inputs], dim=e.dim)
         if isinstance(e, Scale):
             return self._get(e.x, local) * e.factor
         if isinstance(e, Noise):

@@ -135,6 +135,12 @@ class Graph:
         nodes = [(n, ops.get(n, self.op(n))) for n in self._g.nodes]
         return Graph(self.config, nodes, self._g.edges, {**self.meta, **(meta or {})})
 
+    def with_config(self, **changes) -> "Graph":
+        """The same nodes under a changed ArchConfig (e.g. another output dtype)."""
+        import dataclasses
+
+        return Graph(dataclasses.replace(self.config, **changes), self.items(), self._g.edges, self.meta)
+
     def remove(self, names: Iterable[str]) -> "Graph":
         drop = set(names)
         nodes = [(n, self.op(n)) for n in self._g.nodes if n not in drop]

@@ -28,7 +28,7 @@ def format_expr(e: Expr, aliases: _Aliases) -> str:
     if isinstance(e, Slice):
         return f"slice({format_expr(e.x, aliases)}, dim={e.dim}, {e.start}:{e.stop})"
     if isinstance(e, Concat):
-        return f"concat([{', '.join(format_expr(x, aliases) for x in e.xs)}], dim={e.dim})"
+        return f"concat([{', '.join(format_expr(x, aliases) for x in e.inputs)}], dim={e.dim})"
     if isinstance(e, Scale):
         return f"scale({format_expr(e.x, aliases)}, {e.factor!r})"
     if isinstance(e, Noise):

@@ -68,10 +68,27 @@ class Zeros(Expr):
 
 
 @dataclass(frozen=True)
-class Slice(Expr):
-    """`x[..., start:stop, ...]` along `dim`."""
+class _Unary(Expr):
+    """An expression of one input whose shape and dtype it keeps (unless it says otherwise)."""
 
     x: Expr
+
+    @property
+    def shape(self) -> Shape:  # type: ignore[override]
+        return self.x.shape
+
+    @property
+    def dtype(self) -> str:  # type: ignore[override]
+        return self.x.dtype
+
+    def children(self) -> tuple[Expr, ...]:
+        return (self.x,)
+
+
+@dataclass(frozen=True)
+class Slice(_Unary):
+    """`x[..., start:stop, ...]` along `dim`."""
+
     dim: int
     start: int
     stop: int
@@ -82,88 +99,63 @@ class Slice(Expr):
         s[self.dim] = self.stop - self.start
         return tuple(s)
 
-    @property
-    def dtype(self) -> str:  # type: ignore[override]
-        return self.x.dtype
-
-    def children(self) -> tuple[Expr, ...]:
-        return (self.x,)
-
     def __str__(self) -> str:
         return f"slice({self.x}, dim={self.dim}, {self.start}:{self.stop})"
 
 
 @dataclass(frozen=True)
-class Concat(Expr):
-    """Tensors joined along `dim`."""
-
-    xs: tuple[Expr, ...]
-    dim: int
-
-    @property
-    def shape(self) -> Shape:  # type: ignore[override]
-        s = list(self.xs[0].shape)
-        s[self.dim] = sum(x.shape[self.dim] for x in self.xs)
-        return tuple(s)
-
-    @property
-    def dtype(self) -> str:  # type: ignore[override]
-        return self.xs[0].dtype
-
-    def children(self) -> tuple[Expr, ...]:
-        return self.xs
-
-    def __str__(self) -> str:
-        return f"concat([{', '.join(map(str, self.xs))}], dim={self.dim})"
-
-
-@dataclass(frozen=True)
-class Scale(Expr):
+class Scale(_Unary):
     """`factor * x`."""
 
-    x: Expr
     factor: float
-
-    @property
-    def shape(self) -> Shape:  # type: ignore[override]
-        return self.x.shape
-
-    @property
-    def dtype(self) -> str:  # type: ignore[override]
-        return self.x.dtype
-
-    def children(self) -> tuple[Expr, ...]:
-        return (self.x,)
 
     def __str__(self) -> str:
         return f"scale({self.x}, {self.factor!r})"
 
 
 @dataclass(frozen=True)
-class Noise(Expr):
+class Noise(_Unary):
     """`x + std * N(0, 1)` drawn from a generator seeded with `seed`: deterministic for the seed."""
 
-    x: Expr
     std: float
     seed: int
-
-    @property
-    def shape(self) -> Shape:  # type: ignore[override]
-        return self.x.shape
-
-    @property
-    def dtype(self) -> str:  # type: ignore[override]
-        return self.x.dtype
-
-    def children(self) -> tuple[Expr, ...]:
-        return (self.x,)
 
     def __str__(self) -> str:
         return f"noise({self.x}, std={self.std!r}, seed={self.seed})"
 
 
+class _Nary(Expr):
+    """An expression of several same-dtype inputs (`inputs`)."""
+
+    inputs: tuple[Expr, ...]
+
+    @property
+    def dtype(self) -> str:  # type: ignore[override]
+        return self.inputs[0].dtype
+
+    def children(self) -> tuple[Expr, ...]:
+        return self.inputs
+
+
 @dataclass(frozen=True)
-class Merge(Expr):
+class Concat(_Nary):
+    """Tensors joined along `dim`."""
+
+    inputs: tuple[Expr, ...]
+    dim: int
+
+    @property
+    def shape(self) -> Shape:  # type: ignore[override]
+        s = list(self.inputs[0].shape)
+        s[self.dim] = sum(x.shape[self.dim] for x in self.inputs)
+        return tuple(s)
+
+    def __str__(self) -> str:
+        return f"concat([{', '.join(map(str, self.inputs))}], dim={self.dim})"
+
+
+@dataclass(frozen=True)
+class Merge(_Nary):
     """A merge of same-shaped tensors by a named method (`params` are sorted (name, value) pairs).
 
     Only `linear` is evaluated so far; the merge methods arrive with the weight-merging issue.
@@ -182,13 +174,6 @@ class Merge(Expr):
     def shape(self) -> Shape:  # type: ignore[override]
         return self.inputs[0].shape
 
-    @property
-    def dtype(self) -> str:  # type: ignore[override]
-        return self.inputs[0].dtype
-
-    def children(self) -> tuple[Expr, ...]:
-        return self.inputs
-
     def __str__(self) -> str:
         ps = "".join(f", {k}={v!r}" for k, v in self.params)
         return f"merge.{self.method}([{', '.join(map(str, self.inputs))}]{ps})"
@@ -201,5 +186,5 @@ def is_zero(e: Expr) -> bool:
     if isinstance(e, (Slice, Scale)):
         return is_zero(e.x)
     if isinstance(e, Concat):
-        return all(is_zero(x) for x in e.xs)
+        return all(is_zero(x) for x in e.inputs)
     return False

@@ -220,21 +220,17 @@ def test_no_repeat_when_every_head_has_its_own_kv(tmp_path):
 
 # -- errors ----------------------------------------------------------------------------------------------
 
-def with_config(g: Graph, **changes) -> Graph:
-    return Graph(dataclasses.replace(g.config, **changes), g.items(), g.nx.edges, g.meta)
-
-
 def test_unsupported_rope_type_is_a_clear_error(generated):
     g = graph_of(generated["llama"][0])
     rope = tuple(sorted({**dict(g.config.rope), "rope_type": "linear", "factor": 2.0}.items()))
     with pytest.raises(BuildError, match="rope_type 'default' only, not 'linear'"):
-        render_modeling(with_config(g, rope=rope))
+        render_modeling(g.with_config(rope=rope))
 
 
 def test_unsupported_activation_is_a_clear_error(generated):
     g = graph_of(generated["llama"][0])
     with pytest.raises(BuildError, match="no activation 'relu'"):
-        render_modeling(with_config(g, act="relu"))
+        render_modeling(g.with_config(act="relu"))
 
 
 def test_blocks_that_disagree_are_named(generated):
