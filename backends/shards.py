@@ -83,12 +83,13 @@ def write_shard(path: Path, entries: list[Entry], produce: Callable[[Entry], obj
             sha.update(chunk)
         for e in entries:
             t = produce(e)
-            data = t.contiguous().reshape(-1).view(_uint8()).numpy().tobytes()
-            if len(data) != e.nbytes:
-                raise BuildError(f"tensor {e.name}: produced {len(data)} bytes, planned {e.nbytes}")
+            data = memoryview(t.contiguous().reshape(-1).view(_uint8()).numpy())  # no copy
+            if data.nbytes != e.nbytes:
+                raise BuildError(f"tensor {e.name}: produced {data.nbytes} bytes, planned {e.nbytes}")
             f.write(data)
             sha.update(data)
-            on_bytes(len(data))
+            on_bytes(data.nbytes)
+            del t, data
     return sha.hexdigest()
 
 

@@ -18,7 +18,8 @@ from urllib.parse import parse_qsl
 from compose.errors import SourceError
 
 FAMILIES = ("llama", "mistral", "qwen2")
-_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
 
@@ -67,8 +68,9 @@ class Source:
 
 # -- local folders ---------------------------------------------------------------------------------------
 
-def read_safetensors_header(path: Path) -> dict:
-    """The header of a safetensors file, checked enough to name the file when it is corrupt."""
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """The header of a safetensors file and where its data starts, checked enough to name the file
+    when it is corrupt (truncated, a header that lies about sizes, an unknown dtype)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -83,12 +85,12 @@ def read_safetensors_header(path: Path) -> dict:
         for k, v in header.items():
             if k == "__metadata__":
                 continue
-            if v.get("dtype") not in _ST_DTYPES and v.get("dtype") not in ("I64", "I32", "I8", "U8", "BOOL"):
+            if v.get("dtype") not in _ST_DTYPES:
                 raise ValueError(f"tensor {k} has unknown dtype {v.get('dtype')}")
             end = max(end, v["data_offsets"][1])
         if 8 + n + end > size:
             raise ValueError(f"tensor data runs past the end of the file ({8 + n + end} > {size} bytes)")
-        return header
+        return header, 8 + n
     except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
         raise SourceError(f"{path}: not a valid safetensors file ({e})") from None
 
@@ -105,14 +107,15 @@ class FolderSource(Source):
             self.config = json.loads(cfg.read_text())
         except ValueError as e:
             raise SourceError(f"{cfg}: invalid JSON ({e})") from None
-        self._where: dict[str, Path] = {}
-        self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
-        self._handles: dict[Path, object] = {}
+        self._where: dict[str, tuple[Path, int, int]] = {}
+        self._meta = {}
         for f in self._weight_files():
-            for k, v in read_safetensors_header(f).items():
+            header, start = read_safetensors_header(f)
+            for k, v in header.items():
                 if k == "__metadata__":
                     continue
-                self._where[k] = f
+                begin, end = v["data_offsets"]
+                self._where[k] = (f, start + begin, end - begin)
                 self._meta[k] = (tuple(v["shape"]), _ST_DTYPES.get(v["dtype"], v["dtype"]))
 
     def _weight_files(self) -> list[Path]:
@@ -136,18 +139,24 @@ class FolderSource(Source):
         raise SourceError(f"{self.folder}: no .safetensors weights")
 
     def _read(self, key: str):
-        from safetensors import safe_open
+        # A plain read into fresh memory rather than an mmap: the bytes are freed with the tensor, so
+        # reading a whole model one tensor at a time never keeps the model's pages resident.
+        import torch
 
-        f = self._where[key]
-        if f not in self._handles:
-            try:
-                self._handles[f] = safe_open(str(f), framework="pt")
-            except Exception as e:  # safetensors raises its own error types
-                raise SourceError(f"{f}: cannot open ({e})") from None
+        f, offset, nbytes = self._where[key]
+        shape, dtype = self._meta[key]
+        buf = bytearray(nbytes)
         try:
-            return self._handles[f].get_tensor(key)
-        except Exception as e:
+            with open(f, "rb") as fh:
+                fh.seek(offset)
+                got = fh.readinto(buf)
+        except OSError as e:
             raise SourceError(f"{f}: cannot read tensor {key} ({e})") from None
+        if got != nbytes:
+            raise SourceError(f"{f}: tensor {key} is truncated ({got} of {nbytes} bytes)")
+        if nbytes == 0:
+            return torch.empty(shape, dtype=getattr(torch, dtype))
+        return torch.frombuffer(buf, dtype=getattr(torch, dtype)).reshape(shape)
 
 
 # -- hub ids ---------------------------------------------------------------------------------------------
