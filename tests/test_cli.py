@@ -111,3 +111,12 @@ def test_ci_runs_the_readme_install_and_test_commands():
     for cmd in ("pip install -e '.[dev]'", "python -m pytest -q"):
         assert f"\n{cmd}\n" in readme and cmd in ci
     assert "compose build specs/llama_pro.py -o out" in readme
+
+
+def test_the_recorded_spec_rebuilds_the_same_model(tmp_path):
+    """compose.json's `spec` is a JSON spec: building it again gives the same IR hash and bytes."""
+    first = build(ROOT / "specs" / "passthrough.py", tmp_path / "first", progress=False)
+    (tmp_path / "again.json").write_text(json.dumps({"model": manifest(first)["spec"]["model"]}))
+    assert main(["build", str(tmp_path / "again.json"), "-o", str(tmp_path / "again")]) == 0
+    assert manifest(tmp_path / "again")["ir_hash"] == manifest(first)["ir_hash"]
+    assert sha(tmp_path / "again" / "model.safetensors") == sha(first / "model.safetensors")
