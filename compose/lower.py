@@ -191,4 +191,7 @@ def stack(graphs: list[Graph], path: str) -> Graph:
     live = set(blocks)
     unused = list(dict.fromkeys(b for g in graphs for b in _unused(g) if b not in live))
     train = "new" if any(g.meta.get("train") == "new" for g in graphs) else "all"
-    return _rebuild(first, blocks, unused, {"train": train})
+    last = graphs[-1]
+    head = first.head if first.config.tie_embeddings else last.head
+    return Graph.decoder(first.config, first.embedding, blocks, last.final_norm, head, unused,
+                         {**first.meta, "train": train})

@@ -66,7 +66,8 @@ class LayersSpec(_Node):
 
 
 class StackSpec(_Node):
-    """Slices stacked in order; embeddings, final norm and head come from the first slice's model."""
+    """Slices stacked in order: embeddings from the first slice's model, final norm and head from the last's
+    (mergekit's passthrough rule; a tied head stays tied to the embeddings)."""
 
     op: Literal["stack"] = "stack"
     slices: list["ModelSpec"] = Field(min_length=1)

@@ -1,5 +1,5 @@
 """Passthrough stacking (mergekit's `passthrough` with `slices`): layers of two models of one family and
-width, stacked. Embeddings, final norm and head come from the first slice's model."""
+width, stacked. Embeddings come from the first slice's model, final norm and head from the last's."""
 from compose import layers, load, stack
 
 a = load("tiny:llama?seed=0")

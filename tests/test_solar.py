@@ -51,12 +51,16 @@ def test_stack_of_two_models_reads_only_the_layers_it_uses(tmp_path):
     read_b = {k.split(".")[2] for k in open_source(str(b.resolve())).reads if k.startswith("model.layers.")}
     assert read_a == {str(i) for i in range(0, 6)}
     assert read_b == {str(i) for i in range(2, 8)}
-    assert not any(k.startswith("model.") and "layers" not in k for k in open_source(str(b.resolve())).reads)
+    # mergekit's passthrough rule: embeddings from the first slice's model, norm and head from the last's.
+    assert not any(k.startswith("model.embed") for k in open_source(str(b.resolve())).reads)
+    assert not any(k.startswith(("model.norm", "lm_head")) for k in open_source(str(a.resolve())).reads)
 
     got, ta, tb = read_tensors(out), read_tensors(a), read_tensors(b)
     assert torch.equal(got["model.layers.5.mlp.up_proj.weight"], ta["model.layers.5.mlp.up_proj.weight"])
     assert torch.equal(got["model.layers.6.mlp.up_proj.weight"], tb["model.layers.2.mlp.up_proj.weight"])
     assert torch.equal(got["model.embed_tokens.weight"], ta["model.embed_tokens.weight"])
+    assert torch.equal(got["model.norm.weight"], tb["model.norm.weight"])
+    assert torch.equal(got["lm_head.weight"], tb["lm_head.weight"])
 
 
 def test_methods_compose_upscale_then_expand(tmp_path, hf_models):
