@@ -12,7 +12,7 @@ from compose.errors import BuildError
 from compose.ir import Graph, Load
 from compose.ir.evaluate import Evaluator, torch_dtype
 from compose.ir.weights import Expr
-from compose.backends.shards import Entry, parse_size, plan_shards, shard_names, write_index, write_shard
+from compose.backends.shards import Entry, parse_size, plan_shards, prefetch, shard_names, write_index, write_shard
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
@@ -68,8 +68,13 @@ def _reader():
     return lambda e: open_source(e.source).tensor(e.key)
 
 
-def write(g: Graph, out: Path, *, max_shard_size: str | int = "5GB", progress: bool = True) -> dict:
-    """Write weights and config into `out` (an existing empty folder); return what was written."""
+def write(g: Graph, out: Path, *, max_shard_size: str | int = "5GB", progress: bool = True, workers: int = 2,
+          device: str = "cpu") -> dict:
+    """Write weights and config into `out` (an existing empty folder); return what was written.
+
+    `workers` tensors are computed ahead of the writer on threads; `device` is where merges compute
+    (`cuda` for a GPU); what is written always goes through the CPU.
+    """
     import json
 
     from tqdm import tqdm
@@ -78,15 +83,26 @@ def write(g: Graph, out: Path, *, max_shard_size: str | int = "5GB", progress: b
     dtype = g.config.dtype
     tdtype = torch_dtype(dtype)
     entries = [Entry(n, tuple(e.shape), dtype) for n, e in named.items()]
+    def cost(e: Entry) -> float:
+        """Working memory while producing a tensor, roughly: its inputs plus a merge's temporaries."""
+        leaves = sum(1 for x in named[e.name].walk() if isinstance(x, Load))
+        return e.nbytes * (leaves + (8 if leaves > 1 else 1))
+
+    if workers > 1:
+        # Largest first (a stable sort, so still deterministic): the embedding and head, the slowest to
+        # merge, start at once on parallel workers instead of leaving one worker alone at the end.
+        entries.sort(key=lambda e: -e.nbytes)
     shards = plan_shards(entries, parse_size(max_shard_size))
     files = shard_names(len(shards))
-    evaluate = Evaluator(named.values(), _reader())
+    evaluate = Evaluator(named.values(), _reader(), device=device)
     total = sum(e.nbytes for e in entries)
     sha: dict[str, str] = {}
     with tqdm(total=total, unit="B", unit_scale=True, desc="writing weights", disable=not progress,
               leave=False) as bar:
+        stream = prefetch(entries, lambda e: evaluate(named[e.name]).to(device="cpu", dtype=tdtype), workers,
+                          cost=cost, budget=1.25 * max(map(cost, entries)))
         for fname, shard in zip(files, shards):
-            sha[fname] = write_shard(out / fname, shard, lambda e: evaluate(named[e.name]).to(tdtype), bar.update)
+            sha[fname] = write_shard(out / fname, shard, stream, bar.update)
     if len(files) > 1:
         write_index(out / "model.safetensors.index.json",
                     {e.name: f for f, shard in zip(files, shards) for e in shard}, total)
@@ -99,11 +115,14 @@ def _copy_extra_files(g: Graph, out: Path) -> list[str]:
     """Tokenizer and generation config travel with the embeddings: copied from their source."""
     from compose.sources import open_source
 
-    w = g.embedding.params()["weight"]
-    if not isinstance(w, Load):
+    ref = g.meta.get("tokenizer_source")
+    if ref is None:
+        w = g.embedding.params()["weight"]
+        ref = w.source if isinstance(w, Load) else None
+    if ref is None:
         return []
     copied = []
-    for f in open_source(w.source).extra_files():
+    for f in open_source(ref).extra_files():
         shutil.copyfile(f, out / f.name)
         copied.append(f.name)
     return copied

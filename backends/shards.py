@@ -1,5 +1,5 @@
 """A streaming safetensors writer: the header is planned from shapes up front, then each tensor is
-produced, written and freed in turn, so writing a shard never holds more than one tensor.
+produced, written and freed in turn, so writing holds only the tensors being produced (see `prefetch`).
 
 The bytes are the safetensors format exactly (8-byte little-endian header length, JSON header padded
 with spaces to a multiple of 8, then the raw little-endian data), readable by `safetensors.safe_open`.
@@ -12,7 +12,9 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator
 
 from compose.errors import BuildError
 
@@ -66,9 +68,43 @@ def shard_names(n: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
-def write_shard(path: Path, entries: list[Entry], produce: Callable[[Entry], object],
+def prefetch(items: list, produce: Callable, workers: int, cost: Callable = lambda x: 0,
+             budget: float = float("inf")) -> Iterator:
+    """`produce(item)` for each item, yielded in order, computed ahead on `workers` threads.
+
+    Reading, merging and writing overlap (each releases the GIL). Memory is bounded by `budget`: an item
+    starts only while the estimated working memory (`cost`) of the items started and not yet handed
+    to the consumer stays within it, except the item the consumer waits for next, which always may
+    start, so the pipeline cannot deadlock. workers=1 produces each item just before it is consumed.
+    """
+    if workers <= 1:
+        yield from (produce(x) for x in items)
+        return
+    gate = threading.Condition()
+    state = {"used": 0.0, "head": 0}
+
+    def run(i: int, x):
+        c = cost(x)
+        with gate:
+            gate.wait_for(lambda: i == state["head"] or state["used"] + c <= budget)
+            state["used"] += c
+        return produce(x)
+
+    with ThreadPoolExecutor(workers) as pool:
+        futures = [pool.submit(run, i, x) for i, x in enumerate(items)]
+        for i, (f, x) in enumerate(zip(futures, items)):
+            result = f.result()
+            yield result
+            del result
+            with gate:
+                state["used"] -= cost(x)
+                state["head"] = i + 1
+                gate.notify_all()
+
+
+def write_shard(path: Path, entries: list[Entry], tensors: Iterator,
                 on_bytes: Callable[[int], None] = lambda n: None) -> str:
-    """Write one shard, producing each tensor just before it is written; return the file's sha256."""
+    """Write one shard, taking its tensors from `tensors` in order; return the file's sha256."""
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for e in entries:
@@ -82,7 +118,7 @@ def write_shard(path: Path, entries: list[Entry], produce: Callable[[Entry], obj
             f.write(chunk)
             sha.update(chunk)
         for e in entries:
-            t = produce(e)
+            t = next(tensors)
             data = memoryview(t.contiguous().reshape(-1).view(_uint8()).numpy())  # no copy
             if data.nbytes != e.nbytes:
                 raise BuildError(f"tensor {e.name}: produced {data.nbytes} bytes, planned {e.nbytes}")

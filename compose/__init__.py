@@ -7,6 +7,7 @@ Importing compose is cheap: torch and transformers load only when a build runs.
 """
 __version__ = "0.1.0"
 
+from compose import merge  # noqa: E402
 from compose.dsl import depth_upscale, expand_blocks, layers, load, stack  # noqa: E402
 from compose.errors import ComposeError  # noqa: E402
 
@@ -18,4 +19,5 @@ def build(spec, out, **kwargs):
     return _build(spec, out, **kwargs)
 
 
-__all__ = ["load", "expand_blocks", "depth_upscale", "layers", "stack", "build", "ComposeError", "__version__"]
+__all__ = ["load", "expand_blocks", "depth_upscale", "layers", "stack", "merge", "build", "ComposeError",
+           "__version__"]

@@ -12,7 +12,7 @@ from compose.errors import SourceError, SpecError
 from compose.ir import ArchConfig, Attention, DecoderBlock, DenseFFN, Embedding, Graph, LMHead, Load, Norm, Origin, Zeros
 from compose.ir.nodes import make
 from compose.sources import Source, open_source
-from compose.spec import ExpandSpec, LayersSpec, LoadSpec, StackSpec, UpscaleSpec
+from compose.spec import ExpandSpec, LayersSpec, LoadSpec, MergeSpec, StackSpec, UpscaleSpec
 
 
 def lower(spec, path: str = "model") -> Graph:
@@ -26,7 +26,11 @@ def lower(spec, path: str = "model") -> Graph:
         return take_layers(lower(spec.model, f"{path}.model"), spec.start, spec.stop, path)
     if isinstance(spec, StackSpec):
         return stack([lower(s, f"{path}.slices[{i}]") for i, s in enumerate(spec.slices)], path)
-    raise SpecError(f"{path}: expected a model (load, expand_blocks, depth_upscale, layers, stack), "
+    if isinstance(spec, MergeSpec):
+        from compose.lower_merge import lower_merge
+
+        return lower_merge(spec, path)
+    raise SpecError(f"{path}: expected a model (load, expand_blocks, depth_upscale, layers, stack, merge), "
                     f"got {type(spec).__name__}")
 
 

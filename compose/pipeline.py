@@ -43,6 +43,10 @@ def load_spec(path: str | os.PathLike) -> BuildSpec:
             data = yaml.safe_load(p.read_text())
         except yaml.YAMLError as e:
             raise SpecError(f"{p}: not valid YAML/JSON ({str(e).splitlines()[0]})") from None
+        from compose.mergekit_config import is_mergekit_config, translate
+
+        if is_mergekit_config(data):
+            data = {"model": translate(data, str(p))}
         return parse_build_spec(data, str(p))
     raise SpecError(f"{p}: unknown spec type {p.suffix!r} (use .py, .yaml, .yml or .json)")
 
@@ -113,7 +117,8 @@ def build(spec, out: str | os.PathLike, *, formats: Iterable[str] = ("hf",), dty
             "passes": list(DEFAULT_PIPELINE),
             "ir_hash": graph_hash(g),
             "cost": g.meta.get("cost", {}),
-            "layers": [{"index": i, "source": b.origin.source, "source_layer": b.origin.layer, "new": b.origin.new,
+            "layers": [{"index": i, "from": b.origin.describe(), "source": b.origin.source,
+                        "source_layer": b.origin.layer, "new": b.origin.new, "merged": b.origin.method,
                         "identity_at_init": bool(b.identity), "trainable": bool(b.trainable)}
                        for i, (_, b) in enumerate(g.blocks())],
             "trainable": hf.trainable_names(g),

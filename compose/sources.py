@@ -145,18 +145,16 @@ class FolderSource(Source):
 
         f, offset, nbytes = self._where[key]
         shape, dtype = self._meta[key]
-        buf = bytearray(nbytes)
+        buf = torch.empty(nbytes, dtype=torch.uint8)  # not zero-filled: readinto overwrites it
         try:
-            with open(f, "rb") as fh:
+            with open(f, "rb", buffering=0) as fh:
                 fh.seek(offset)
-                got = fh.readinto(buf)
+                got = fh.readinto(buf.numpy()) if nbytes else 0
         except OSError as e:
             raise SourceError(f"{f}: cannot read tensor {key} ({e})") from None
         if got != nbytes:
             raise SourceError(f"{f}: tensor {key} is truncated ({got} of {nbytes} bytes)")
-        if nbytes == 0:
-            return torch.empty(shape, dtype=getattr(torch, dtype))
-        return torch.frombuffer(buf, dtype=getattr(torch, dtype)).reshape(shape)
+        return buf.view(getattr(torch, dtype)).reshape(shape)
 
 
 # -- hub ids ---------------------------------------------------------------------------------------------

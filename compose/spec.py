@@ -73,9 +73,62 @@ class StackSpec(_Node):
     slices: list["ModelSpec"] = Field(min_length=1)
 
 
-ModelSpec = Annotated[Union[LoadSpec, ExpandSpec, UpscaleSpec, LayersSpec, StackSpec], Field(discriminator="op")]
+Scalar = Union[bool, int, float, str]
+ScalarOrGradient = Union[Scalar, list[Scalar]]
 
-for _cls in (ExpandSpec, UpscaleSpec, LayersSpec, StackSpec):
+
+class Conditional(_Node):
+    """A parameter value for the tensors whose name contains `filter` (None or `*`: every tensor)."""
+
+    filter: Optional[str] = None
+    value: ScalarOrGradient
+
+
+# A merge parameter, as mergekit reads one: a scalar; a gradient (a list interpolated across the layers);
+# a list of {filter, value} where the first filter contained in the tensor's name wins; or, in the Python
+# DSL, a dict {filter: value} meaning the same list in order.
+Setting = Union[Scalar, list[Scalar], list[Conditional], dict[str, ScalarOrGradient]]
+
+
+class MergeInput(_Node):
+    """One model of a merge, with parameters that apply to it alone (they win over the merge's)."""
+
+    model: "ModelSpec"
+    parameters: dict[str, Setting] = Field(default_factory=dict)
+
+
+class MergeSpec(_Node):
+    """Tensor-by-tensor merge of models of one architecture by a named method (compose.merges)."""
+
+    op: Literal["merge"] = "merge"
+    method: str
+    models: list[MergeInput] = Field(min_length=1)
+    base: Optional["ModelSpec"] = None
+    """The base model: one of `models` (the same spec) or an extra input appended after them."""
+    parameters: Union[dict[str, Setting], list[dict[str, Setting]]] = Field(default_factory=dict)
+    """Method parameters for every model; a list is layered, first wins (mergekit's slice, then global)."""
+    seed: int = 0
+    """Seeds the random methods (DARE, DELLA): each tensor draws from (seed, its name)."""
+    dtype: Optional[DType] = None
+    """Compute dtype the inputs are cast to (mergekit's `dtype`); default: their promoted dtype."""
+    out_dtype: Optional[DType] = None
+    """Output dtype (mergekit's `out_dtype`); default: `dtype`, else the config's."""
+    tokenizer_source: Optional[str] = None
+    """Where tokenizer files come from: `base`, or a model reference; default: the base or first model."""
+
+    @model_validator(mode="after")
+    def _known_method(self):
+        from compose.merges.registry import NAMES
+
+        if self.method not in NAMES:
+            raise ValueError(f"unknown merge method {self.method!r} (methods: {', '.join(NAMES)})")
+        return self
+
+
+ModelSpec = Annotated[Union[LoadSpec, ExpandSpec, UpscaleSpec, LayersSpec, StackSpec, MergeSpec],
+                      Field(discriminator="op")]
+
+for _cls in (ExpandSpec, UpscaleSpec, LayersSpec, StackSpec, MergeInput, MergeSpec):
     _cls.model_rebuild()
 
 
@@ -98,7 +151,7 @@ def describe_validation_error(e: ValidationError, root: str) -> str:
     return f"{path}: {msg}"
 
 
-_OP_TAGS = {"load", "expand_blocks", "depth_upscale", "layers", "stack"}
+_OP_TAGS = {"load", "expand_blocks", "depth_upscale", "layers", "stack", "merge"}
 
 
 def parse_build_spec(data: object, origin: str) -> BuildSpec:

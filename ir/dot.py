@@ -13,7 +13,7 @@ def to_dot(g: Graph) -> str:
         style = ["filled"]
         color = "white"
         if isinstance(op, DecoderBlock):
-            label += f"\\n{'new copy of' if op.origin.new else 'from'} {op.origin.source.split('?')[0]} L{op.origin.layer}"
+            label += "\\n" + op.origin.describe(lambda ref: ref.split("?")[0])
             if op.identity:
                 label += "\\nidentity at init"
         if op.trainable is not None:

@@ -1,12 +1,14 @@
 """The weight-expression evaluator: turns expressions into tensors, one output tensor at a time.
 
-Memory stays bounded by the largest tensors, not the model: a `Load` is never kept (re-reading from an
-mmapped safetensors file is the cheapest way to get it again), and a computed expression used by several
-outputs is kept only until its last use and only within `cache_bytes`; past that it is recomputed.
-Within one output every distinct sub-expression is evaluated once.
+Memory stays bounded by the largest tensors, not the model: a `Load` is never kept (reading it again is
+the cheapest way to get it again), and a computed expression used by several outputs is kept only until
+its last use and only within `cache_bytes`; past that it is recomputed. Within one output every distinct
+sub-expression is evaluated once. Several threads may evaluate outputs at once (the writer prefetches):
+the bookkeeping is locked, the tensor work is not.
 """
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from typing import Callable, Iterable
 
@@ -25,9 +27,12 @@ def torch_dtype(name: str):
 
 
 class Evaluator:
-    def __init__(self, roots: Iterable[Expr], read: Callable[[Load], object], cache_bytes: int = 1 << 30):
+    def __init__(self, roots: Iterable[Expr], read: Callable[[Load], object], cache_bytes: int = 256 << 20,
+                 device: str = "cpu"):
         self.read = read
         self.cache_bytes = cache_bytes
+        self.device = device
+        self.lock = threading.Lock()
         self.uses: Counter[Expr] = Counter()
         seen: set[Expr] = set()
         for r in roots:
@@ -45,32 +50,31 @@ class Evaluator:
         return self._get(root, local)
 
     def _get(self, e: Expr, local: dict):
-        if e in local:
-            t = local[e]
-        elif e in self.kept:
-            t = self.kept[e]
-        else:
+        with self.lock:
+            t = local.get(e, self.kept.get(e))
+        if t is None:
             t = self._compute(e, local)
             local[e] = t
-        self.uses[e] -= 1
-        if self.uses[e] <= 0:
-            if e in self.kept:
-                self.kept_bytes -= _nbytes(self.kept.pop(e))
-        elif not isinstance(e, Load) and e not in self.kept and self.kept_bytes + _nbytes(t) <= self.cache_bytes:
-            self.kept[e] = t
-            self.kept_bytes += _nbytes(t)
+        with self.lock:
+            self.uses[e] -= 1
+            if self.uses[e] <= 0:
+                if e in self.kept:
+                    self.kept_bytes -= _nbytes(self.kept.pop(e))
+            elif not isinstance(e, Load) and e not in self.kept and self.kept_bytes + _nbytes(t) <= self.cache_bytes:
+                self.kept[e] = t
+                self.kept_bytes += _nbytes(t)
         return t
 
     def _compute(self, e: Expr, local: dict):
         import torch
 
         if isinstance(e, Load):
-            t = self.read(e)
+            t = self.read(e).to(self.device)
             if tuple(t.shape) != tuple(e.shape):
                 raise IRError(f"{e}: read shape {list(t.shape)}, the header said {list(e.shape)}")
             return t
         if isinstance(e, Zeros):
-            return torch.zeros(e.shape, dtype=torch_dtype(e.dtype))
+            return torch.zeros(e.shape, dtype=torch_dtype(e.dtype), device=self.device)
         if isinstance(e, Slice):
             return self._get(e.x, local).narrow(e.dim, e.start, e.stop - e.start)
         if isinstance(e, Concat):
@@ -79,21 +83,22 @@ class Evaluator:
             return self._get(e.x, local) * e.factor
         if isinstance(e, Noise):
             x = self._get(e.x, local)
-            g = torch.Generator().manual_seed(e.seed)
-            return x + e.std * torch.randn(x.shape, generator=g, dtype=torch.float32).to(x.dtype)
+            g = torch.Generator().manual_seed(e.seed)  # drawn on the CPU: the same noise on every device
+            return x + e.std * torch.randn(x.shape, generator=g, dtype=torch.float32).to(x.device, x.dtype)
         if isinstance(e, Merge):
             return _merge(e, [self._get(x, local) for x in e.inputs])
         raise IRError(f"cannot evaluate {type(e).__name__}")
 
 
 def _merge(e: Merge, xs: list):
-    params = dict(e.params)
-    if e.method != "linear":
-        raise IRError(f"merge method {e.method!r} is not implemented yet")
-    weights = params.get("weights") or [1.0] * len(xs)
-    total = sum(weights) if params.get("normalize", True) else 1.0
-    out = sum(w * x.float() for w, x in zip(weights, xs)) / total
-    return out.to(xs[0].dtype)
+    from compose.merges.registry import get
+
+    dtype = torch_dtype(e.dtype)
+    xs = [x.to(dtype) for x in xs]
+    out = get(e.method).fn(xs, e.base, seed=e.seed, name=e.name, **dict(e.params))
+    if tuple(out.shape) != tuple(e.shape):
+        raise IRError(f"{e.method} returned shape {list(out.shape)} for {e.name}, expected {list(e.shape)}")
+    return out
 
 
 def _nbytes(t) -> int:

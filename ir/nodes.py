@@ -147,14 +147,26 @@ class DenseFFN(_Leaf):
 
 @dataclass(frozen=True)
 class Origin:
-    """Where a block came from: a layer of a source model, or new (a copy of one, changed at init)."""
+    """Where a block came from: a layer of a source model, new (a copy of one, changed at init), or a
+    merge of blocks (`method` and `parts` set; `source`/`layer` are then the first part's)."""
 
     source: str
     layer: int
     new: bool = False
+    method: str | None = None
+    parts: tuple["Origin", ...] = ()
+
+    @staticmethod
+    def merged(method: str, parts: tuple["Origin", ...]) -> "Origin":
+        return Origin(parts[0].source, parts[0].layer, method=method, parts=parts)
+
+    def describe(self, alias=lambda ref: ref) -> str:
+        if self.method:
+            return f"{self.method} of {', '.join(p.describe(alias) for p in self.parts)}"
+        return f"{'new copy of ' if self.new else ''}{alias(self.source)} layer {self.layer}"
 
     def __str__(self) -> str:
-        return f"{'new, from' if self.new else 'from'} {self.source} layer {self.layer}"
+        return self.describe()
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -7,6 +7,7 @@ get short aliases (%0, %1, ...) in order of first use, so dumps are stable and d
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 
 from compose.ir.graph import Graph
 from compose.ir.nodes import DecoderBlock, Op
@@ -34,22 +35,30 @@ def format_expr(e: Expr, aliases: _Aliases) -> str:
     if isinstance(e, Noise):
         return f"noise({format_expr(e.x, aliases)}, std={e.std!r}, seed={e.seed})"
     if isinstance(e, Merge):
-        ps = "".join(f", {k}={v!r}" for k, v in e.params)
-        return f"merge.{e.method}([{', '.join(format_expr(x, aliases) for x in e.inputs)}]{ps})"
+        s = e.settings()
+        return f"{e.method}([{', '.join(format_expr(x, aliases) for x in e.inputs)}]{', ' + s if s else ''})"
     raise TypeError(f"unknown expression {type(e).__name__}")
 
 
-def _common_load_prefix(params: dict[str, Expr]) -> tuple[str, str] | None:
-    """(source, prefix) when most weights are `load(source, prefix + local_name)`."""
-    counts: dict[tuple[str, str], int] = {}
-    for k, e in params.items():
-        if isinstance(e, Load) and e.key.endswith(k):
-            sp = (e.source, e.key[: len(e.key) - len(k)])
-            counts[sp] = counts.get(sp, 0) + 1
-    if not counts:
-        return None
-    best = max(counts.items(), key=lambda kv: kv[1])
-    return best[0] if best[1] > 1 else None
+def _pattern(k: str, e: Expr):
+    """A weight's source with its own name factored out (`load(%0, model.layers.3.` + k + `)`), so the
+    weights of a block that share one can print as one `*` line; None when it has none."""
+    if isinstance(e, Load) and e.key.endswith(k):
+        return ("load", e.source, e.key[: len(e.key) - len(k)])
+    if isinstance(e, Merge) and e.inputs and all(isinstance(x, Load) and x.key.endswith(k) for x in e.inputs):
+        ins = tuple((x.source, x.key[: len(x.key) - len(k)]) for x in e.inputs)
+        return ("merge", e.method, e.base, e.params, e.compute, e.seed is not None, ins)
+    return None
+
+
+def _format_pattern(p, aliases: _Aliases) -> str:
+    if p[0] == "load":
+        return f"{aliases.of(p[1])}:{p[2]}*"
+    _, method, base, params, compute, seeded, ins = p
+    settings = Merge(method, (), base, params, compute=compute).settings()
+    settings += ", seed per tensor" if seeded else ""
+    inputs = ", ".join(f"{aliases.of(src)}:{prefix}*" for src, prefix in ins)
+    return f"{method}([{inputs}]{', ' + settings.lstrip(', ') if settings else ''})"
 
 
 def _annotations(op: Op) -> str:
@@ -65,18 +74,19 @@ def format_node(name: str, op: Op, aliases: _Aliases) -> list[str]:
     if isinstance(op, DecoderBlock):
         # Hyper-parameters are the graph's (checked by the verifier); the block line says where it came from.
         o = op.origin
-        head = f"%{name} = DecoderBlock({'new copy of' if o.new else 'from'} {aliases.of(o.source)} layer {o.layer})"
+        head = f"%{name} = DecoderBlock({'' if o.new or o.method else 'from '}{o.describe(aliases.of)})"
     else:
         head = f"%{name} = {op.kind}({op.attrs()})"
     lines = [head + _annotations(op)]
     params = op.params()
-    common = _common_load_prefix(params)
+    patterns = {k: _pattern(k, e) for k, e in params.items()}
+    counts = Counter(p for p in patterns.values() if p is not None)
+    common = counts.most_common(1)[0][0] if counts and counts.most_common(1)[0][1] > 1 else None
     if common:
-        lines.append(f"    * <- {aliases.of(common[0])}:{common[1]}*")
+        lines.append(f"    * <- {_format_pattern(common, aliases)}")
     for k, e in params.items():
-        if common and isinstance(e, Load) and (e.source, e.key) == (common[0], common[1] + k):
-            continue
-        lines.append(f"    {k} <- {format_expr(e, aliases)}")
+        if common is None or patterns[k] != common:
+            lines.append(f"    {k} <- {format_expr(e, aliases)}")
     return lines
 
 

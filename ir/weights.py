@@ -154,29 +154,65 @@ class Concat(_Nary):
         return f"concat([{', '.join(map(str, self.inputs))}], dim={self.dim})"
 
 
+_DTYPE_RANK = {"float16": 0, "bfloat16": 0, "float32": 1, "float64": 2}
+
+
+def promote(dtypes: list[str]) -> str:
+    """torch.promote_types over dtype names: fp16 with bf16 gives float32, else the widest."""
+    ds = set(dtypes)
+    if len(ds) == 1:
+        return ds.pop()
+    if ds <= {"float16", "bfloat16"}:
+        return "float32"
+    return max(ds, key=lambda d: _DTYPE_RANK.get(d, 1))
+
+
+def _freeze(v):
+    if isinstance(v, (list, tuple)):
+        return tuple(_freeze(x) for x in v)
+    return v
+
+
 @dataclass(frozen=True)
 class Merge(_Nary):
-    """A merge of same-shaped tensors by a named method (`params` are sorted (name, value) pairs).
+    """One output tensor merged from same-shaped inputs by a named method (see compose.merges).
 
-    Only `linear` is evaluated so far; the merge methods arrive with the weight-merging issue.
+    `base` is the index of the base model among `inputs` (None without one). `params` are the method's
+    parameters resolved for this tensor, sorted (name, value) pairs; per-input values are tuples.
+    `seed` is set for random methods, `name` is the output tensor's name (some methods look at it), and
+    `compute` the dtype inputs are cast to first (None: their promoted dtype, as mergekit does).
     """
 
     method: str
     inputs: tuple[Expr, ...]
+    base: int | None = None
     params: tuple[tuple[str, object], ...] = ()
+    seed: int | None = None
+    name: str = ""
+    compute: str | None = None
 
     def __post_init__(self) -> None:
         # Lists become tuples so the expression stays hashable (and so CSE-able).
-        frozen = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in self.params))
-        object.__setattr__(self, "params", frozen)
+        object.__setattr__(self, "params", tuple(sorted((k, _freeze(v)) for k, v in self.params)))
 
     @property
     def shape(self) -> Shape:  # type: ignore[override]
         return self.inputs[0].shape
 
+    @property
+    def dtype(self) -> str:  # type: ignore[override]
+        return self.compute or promote([x.dtype for x in self.inputs])
+
+    def settings(self) -> str:
+        """The method's settings as text: `base=0, density=(0.3, 0.6), seed=7`."""
+        parts = ([f"base={self.base}"] if self.base is not None else []) + [f"{k}={v!r}" for k, v in self.params]
+        parts += [f"seed={self.seed}"] if self.seed is not None else []
+        parts += [f"compute={self.compute}"] if self.compute else []
+        return ", ".join(parts)
+
     def __str__(self) -> str:
-        ps = "".join(f", {k}={v!r}" for k, v in self.params)
-        return f"merge.{self.method}([{', '.join(map(str, self.inputs))}]{ps})"
+        s = self.settings()
+        return f"{self.method}([{', '.join(map(str, self.inputs))}]{', ' + s if s else ''})"
 
 
 def is_zero(e: Expr) -> bool:

@@ -104,7 +104,7 @@ def test_evaluator_ops_and_cse():
 
     s = Slice(a, 1, 2, 5)
     roots = [Concat((s, s), 0), Scale(s, 2.0), Noise(a, 0.5, seed=3), Noise(a, 0.5, seed=3),
-             Merge("linear", (a, Zeros((4, 6), "float32")), (("weights", [3.0, 1.0]),))]
+             Merge("linear", (a, Zeros((4, 6), "float32")), params=(("weight", [3.0, 1.0]),))]
     ev = Evaluator(roots, read)
     out = [ev(r) for r in roots]
     assert torch.equal(out[0], torch.cat([data[:, 2:5]] * 2))

@@ -1,0 +1,143 @@
+"""Lowering of `merge`: every output tensor becomes a `Merge` expression over the inputs' tensors, with
+the method's parameters resolved for that tensor (compose.params), as mergekit plans a merge:
+
+- inputs are the models in order; a base that is not among them is appended after them;
+- t for gradients is a block's position in the merge, i / (n - 1) (1 for a single layer), and 0 for the
+  embeddings, the final norm and the head;
+- a model's own parameters win over the merge's; shared parameters are matched against the output
+  tensor's name, per-model ones against that model's own tensor name (its source layer).
+"""
+from __future__ import annotations
+
+import dataclasses
+import zlib
+
+from compose.errors import SpecError
+from compose.ir import DecoderBlock, Graph, Load, LMHead, Merge, Origin
+from compose.ir.weights import Expr
+from compose.merges.api import Method
+from compose.merges.registry import get
+from compose.params import Layer, check_filters, check_known, resolve
+from compose.spec import MergeSpec
+
+
+def lower_merge(spec: MergeSpec, path: str) -> Graph:
+    from compose.lower import lower
+
+    method = get(spec.method, f"{path}.method")
+    inputs: list[tuple[str, object, dict]] = [(f"{path}.models[{i}]", m.model, m.parameters)
+                                              for i, m in enumerate(spec.models)]
+    base = None
+    if spec.base is not None:
+        base = next((i for i, m in enumerate(spec.models) if m.model == spec.base), None)
+        if base is None:
+            inputs.append((f"{path}.base", spec.base, {}))
+            base = len(inputs) - 1
+    _check_contract(method, len(inputs), base, path)
+    graphs = [lower(m, f"{p}.model" if p != f"{path}.base" else p) for p, m, _ in inputs]
+    _check_structure(graphs, inputs)
+
+    common: list[Layer] = ([(f"{path}.parameters", spec.parameters)] if isinstance(spec.parameters, dict)
+                           else [(f"{path}.parameters[{j}]", d) for j, d in enumerate(spec.parameters)])
+    own: list[list[Layer]] = [[(f"{p}.parameters", params)] + common for p, _, params in inputs]
+    check_known(method, [layer for layers in own for layer in layers])
+    blocks = [[b for _, b in g.blocks()] for g in graphs]
+    n = len(blocks[0])
+    names: set[str] = set()
+
+    def merged(out: str, exprs: list[Expr], in_names: list[str], t: float) -> Expr:
+        names.update([out, *in_names])
+        for i, e in enumerate(exprs[1:], 1):
+            if e.shape != exprs[0].shape:
+                raise SpecError(f"{inputs[i][0]}: {out} has shape {list(e.shape)} there but {list(exprs[0].shape)} "
+                                f"in {inputs[0][0]} (models of one architecture and size are needed)")
+        params: dict[str, object] = {}
+        for p in method.params:
+            if p.scope == "shared":
+                params[p.name] = resolve(p, common, out, t, n, method.name)
+            else:
+                idx = [i for i in range(len(exprs)) if p.scope == "input" or i != base]
+                params[p.name] = tuple(resolve(p, own[i], in_names[i], t, n, method.name) for i in idx)
+        seed = zlib.crc32(f"{spec.seed}:{out}".encode()) if method.random else None
+        return Merge(method.name, tuple(exprs), base, tuple(params.items()), seed, out, spec.dtype)
+
+    emb_name = "model.embed_tokens.weight"
+    embed_w = merged(emb_name, [g.embedding.params()["weight"] for g in graphs], [emb_name] * len(graphs), 0.0)
+    out_blocks = []
+    for i in range(n):
+        bs = [b[i] for b in blocks]
+        t = i / (n - 1) if n > 1 else 1.0
+        upd = {}
+        for k in bs[0].params():
+            out = f"model.layers.{i}.{k}"
+            in_names = [_input_name(b, k, out) for b in bs]
+            upd[k] = merged(out, [b.params()[k] for b in bs], in_names, t)
+        out_blocks.append(dataclasses.replace(bs[0].with_weights(**upd),
+                                              origin=Origin.merged(method.name, tuple(b.origin for b in bs))))
+    norm_name = "model.norm.weight"
+    norm_w = merged(norm_name, [g.final_norm.params()["weight"] for g in graphs], [norm_name] * len(graphs), 0.0)
+    donor = graphs[base] if base is not None else graphs[0]
+    cfg = donor.config
+    if cfg.tie_embeddings:
+        head_w = embed_w
+    else:
+        head_w = merged("lm_head.weight", [g.head.params()["weight"] for g in graphs], ["lm_head.weight"] * len(graphs), 0.0)
+    check_filters([layer for layers in own for layer in layers], names)
+
+    out_dtype = spec.out_dtype or spec.dtype or cfg.dtype
+    return Graph.decoder(
+        dataclasses.replace(cfg, dtype=out_dtype),
+        donor.embedding.with_weights(weight=embed_w), out_blocks,
+        donor.final_norm.with_weights(weight=norm_w),
+        LMHead(weights=(("weight", head_w),), vocab=cfg.vocab, hidden=cfg.hidden, tied=cfg.tie_embeddings),
+        meta={"train": "all", "tokenizer_source": _tokenizer_source(spec, graphs, base, path)},
+    )
+
+
+def _check_contract(method: Method, n: int, base: int | None, path: str) -> None:
+    if method.base == "required" and base is None:
+        raise SpecError(f"{path}.base: merge method {method.name!r} needs a base model")
+    if method.base == "forbidden" and base is not None:
+        raise SpecError(f"{path}.base: merge method {method.name!r} takes no base model")
+    if n < method.min_inputs:
+        raise SpecError(f"{path}.models: {method.name} needs at least {method.min_inputs} models, got {n}")
+    if method.max_inputs is not None and n > method.max_inputs:
+        raise SpecError(f"{path}.models: {method.name} takes at most {method.max_inputs} models"
+                        f"{' (the base included)' if base is not None else ''}, got {n}")
+
+
+def _check_structure(graphs: list[Graph], inputs) -> None:
+    first = graphs[0]
+    for (p, _, _), g in zip(inputs[1:], graphs[1:]):
+        if g.config.family != first.config.family:
+            raise SpecError(f"{p}: a {g.config.family} model cannot merge with {inputs[0][0]}'s {first.config.family}")
+        if len(g.blocks()) != len(first.blocks()):
+            raise SpecError(f"{p}: {len(g.blocks())} layers, but {inputs[0][0]} has {len(first.blocks())} "
+                            "(merged models need the same depth; slice them with layers() first)")
+        for (_, a), (_, b) in zip(first.blocks(), g.blocks()):
+            if set(a.params()) != set(b.params()):
+                raise SpecError(f"{p}: its blocks have weights {sorted(set(b.params()) ^ set(a.params()))} "
+                                f"that {inputs[0][0]}'s do not")
+
+
+def _input_name(block: DecoderBlock, k: str, out: str) -> str:
+    """The name the input model itself gives this tensor (its source layer), for per-model filters."""
+    o = block.origin
+    return out if (o.new or o.method) else f"model.layers.{o.layer}.{k}"
+
+
+def _tokenizer_source(spec: MergeSpec, graphs: list[Graph], base: int | None, path: str) -> str | None:
+    """mergekit's donor: tokenizer_source `base` or a model; by default the base model, else the first."""
+    ts = spec.tokenizer_source
+    if ts not in (None, "base"):
+        from compose.errors import SourceError
+        from compose.sources import open_source
+
+        try:
+            return open_source(ts).ref
+        except SourceError as e:
+            raise SpecError(f"{path}.tokenizer_source: {e}") from None
+    if ts == "base" and base is None:
+        raise SpecError(f"{path}.tokenizer_source: `base` needs a base model")
+    donor = graphs[base] if base is not None else graphs[0]
+    return next((e.source for e in donor.embedding.params()["weight"].walk() if isinstance(e, Load)), None)

@@ -1,0 +1,1 @@
+"""Merge methods: the tensor math behind `Merge` weight expressions, one module per method family."""
