@@ -88,10 +88,9 @@ def write(g: Graph, out: Path, *, max_shard_size: str | int = "5GB", progress: b
         leaves = sum(1 for x in named[e.name].walk() if isinstance(x, Load))
         return e.nbytes * (leaves + (8 if leaves > 1 else 1))
 
-    if workers > 1:
-        # Largest first (a stable sort, so still deterministic): the embedding and head, the slowest to
-        # merge, start at once on parallel workers instead of leaving one worker alone at the end.
-        entries.sort(key=lambda e: -e.nbytes)
+    # Largest first (a stable sort: deterministic, and the same file whatever `workers` is): the embedding
+    # and head, the slowest to merge, start first instead of leaving one worker alone at the end.
+    entries.sort(key=lambda e: -e.nbytes)
     shards = plan_shards(entries, parse_size(max_shard_size))
     files = shard_names(len(shards))
     evaluate = Evaluator(named.values(), _reader(), device=device)

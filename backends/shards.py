@@ -72,22 +72,25 @@ def prefetch(items: list, produce: Callable, workers: int, cost: Callable = lamb
              budget: float = float("inf")) -> Iterator:
     """`produce(item)` for each item, yielded in order, computed ahead on `workers` threads.
 
-    Reading, merging and writing overlap (each releases the GIL). Memory is bounded by `budget`: an item
-    starts only while the estimated working memory (`cost`) of the items started and not yet handed
-    to the consumer stays within it, except the item the consumer waits for next, which always may
-    start, so the pipeline cannot deadlock. workers=1 produces each item just before it is consumed.
+    Reading, merging and writing overlap (each releases the GIL). Memory is bounded by `budget`: items
+    start in order, each once the estimated working memory (`cost`) of the items started and not yet
+    handed to the consumer leaves room for it. The item the consumer waits for next finds nothing
+    before it, so it always starts and the pipeline cannot deadlock; only an item larger than the
+    budget on its own exceeds it. workers=1 produces each item just before it is consumed.
     """
     if workers <= 1:
         yield from (produce(x) for x in items)
         return
     gate = threading.Condition()
-    state = {"used": 0.0, "head": 0}
+    state = {"used": 0.0, "started": 0}
 
     def run(i: int, x):
         c = cost(x)
         with gate:
-            gate.wait_for(lambda: i == state["head"] or state["used"] + c <= budget)
+            gate.wait_for(lambda: state["started"] == i and (state["used"] == 0 or state["used"] + c <= budget))
             state["used"] += c
+            state["started"] += 1
+            gate.notify_all()
         return produce(x)
 
     with ThreadPoolExecutor(workers) as pool:
@@ -98,7 +101,6 @@ def prefetch(items: list, produce: Callable, workers: int, cost: Callable = lamb
             del result
             with gate:
                 state["used"] -= cost(x)
-                state["head"] = i + 1
                 gate.notify_all()
 
 

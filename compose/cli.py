@@ -32,6 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="output dtype (default: the source's)")
     b.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB (default: 5GB)")
     b.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    b.add_argument("--workers", type=int, default=None,
+                   help="tensors computed in parallel (default: the CPU count, at most 4); memory stays "
+                        "within a budget of about the largest tensor's working set")
+    b.add_argument("--device", default="cpu", help="where merges compute: cpu (default) or cuda[:N]")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
@@ -63,7 +67,7 @@ def cmd_build(a) -> int:
 
     formats = [f.strip() for f in a.format.split(",") if f.strip()]
     out = build(a.spec, a.out, formats=formats, dtype=a.dtype, max_shard_size=a.max_shard_size, force=a.force,
-                progress=not a.no_progress and sys.stderr.isatty())
+                progress=not a.no_progress and sys.stderr.isatty(), workers=a.workers, device=a.device)
     print(f"built {out}")
     return 0
 

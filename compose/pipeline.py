@@ -79,7 +79,8 @@ def compile_graph(spec, *, dtype: str | None = None, passes: Iterable[str] | Non
 
 
 def build(spec, out: str | os.PathLike, *, formats: Iterable[str] = ("hf",), dtype: str | None = None,
-          max_shard_size: str | int = "5GB", force: bool = False, progress: bool = True) -> Path:
+          max_shard_size: str | int = "5GB", force: bool = False, progress: bool = True, workers: int | None = None,
+          device: str = "cpu") -> Path:
     """Build `spec` into the folder `out`. Written to a temporary folder and renamed into place: a failed
     build leaves nothing behind, and an existing `out` is replaced only with `force`."""
     from compose import __version__
@@ -94,6 +95,10 @@ def build(spec, out: str | os.PathLike, *, formats: Iterable[str] = ("hf",), dty
     out = Path(out)
     if out.exists() and not force:
         raise BuildError(f"{out} already exists; pass --force to replace it")
+    if workers is not None and workers < 1:
+        raise BuildError(f"--workers: must be at least 1, got {workers}")
+    workers = workers or min(4, os.cpu_count() or 1)
+    _check_device(device)
     spec = as_build_spec(spec)
     g = compile_graph(spec, dtype=dtype, verify_each=True)
 
@@ -103,7 +108,7 @@ def build(spec, out: str | os.PathLike, *, formats: Iterable[str] = ("hf",), dty
     tmp.mkdir()
     try:
         # The hf checkpoint is what every format loads its weights from, so it is always written.
-        written = hf.write(g, tmp, max_shard_size=max_shard_size, progress=progress)
+        written = hf.write(g, tmp, max_shard_size=max_shard_size, progress=progress, workers=workers, device=device)
         files = list(written["files"])
         if "torch" in formats:
             from compose.backends import torch as torch_backend
@@ -132,6 +137,21 @@ def build(spec, out: str | os.PathLike, *, formats: Iterable[str] = ("hf",), dty
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _check_device(device: str) -> None:
+    if device == "cpu":
+        return
+    import torch
+
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise BuildError(f"--device: {device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise BuildError(f"--device: {device} asked for, but torch sees no CUDA device")
+    if d.type not in ("cuda", "cpu"):
+        raise BuildError(f"--device: {device} is not supported (cpu or cuda)")
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:

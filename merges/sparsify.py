@@ -17,8 +17,13 @@ bernoulli for float16; mergekit also rounds float64 to float32 there), in the in
 """
 from __future__ import annotations
 
+import threading
+
 RESCALE_EPS = 1e-7
 """Below this L1 norm (before or after masking) mergekit leaves the masked tensor unscaled."""
+
+
+_FULL_SORT = threading.Lock()
 
 
 def _work_dtype(t):
@@ -59,7 +64,8 @@ def magnitude(t, density: float, rescale: bool = False, inplace: bool = False):
     mask = _top_k_mask(w, k)
     if mask is None:
         mask = torch.zeros(t.numel(), dtype=torch.bool, device=t.device)
-        mask[torch.argsort(w, descending=True)[:k]] = True
+        with _FULL_SORT:  # a full sort needs ~5x the tensor in scratch: one at a time
+            mask[torch.argsort(w, descending=True)[:k]] = True
     del w
     # x * True == x * 1.0 and x * False == x * 0.0 bit for bit: no float copy of the mask is needed
     return apply_mask(t, mask.reshape_as(t), rescale, inplace)

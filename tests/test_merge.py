@@ -139,3 +139,54 @@ def test_unknown_method_and_parameter():
 def test_different_depths_are_refused():
     with pytest.raises(SpecError, match=r"model.models\[1\]: 3 layers, but model.models\[0\] has 2"):
         compile_graph(merge.linear([load("tiny:llama?layers=2"), load("tiny:llama?layers=3")], weights=[1, 1]))
+
+
+def test_output_bytes_do_not_depend_on_workers(tmp_path, pair):
+    a, b = pair
+    spec = merge.ties(base=load(str(a)), models=[load(str(b)), load(str(a))], density=[0.4, 0.7], weights=[1.0, 0.5])
+    one = build(spec, tmp_path / "one", workers=1, max_shard_size="200KB", progress=False)
+    three = build(spec, tmp_path / "three", workers=3, max_shard_size="200KB", progress=False)
+    files = sorted(p.name for p in one.iterdir())
+    assert files == sorted(p.name for p in three.iterdir()) and len(files) > 4
+    for f in files:
+        assert (one / f).read_bytes() == (three / f).read_bytes(), f
+
+
+def test_prefetch_keeps_order_and_budget():
+    import threading
+    import time
+
+    from compose.backends.shards import prefetch
+
+    live, peak, lock = [0], [0], threading.Lock()
+
+    def produce(x):
+        with lock:
+            live[0] += x
+            peak[0] = max(peak[0], live[0])
+        time.sleep(0.01)
+        return x
+
+    out = []
+    for x in prefetch([5, 1, 1, 5, 1, 1, 1, 5], produce, workers=3, cost=lambda x: x, budget=6):
+        out.append(x)
+        with lock:
+            live[0] -= x
+    assert out == [5, 1, 1, 5, 1, 1, 1, 5]
+    assert peak[0] <= 6  # never two 5s at once
+
+
+@pytest.mark.parametrize("density", [0.1, 0.4, 0.75])
+def test_fast_top_k_selects_what_the_sort_selects_even_with_ties(density):
+    """TIES keeps the largest |delta|; compose selects with kthvalue and falls back to the full sort only
+    when the tie at the threshold needs the sort's order. The kept entries equal the sort's in all cases."""
+    from compose.merges.sparsify import magnitude
+
+    g = torch.Generator().manual_seed(0)
+    for t in (torch.randn(100_000, generator=g),                                   # ties rare
+              torch.randn(100_000, generator=g).bfloat16().float(),                # many ties
+              torch.randn(100_000, generator=g) * (torch.rand(100_000, generator=g) < 0.3)):  # mostly zeros
+        k = max(1, int(density * t.numel()))
+        mask = torch.zeros(t.numel(), dtype=t.dtype)
+        mask[torch.argsort(t.abs(), descending=True)[:k]] = 1
+        assert torch.equal(magnitude(t.clone(), density), t * mask)
