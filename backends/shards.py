@@ -82,26 +82,36 @@ def prefetch(items: list, produce: Callable, workers: int, cost: Callable = lamb
         yield from (produce(x) for x in items)
         return
     gate = threading.Condition()
-    state = {"used": 0.0, "started": 0}
+    state = {"used": 0.0, "started": 0, "closed": False}
 
     def run(i: int, x):
         c = cost(x)
         with gate:
-            gate.wait_for(lambda: state["started"] == i and (state["used"] == 0 or state["used"] + c <= budget))
+            gate.wait_for(lambda: state["closed"] or (
+                state["started"] == i and (state["used"] == 0 or state["used"] + c <= budget)))
+            if state["closed"]:
+                return None
             state["used"] += c
             state["started"] += 1
             gate.notify_all()
         return produce(x)
 
-    with ThreadPoolExecutor(workers) as pool:
+    pool = ThreadPoolExecutor(workers)
+    try:
         futures = [pool.submit(run, i, x) for i, x in enumerate(items)]
-        for i, (f, x) in enumerate(zip(futures, items)):
+        for f, x in zip(futures, items):
             result = f.result()
             yield result
             del result
             with gate:
                 state["used"] -= cost(x)
                 gate.notify_all()
+    finally:
+        # The consumer may stop early (a failed write): release the waiting items and drop the rest.
+        with gate:
+            state["closed"] = True
+            gate.notify_all()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def write_shard(path: Path, entries: list[Entry], tensors: Iterator,

@@ -72,8 +72,10 @@ def lower_merge(spec: MergeSpec, path: str) -> Graph:
             out = f"model.layers.{i}.{k}"
             in_names = [_input_name(b, k, out) for b in bs]
             upd[k] = merged(out, [b.params()[k] for b in bs], in_names, t)
-        out_blocks.append(dataclasses.replace(bs[0].with_weights(**upd),
-                                              origin=Origin.merged(method.name, tuple(b.origin for b in bs))))
+        # A merge of one model (mergekit's passthrough slices) keeps that layer's origin; the weights
+        # still say what was done to it.
+        origin = bs[0].origin if len(bs) == 1 else Origin.merged(method.name, tuple(b.origin for b in bs))
+        out_blocks.append(dataclasses.replace(bs[0].with_weights(**upd), origin=origin))
     norm_name = "model.norm.weight"
     norm_w = merged(norm_name, [g.final_norm.params()["weight"] for g in graphs], [norm_name] * len(graphs), 0.0)
     donor = graphs[base] if base is not None else graphs[0]

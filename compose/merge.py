@@ -6,7 +6,7 @@
     model = merge.ties(base=base, models=[ft1, ft2], density=[0.3, 0.6], weights=[1.0, 0.5])
 
 A model may be given with parameters of its own as `(model, {"weight": 0.3})`. Keyword parameters use
-mergekit's names (`weights` is accepted for `weight`); a list given for a per-model parameter with one
+mergekit's names (`weights` is accepted for `weight`, `lambda_` for `lambda`); a list given for a per-model parameter with one
 value per model is split across the models, any other value applies to all (a list is then a gradient).
 """
 from __future__ import annotations
@@ -42,6 +42,8 @@ def merge(method: str, models, *, base=None, seed: int = 0, dtype: str | None = 
         raise SpecError(describe_validation_error(e, f"{fn}.models")) from None
     if "weights" in params:
         params["weight"] = params.pop("weights")
+    if "lambda_" in params:  # `lambda` is a Python keyword
+        params["lambda"] = params.pop("lambda_")
     shared = dict(parameters or {})
     in_base = base is not None and any(i.model == base for i in inputs)
     for name, value in params.items():

@@ -19,9 +19,9 @@ def _param(e: Merge, name: str, default=None):
 
 # (match, rewrite) rules, each exact: it changes no output bit.
 RULES = [
-    # passthrough([x], scale=1) -> x
+    # passthrough([x], scale=1) -> x   (scale is per input: a 1-tuple, None when unset)
     (lambda e: isinstance(e, Merge) and e.method == "passthrough" and len(e.inputs) == 1
-     and _param(e, "scale", 1.0) in (1.0, None) and _same_dtype(e), lambda e: e.inputs[0]),
+     and tuple(_param(e, "scale", (None,))) in ((None,), (1.0,)) and _same_dtype(e), lambda e: e.inputs[0]),
     # linear([x], w) -> x when normalised (w*x/w) or w == 1
     (lambda e: isinstance(e, Merge) and e.method == "linear" and len(e.inputs) == 1 and _same_dtype(e)
      and (_param(e, "normalize") or tuple(_param(e, "weight", ())) == (1.0,)), lambda e: e.inputs[0]),

@@ -108,7 +108,7 @@ def test_manifest_records_provenance_and_costs(tmp_path):
 def test_ci_runs_the_readme_install_and_test_commands():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
-    for cmd in ("pip install -e '.[dev]'", "python -m pytest -q"):
+    for cmd in ("pip install -e '.[dev]'", "pip install -e '.[peer]'", "python -m pytest -q"):
         assert f"\n{cmd}\n" in readme and cmd in ci
     assert "compose build specs/llama_pro.py -o out" in readme
 

@@ -60,8 +60,8 @@ CONFIGS = {
         {"model": "a", "parameters": {"weight": [{"filter": "mlp", "value": 0.2}, {"value": 0.6}]}},
         {"model": "b", "parameters": {"weight": [0.1, 0.9]}}]},
     "slerp": {"merge_method": "slerp", "base_model": "a", "models": [{"model": "a"}, {"model": "b"}],
-              "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
-                                   {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]}},
+              "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.7, 1]},
+                                   {"filter": "mlp", "value": [1, 0.5, 0.3]}, {"value": 0.5}]}},
     "nuslerp": {"merge_method": "nuslerp", "models": [
         {"model": "a", "parameters": {"weight": 0.4}}, {"model": "b", "parameters": {"weight": 0.6}}]},
     "multislerp": {"merge_method": "multislerp", "models": [
