@@ -108,15 +108,25 @@ def outliers(t, density: float, gamma: float, rescale: bool = False):
     return apply_mask(t, mask.reshape_as(t), rescale)
 
 
-def bernoulli(t, density: float, rescale: bool = False, generator=None):
-    """DARE: an independent Bernoulli(density) keep mask, one draw per entry in storage order."""
+def bernoulli_mask(t, density: float, generator=None):
+    """DARE's keep mask for t: an independent Bernoulli(density) draw per entry, in storage order."""
     import torch
 
+    dtype = _work_dtype(t)
+    if dtype == torch.float32 and t.device.type == "cpu":
+        # torch.bernoulli(p) on CPU draws u ~ U[0, 1) per entry and keeps u < p: the same draws and
+        # comparisons, vectorised (bit-identical masks, tested against torch.bernoulli).
+        return torch.rand(t.shape, generator=generator, dtype=torch.float32) < density
+    return torch.bernoulli(torch.full_like(t, density, dtype=dtype), generator=generator)
+
+
+def bernoulli(t, density: float, rescale: bool = False, generator=None, mask=None, inplace: bool = False):
+    """DARE: keep each entry with probability `density` (`mask` drawn already, or drawn here)."""
     if density >= 1:
         return t
-    dtype = _work_dtype(t)
-    mask = torch.bernoulli(torch.full_like(t, density, dtype=dtype), generator=generator)
-    return apply_mask(t.to(dtype), mask, rescale).to(t.dtype)
+    mask = bernoulli_mask(t, density, generator) if mask is None else mask
+    work = t.to(_work_dtype(t))
+    return apply_mask(work, mask, rescale, inplace and work is t).to(t.dtype)
 
 
 def della(t, density: float, epsilon: float, rescale: bool = False, generator=None):

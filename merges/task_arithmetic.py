@@ -116,6 +116,12 @@ def generalized_task_arithmetic(tensors, base, *, method: str, consensus: bool, 
     # deltas fill one preallocated stack, and later steps work in place; the arithmetic is unchanged.
     deltas = b.new_empty((n, *b.shape))
 
+    masks: dict[int, object] = {}
+    if sparsifier == "bernoulli":
+        # The draws come first, one model after another from the one generator (their order fixes the
+        # result); what uses them can then run in parallel.
+        masks = {i: sp.bernoulli_mask(b, densities[i], generator) for i in range(n) if densities[i] < 1}
+
     def sparsified(i: int) -> None:
         d = models[i] - b
         if sparsifier == "magnitude":
@@ -123,19 +129,20 @@ def generalized_task_arithmetic(tensors, base, *, method: str, consensus: bool, 
         elif sparsifier == "outliers":
             d = sp.outliers(d, densities[i], gammas[i], rescale)
         elif sparsifier == "bernoulli":
-            d = sp.bernoulli(d, densities[i], rescale, generator)
+            d = sp.bernoulli(d, densities[i], rescale, mask=masks.get(i), inplace=True)
         elif sparsifier == "della":
             d = sp.della(d, densities[i], epsilons[i], rescale, generator)
         deltas[i] = d                                                    # cast to b's dtype
 
-    if generator is None and sparsifier and n > 1 and b.numel() >= PARALLEL_MIN:
-        # Deterministic sparsifiers of large tensors run one model per thread (their sorts are
-        # single-threaded); random ones stay in model order, which fixes what each draw is.
+    if sparsifier != "della" and sparsifier and n > 1 and b.numel() >= PARALLEL_MIN:
+        # Large tensors run one model per thread (sorts and masking are single-threaded); DELLA's draws
+        # depend on each model's ranks, so it stays in model order.
         with ThreadPoolExecutor(n) as pool:
             list(pool.map(sparsified, range(n)))
     else:
         for i in range(n):
             sparsified(i)
+
     # weights in the compute dtype (mergekit rounds them there too), shaped to broadcast over an entry
     w = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device).reshape((n,) + (1,) * b.dim())
     deltas.mul_(w)

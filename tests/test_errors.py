@@ -111,3 +111,21 @@ def test_failed_build_leaves_no_folder_even_when_writing_fails(tmp_path, monkeyp
 def test_python_error_in_a_spec_points_at_the_line(tmp_path):
     spec = write(tmp_path / "s.py", "from compose import load\nx = 1\nmodel = lod('tiny:llama')\n")
     assert_clean_failure(tmp_path, spec, "s.py line 3", "NameError", "lod")
+
+
+def test_mergekit_config_keys_compose_does_not_handle_are_named(tmp_path):
+    spec = write(tmp_path / "m.yml", "merge_method: linear\ntokenizer_source: union\n"
+                                     "models:\n  - model: tiny:llama\n    parameters: {weight: 1}\n")
+    assert_clean_failure(tmp_path, spec, "tokenizer_source", "union", "not supported yet")
+    spec = write(tmp_path / "m.yml", "merge_method: linear\nmodles: []\n")
+    assert_clean_failure(tmp_path, spec, "modles", "not a mergekit config key")
+
+
+def test_merge_errors_exit_2_and_write_nothing(tmp_path):
+    spec = write(tmp_path / "m.yml", "merge_method: ties\nmodels:\n  - model: tiny:llama\n"
+                                     "    parameters: {weight: 1, density: 0.5}\n")
+    assert_clean_failure(tmp_path, spec, "model.base", "needs a base model")
+    spec = write(tmp_path / "s.py", "from compose import load, merge\n"
+                                    "model = merge.linear([load('tiny:llama?layers=2'), load('tiny:llama?layers=2&intermediate=96')],"
+                                    " weights=[1, 1])\n")
+    assert_clean_failure(tmp_path, spec, "model.models[1]", "mlp.gate_proj.weight", "[96, 64]", "[128, 64]")

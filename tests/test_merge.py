@@ -190,3 +190,15 @@ def test_fast_top_k_selects_what_the_sort_selects_even_with_ties(density):
         mask = torch.zeros(t.numel(), dtype=t.dtype)
         mask[torch.argsort(t.abs(), descending=True)[:k]] = 1
         assert torch.equal(magnitude(t.clone(), density), t * mask)
+
+
+@pytest.mark.parametrize("n,density", [(1, 0.5), (17, 0.3), (4099, 0.9), (1_000_003, 0.1)])
+def test_dare_mask_is_torch_bernoulli_draw_for_draw(n, density):
+    """compose draws DARE masks as rand < p; torch.bernoulli(p) makes the same draws, so a seed means
+    the same mask in both (and in mergekit, which calls torch.bernoulli)."""
+    from compose.merges.sparsify import bernoulli_mask
+
+    t = torch.zeros(n)
+    ours = bernoulli_mask(t, density, torch.Generator().manual_seed(3))
+    ref = torch.bernoulli(torch.full((n,), density), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(ours.float(), ref)

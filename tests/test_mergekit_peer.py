@@ -96,6 +96,19 @@ CONFIGS = {
         {"sources": [{"model": "a", "layer_range": [0, 2]}, {"model": "b", "layer_range": [0, 2]}]},
         {"sources": [{"model": "a", "layer_range": [2, 4]}, {"model": "b", "layer_range": [2, 4]}],
          "parameters": {"t": [{"filter": "mlp", "value": 0.25}]}}]},
+    # DARE and DELLA draw random masks; at density 1 they keep everything and are deterministic
+    "dare_ties_density_1": {"merge_method": "dare_ties", "base_model": "base", "models": [
+        {"model": "a", "parameters": {"weight": 0.7, "density": 1.0}},
+        {"model": "b", "parameters": {"weight": 0.3, "density": 1.0}}]},
+    "dare_linear_density_1": {"merge_method": "dare_linear", "base_model": "base", "models": [
+        {"model": "a", "parameters": {"weight": 0.7, "density": 1.0}},
+        {"model": "b", "parameters": {"weight": 0.3, "density": 1.0}}]},
+    "della_density_1": {"merge_method": "della", "base_model": "base", "models": [
+        {"model": "a", "parameters": {"weight": 0.7, "density": 1.0}},
+        {"model": "b", "parameters": {"weight": 0.3, "density": 1.0}}]},
+    "della_linear_density_1": {"merge_method": "della_linear", "base_model": "base", "models": [
+        {"model": "a", "parameters": {"weight": 0.7, "density": 1.0}},
+        {"model": "b", "parameters": {"weight": 0.3, "density": 1.0}}]},
     "ties_bf16_out": {"merge_method": "ties", "base_model": "base", "dtype": "float32", "out_dtype": "bfloat16",
                       "models": [{"model": "a", "parameters": {"weight": 1.0, "density": 0.5}},
                                  {"model": "b", "parameters": {"weight": 1.0, "density": 0.5}}]},
