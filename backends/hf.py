@@ -83,10 +83,12 @@ def write(g: Graph, out: Path, *, max_shard_size: str | int = "5GB", progress: b
     dtype = g.config.dtype
     tdtype = torch_dtype(dtype)
     entries = [Entry(n, tuple(e.shape), dtype) for n, e in named.items()]
-    def cost(e: Entry) -> float:
+    def working_set(e: Entry) -> float:
         """Working memory while producing a tensor, roughly: its inputs plus a merge's temporaries."""
         leaves = sum(1 for x in named[e.name].walk() if isinstance(x, Load))
         return e.nbytes * (leaves + (8 if leaves > 1 else 1))
+
+    costs = {e.name: working_set(e) for e in entries}  # walked once; the prefetcher asks per start and end
 
     # Largest first (a stable sort: deterministic, and the same file whatever `workers` is): the embedding
     # and head, the slowest to merge, start first instead of leaving one worker alone at the end.
@@ -99,7 +101,7 @@ def write(g: Graph, out: Path, *, max_shard_size: str | int = "5GB", progress: b
     with tqdm(total=total, unit="B", unit_scale=True, desc="writing weights", disable=not progress,
               leave=False) as bar:
         stream = prefetch(entries, lambda e: evaluate(named[e.name]).to(device="cpu", dtype=tdtype), workers,
-                          cost=cost, budget=1.25 * max(map(cost, entries)))
+                          cost=lambda e: costs[e.name], budget=1.25 * max(costs.values()))
         for fname, shard in zip(files, shards):
             sha[fname] = write_shard(out / fname, shard, stream, bar.update)
     if len(files) > 1:

@@ -14,6 +14,7 @@ EPILOG = """examples:
 
 def _parser() -> argparse.ArgumentParser:
     from compose import __version__
+    from compose.spec import DTYPES
 
     p = argparse.ArgumentParser(
         prog="compose", description="A compiler for composing language models: spec -> graph IR -> checkpoint.",
@@ -29,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("spec", metavar="SPEC")
     b.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder (must not exist without --force)")
     b.add_argument("--format", default="hf", help="comma-separated: hf, torch (default: hf)")
-    b.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="output dtype (default: the source's)")
+    b.add_argument("--dtype", choices=DTYPES, help="output dtype (default: the source's)")
     b.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB (default: 5GB)")
     b.add_argument("--force", action="store_true", help="replace OUT if it exists")
     b.add_argument("--workers", type=int, default=None,
@@ -46,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--after", metavar="PASS", help="show the IR after this stage: lower, or a pass name")
     i.add_argument("--print-after-all", action="store_true", help="print the IR after lowering and after every pass")
     i.add_argument("--dot", metavar="FILE", help="also write the graph as Graphviz DOT to FILE")
-    i.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype for the byte count")
+    i.add_argument("--dtype", choices=DTYPES, help="dtype for the byte count")
     i.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     return p
 

@@ -12,7 +12,7 @@ from compose.errors import SourceError, SpecError
 from compose.ir import ArchConfig, Attention, DecoderBlock, DenseFFN, Embedding, Graph, LMHead, Load, Norm, Origin, Zeros
 from compose.ir.nodes import make
 from compose.sources import Source, open_source
-from compose.spec import ExpandSpec, LayersSpec, LoadSpec, MergeSpec, StackSpec, UpscaleSpec
+from compose.spec import DTYPES, ExpandSpec, LayersSpec, LoadSpec, MergeSpec, StackSpec, UpscaleSpec
 
 
 def lower(spec, path: str = "model") -> Graph:
@@ -67,7 +67,7 @@ def arch_config(src: Source, dtype: str | None) -> ArchConfig:
 def _dtype(src: Source, asked: str | None) -> str:
     """The output dtype: asked for in the spec, else the config's, else the embedding's on disk."""
     d = asked or src.config.get("dtype") or src.config.get("torch_dtype") or src.meta("model.embed_tokens.weight")[1]
-    if d not in ("float32", "bfloat16", "float16"):
+    if d not in DTYPES:
         raise SourceError(f"{src.ref}: weights of dtype {d!r}; compose writes float32, bfloat16 or float16 "
                           "(pick one with dtype=...)")
     return d

@@ -12,12 +12,13 @@ from __future__ import annotations
 import dataclasses
 import zlib
 
-from compose.errors import SpecError
+from compose.errors import SourceError, SpecError
 from compose.ir import DecoderBlock, Graph, Load, LMHead, Merge, Origin
 from compose.ir.weights import Expr
 from compose.merges.api import Method
 from compose.merges.registry import get
 from compose.params import Layer, check_filters, check_known, resolve
+from compose.sources import open_source
 from compose.spec import MergeSpec
 
 
@@ -132,9 +133,6 @@ def _tokenizer_source(spec: MergeSpec, graphs: list[Graph], base: int | None, pa
     """mergekit's donor: tokenizer_source `base` or a model; by default the base model, else the first."""
     ts = spec.tokenizer_source
     if ts not in (None, "base"):
-        from compose.errors import SourceError
-        from compose.sources import open_source
-
         try:
             return open_source(ts).ref
         except SourceError as e:

@@ -9,7 +9,6 @@ ones. Keys compose does not handle yet are refused by name rather than silently 
 from __future__ import annotations
 
 from compose.errors import SpecError
-from compose.spec import LayersSpec, LoadSpec, MergeInput, MergeSpec, StackSpec
 
 SUPPORTED = {"models", "slices", "merge_method", "base_model", "parameters", "dtype", "out_dtype",
              "tokenizer_source"}

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from compose.errors import BuildError, SpecError
-from compose.spec import BuildSpec, parse_build_spec
+from compose.spec import DTYPES, BuildSpec, parse_build_spec
 
 FORMATS = ("hf", "torch")
 
@@ -70,8 +70,8 @@ def compile_graph(spec, *, dtype: str | None = None, passes: Iterable[str] | Non
     clear_cache()
     g = lower(spec.model)
     if dtype:
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise SpecError(f"--dtype: {dtype!r} is not one of float32, bfloat16, float16")
+        if dtype not in DTYPES:
+            raise SpecError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
         g = g.with_config(dtype=dtype)
     if after:
         after("lower", g)

@@ -5,13 +5,15 @@ same objects, so a `.py` spec and a `.yaml` spec of the same composition are the
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, model_validator
 
 from compose.errors import SpecError
 
 DType = Literal["float32", "bfloat16", "float16"]
+DTYPES: tuple[str, ...] = get_args(DType)
+"""The dtypes compose writes."""
 
 
 class _Node(BaseModel):

@@ -80,14 +80,10 @@ def _top_k_mask(w, k: int):
     thr = w.kthvalue(w.numel() - k + 1).values
     above = w > thr
     need = k - int(above.sum())
-    if need == 0:
-        return above
+    if need == 0 or float(thr) == 0.0:
+        return above  # (tied zeros: keeping some of them keeps nothing)
     tied = w == thr
-    if int(tied.sum()) == need or float(thr) == 0.0:
-        if float(thr) == 0.0 and int(tied.sum()) != need:
-            return above  # the tied entries are zeros: keeping some of them keeps nothing
-        return above | tied
-    return None
+    return above | tied if int(tied.sum()) == need else None
 
 
 def outliers(t, density: float, gamma: float, rescale: bool = False):
