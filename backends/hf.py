@@ -12,16 +12,18 @@ from compose.errors import BuildError
 from compose.ir import Graph, Load
 from compose.ir.evaluate import Evaluator, torch_dtype
 from compose.ir.weights import Expr
+from compose.backends.hf_moe import block_tensors, moe_config, target
 from compose.backends.shards import Entry, parse_size, plan_shards, prefetch, shard_names, write_index, write_shard
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
 def tensors(g: Graph) -> dict[str, Expr]:
-    """Output tensor name -> expression, in file order (Hugging Face names)."""
+    """Output tensor name -> expression, in file order (Hugging Face names of the target class)."""
+    kind = target(g)
     out: dict[str, Expr] = {"model.embed_tokens.weight": g.embedding.params()["weight"]}
     for i, (_, b) in enumerate(g.blocks()):
-        out.update({f"model.layers.{i}.{k}": e for k, e in b.params().items()})
+        out.update(block_tensors(kind, f"model.layers.{i}.", b))
     out["model.norm.weight"] = g.final_norm.params()["weight"]
     if not g.head.tied:
         out["lm_head.weight"] = g.head.params()["weight"]
@@ -30,11 +32,12 @@ def tensors(g: Graph) -> dict[str, Expr]:
 
 def trainable_names(g: Graph) -> list[str]:
     names = []
+    kind = target(g)
     if g.embedding.trainable:
         names.append("model.embed_tokens.weight")
     for i, (_, b) in enumerate(g.blocks()):
         if b.trainable:
-            names += [f"model.layers.{i}.{k}" for k in b.params()]
+            names += list(block_tensors(kind, f"model.layers.{i}.", b))
     if g.final_norm.trainable:
         names.append("model.norm.weight")
     if g.head.trainable and not g.head.tied:
@@ -47,6 +50,12 @@ def hf_config(g: Graph) -> dict:
     if g.config.family not in ARCHITECTURES:
         raise BuildError(f"the hf backend has no native class for family {g.config.family!r}")
     blocks = g.blocks()
+    kind = target(g)
+    if kind != "dense":
+        cfg = moe_config(g, cfg, kind)
+        cfg["num_hidden_layers"] = len(blocks)
+        cfg["dtype"] = g.config.dtype
+        return cfg
     cfg["architectures"] = [ARCHITECTURES[g.config.family]]
     cfg["num_hidden_layers"] = len(blocks)
     cfg["dtype"] = g.config.dtype

@@ -12,7 +12,7 @@ from pathlib import Path
 import jinja2
 
 from compose.errors import BuildError
-from compose.ir import Graph
+from compose.ir import DenseFFN, Graph
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -55,8 +55,10 @@ def _shared_block_attrs(graph: Graph) -> dict:
     first_name, first = blocks[0]
     choice = {"qkv_bias": first.attn.qkv_bias, "o_bias": first.attn.o_bias, "mlp_bias": first.ffn.bias}
     for name, b in blocks:
+        # An MoE's experts have their own width (checked by the hf backend's choice of class).
+        inter = b.ffn.intermediate if isinstance(b.ffn, DenseFFN) else c.intermediate
         got = {"heads": b.attn.heads, "kv_heads": b.attn.kv_heads, "head_dim": b.attn.head_dim,
-               "hidden": b.hidden, "intermediate": b.ffn.intermediate, "act": b.ffn.act,
+               "hidden": b.hidden, "intermediate": inter, "act": b.ffn.act,
                "eps": b.input_norm.eps}
         for k in want:
             if got[k] != want[k]:
@@ -85,8 +87,10 @@ def render_modeling(graph: Graph) -> str:
     choice = _shared_block_attrs(graph)
     act_doc, act_call = ACTIVATIONS[c.act]
     return _template("modeling.py.j2").render(
+        **_moe_attrs(graph),
+        act_fn=act_call,
         family=c.family,
-        hf_class=HF_CLASSES.get(c.family, f"the {c.family} model"),
+        hf_class=_hf_class(graph),
         vocab_size=c.vocab,
         n_layer=len(graph.blocks()),
         n_embd=c.hidden,
@@ -107,3 +111,26 @@ def render_modeling(graph: Graph) -> str:
         act_doc=act_doc,
         act_call=act_call.format("self.gate_proj(x)"),
     )
+
+
+def _hf_class(graph: Graph) -> str:
+    from compose.backends.hf_moe import target
+
+    kind = target(graph)
+    if kind != "dense":
+        return {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}[kind]
+    return HF_CLASSES.get(graph.config.family, f"the {graph.config.family} model")
+
+
+def _moe_attrs(graph: Graph) -> dict:
+    """The MoE settings the template needs: the same class the hf backend writes the checkpoint for."""
+    from compose.backends.hf_moe import moe_blocks, target
+
+    kind = target(graph)
+    moes = moe_blocks(graph)
+    if not moes:
+        return {"moe": False}
+    m = moes[0][1]
+    return {"moe": True, "moe_kind": kind, "n_experts": m.router.experts, "top_k": m.router.top_k,
+            "expert_size": m.intermediate, "shared_size": m.shared.intermediate if m.shared else 0,
+            "norm_topk_prob": m.router.norm_topk_prob, "moe_layers": tuple(i for i, _ in moes)}

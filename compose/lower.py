@@ -12,7 +12,7 @@ from compose.errors import SourceError, SpecError
 from compose.ir import ArchConfig, Attention, DecoderBlock, DenseFFN, Embedding, Graph, LMHead, Load, Norm, Origin, Zeros
 from compose.ir.nodes import make
 from compose.sources import Source, open_source
-from compose.spec import DTYPES, ExpandSpec, LayersSpec, LoadSpec, MergeSpec, StackSpec, UpscaleSpec
+from compose.spec import DTYPES, ExpandSpec, LayersSpec, LoadSpec, MergeSpec, MoESpec, StackSpec, UpscaleSpec
 
 
 def lower(spec, path: str = "model") -> Graph:
@@ -30,7 +30,11 @@ def lower(spec, path: str = "model") -> Graph:
         from compose.lower_merge import lower_merge
 
         return lower_merge(spec, path)
-    raise SpecError(f"{path}: expected a model (load, expand_blocks, depth_upscale, layers, stack, merge), "
+    if isinstance(spec, MoESpec):
+        from compose.lower_moe import lower_moe
+
+        return lower_moe(spec, path)
+    raise SpecError(f"{path}: expected a model (load, expand_blocks, depth_upscale, layers, stack, merge, moe), "
                     f"got {type(spec).__name__}")
 
 

@@ -127,10 +127,78 @@ class MergeSpec(_Node):
         return self
 
 
-ModelSpec = Annotated[Union[LoadSpec, ExpandSpec, UpscaleSpec, LayersSpec, StackSpec, MergeSpec],
+class RouterSpec(_Node):
+    """How router rows are initialised. `hidden` (last token) and `hidden_avg` (mean over tokens): the hidden
+    state entering each layer, averaged over an expert's prompts, minus that of its negative prompts,
+    normalised (mergekit-moe's gate modes); `cheap_embed`: the same from token embeddings only, one vector
+    for every layer; `random`: N(0, std) from `seed`; `zeros`: uniform routing."""
+
+    init: Literal["hidden", "hidden_avg", "cheap_embed", "random", "zeros"] = "random"
+    prompts: Optional[list[list[str]]] = None
+    """One list of prompts per expert (hidden, hidden_avg, cheap_embed)."""
+    negative: Optional[list[list[str]]] = None
+    seed: int = 0
+    std: float = Field(default=0.02, ge=0)
+
+    @model_validator(mode="after")
+    def _prompts(self):
+        if self.init in ("hidden", "hidden_avg", "cheap_embed"):
+            if not self.prompts or any(not p for p in self.prompts):
+                raise ValueError(f"the {self.init} router needs a non-empty list of prompts for every expert")
+            if self.negative is not None and len(self.negative) != len(self.prompts):
+                raise ValueError(f"negative has {len(self.negative)} lists for {len(self.prompts)} experts")
+        return self
+
+
+class MoESpec(_Node):
+    """A mixture-of-experts model made from dense ones (see compose.moe for the three kinds).
+
+    `upcycle`: every FFN copied into `num_experts` experts (Mixtral sparse upcycling). `from_experts`:
+    attention, norms and embeddings from `model` (the base), expert e of each layer from `experts[e]`'s
+    FFN (mergekit-moe). `fine_grained`: DeepSeekMoE, each FFN cut into `segments` experts of 1/segments
+    the width, `routed` routed copies and `shared` always-on experts.
+    """
+
+    op: Literal["moe"] = "moe"
+    kind: Literal["upcycle", "from_experts", "fine_grained"]
+    model: "ModelSpec"
+    experts: Optional[list["ModelSpec"]] = None
+    num_experts: Optional[PositiveInt] = None
+    segments: PositiveInt = 1
+    routed: Optional[PositiveInt] = None
+    shared: NonNegativeInt = 0
+    preserve: bool = False
+    top_k: PositiveInt = 2
+    router: RouterSpec = Field(default_factory=RouterSpec)
+    layers: Optional[list[NonNegativeInt]] = None
+    """Which layers become MoE (default: all, after `first_k_dense`, every `every`-th)."""
+    every: PositiveInt = 1
+    """Every k-th layer (1-based, as Qwen2-MoE's decoder_sparse_step: layers k-1, 2k-1, ...)."""
+    first_k_dense: NonNegativeInt = 0
+    noise: float = Field(default=0.0, ge=0)
+    """Std of seeded Gaussian noise added to each expert copy's weights (breaks the symmetry of copies)."""
+    seed: int = 0
+    norm_topk_prob: bool = True
+    jitter: float = Field(default=0.0, ge=0)
+    aux_loss_coef: float = Field(default=0.001, ge=0)
+
+    @model_validator(mode="after")
+    def _kind_fields(self):
+        if self.kind == "upcycle" and self.num_experts is None:
+            raise ValueError("upcycle needs num_experts")
+        if self.kind == "from_experts" and not self.experts:
+            raise ValueError("from_experts needs a non-empty list of experts")
+        if self.kind == "fine_grained" and self.routed is None:
+            raise ValueError("fine_grained needs routed (the number of routed experts)")
+        if self.kind != "from_experts" and self.experts:
+            raise ValueError(f"experts belongs to from_experts, not {self.kind}")
+        return self
+
+
+ModelSpec = Annotated[Union[LoadSpec, ExpandSpec, UpscaleSpec, LayersSpec, StackSpec, MergeSpec, MoESpec],
                       Field(discriminator="op")]
 
-for _cls in (ExpandSpec, UpscaleSpec, LayersSpec, StackSpec, MergeInput, MergeSpec):
+for _cls in (ExpandSpec, UpscaleSpec, LayersSpec, StackSpec, MergeInput, MergeSpec, MoESpec):
     _cls.model_rebuild()
 
 
@@ -153,7 +221,7 @@ def describe_validation_error(e: ValidationError, root: str) -> str:
     return f"{path}: {msg}"
 
 
-_OP_TAGS = {"load", "expand_blocks", "depth_upscale", "layers", "stack", "merge"}
+_OP_TAGS = {"load", "expand_blocks", "depth_upscale", "layers", "stack", "merge", "moe"}
 
 
 def parse_build_spec(data: object, origin: str) -> BuildSpec:

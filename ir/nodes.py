@@ -145,6 +145,117 @@ class DenseFFN(_Leaf):
         return e
 
 
+@dataclass(frozen=True, kw_only=True)
+class Router(_Leaf):
+    """Token-choice top-k router: softmax(x @ weight.T) over `experts`, the top `top_k` kept and, with
+    `norm_topk_prob`, renormalised to sum to 1 (Mixtral always does; Qwen2-MoE/DeepSeek make it a flag)."""
+
+    kind: ClassVar[str] = "Router"
+    hidden: int
+    experts: int
+    top_k: int
+    norm_topk_prob: bool = True
+    init: str = ""
+    """How the weight was initialised (`zeros`, `random(seed=0)`, `hidden`, ...): for the dump only."""
+
+    def expected(self) -> dict[str, Shape]:
+        return {"weight": (self.experts, self.hidden)}
+
+    def verify_(self, name: str) -> None:
+        if not 1 <= self.top_k <= self.experts:
+            raise IRError(f"node {name}: top_k={self.top_k} must be between 1 and the {self.experts} experts")
+        super().verify_(name)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoE(Op):
+    """Mixture of experts in place of a block's FFN: out = sum over the router's top-k of p_e * expert_e(x),
+    plus the always-on `shared` FFN (DeepSeekMoE's shared experts, concatenated into one FFN: the sum of
+    FFNs over row blocks is one FFN over their concatenation).
+
+    Weight names follow Qwen2-MoE (`gate.weight`, `experts.E.gate_proj.weight`, `shared_expert.*`);
+    the hf backend renames them for the class it targets.
+    """
+
+    kind: ClassVar[str] = "MoE"
+    router: Router
+    experts: tuple[DenseFFN, ...]
+    shared: DenseFFN | None = None
+    jitter: float = 0.0
+    """Router jitter noise (multiplicative, training only), recorded in the config."""
+    aux_loss_coef: float = 0.001
+    """Load-balancing loss coefficient, recorded in the config for training."""
+
+    def _parts(self) -> list[tuple[str, Op]]:
+        parts: list[tuple[str, Op]] = [("gate.", self.router)]
+        parts += [(f"experts.{e}.", x) for e, x in enumerate(self.experts)]
+        if self.shared is not None:
+            parts.append(("shared_expert.", self.shared))
+        return parts
+
+    def params(self) -> dict[str, Expr]:
+        return {pre + k: v for pre, op in self._parts() for k, v in op.params().items()}
+
+    def expected(self) -> dict[str, Shape]:
+        return {pre + k: v for pre, op in self._parts() for k, v in op.expected().items()}
+
+    @property
+    def hidden(self) -> int:
+        return self.router.hidden
+
+    @property
+    def intermediate(self) -> int:
+        """Width of one routed expert."""
+        return self.experts[0].intermediate
+
+    @property
+    def act(self) -> str:
+        return self.experts[0].act
+
+    @property
+    def bias(self) -> bool:
+        return self.experts[0].bias
+
+    def attrs(self) -> str:
+        r = self.router
+        s = (f"experts={r.experts}, top_k={r.top_k}, intermediate={self.intermediate}, "
+             f"norm_topk_prob={r.norm_topk_prob}")
+        if self.shared is not None:
+            s += f", shared_intermediate={self.shared.intermediate}"
+        return s + (f", router={r.init}" if r.init else "")
+
+    def verify_(self, name: str) -> None:
+        if len(self.experts) != self.router.experts:
+            raise IRError(f"node {name}: the router has {self.router.experts} rows for {len(self.experts)} experts")
+        widths = sorted({(x.hidden, x.intermediate) for x in self.experts})
+        if len(widths) != 1:
+            raise IRError(f"node {name}: experts of different widths {[list(w) for w in widths]} "
+                          "(hidden, intermediate); every routed expert must have the same shape")
+        kinds = {(x.act, x.bias) for x in self.experts + ((self.shared,) if self.shared else ())}
+        if len(kinds) != 1:
+            raise IRError(f"node {name}: experts disagree on activation or bias {sorted(kinds)}")
+        self.router.verify_(name)
+        super().verify_(name)
+
+    def with_weights(self, **updates: Expr) -> "MoE":
+        router, experts, shared = self.router, list(self.experts), self.shared
+        groups: dict[str, dict[str, Expr]] = {}
+        for k, v in updates.items():
+            pre = next((p for p, _ in self._parts() if k.startswith(p)), None)
+            if pre is None:
+                raise IRError(f"MoE has no weight {k}")
+            groups.setdefault(pre, {})[k[len(pre):]] = v
+        for pre, u in groups.items():
+            if pre == "gate.":
+                router = router.with_weights(**u)
+            elif pre == "shared_expert.":
+                shared = shared.with_weights(**u)
+            else:
+                e = int(pre.split(".")[1])
+                experts[e] = experts[e].with_weights(**u)
+        return dataclasses.replace(self, router=router, experts=tuple(experts), shared=shared)
+
+
 @dataclass(frozen=True)
 class Origin:
     """Where a block came from: a layer of a source model, new (a copy of one, changed at init), or a
@@ -175,7 +286,7 @@ class DecoderBlock(Op):
 
     kind: ClassVar[str] = "DecoderBlock"
     attn: Attention
-    ffn: DenseFFN
+    ffn: DenseFFN | MoE
     input_norm: Norm
     post_norm: Norm
     origin: Origin
@@ -210,6 +321,8 @@ class DecoderBlock(Op):
         if len(widths) != 1:
             raise IRError(f"node {name}: parts disagree on the hidden width ({sorted(widths)})")
         self.attn.verify_(name)
+        if isinstance(self.ffn, MoE):
+            self.ffn.verify_(name)
         super().verify_(name)
 
     def with_weights(self, **updates: Expr) -> "DecoderBlock":
@@ -244,4 +357,5 @@ def make(cls, weights: Mapping[str, Expr], **attrs):
     return cls(weights=_freeze(weights), **attrs)
 
 
-__all__ = ["Op", "Embedding", "Norm", "Attention", "DenseFFN", "DecoderBlock", "LMHead", "Origin", "make"]
+__all__ = ["Op", "Embedding", "Norm", "Attention", "DenseFFN", "Router", "MoE", "DecoderBlock", "LMHead", "Origin",
+           "make"]

@@ -10,8 +10,8 @@ import hashlib
 from collections import Counter
 
 from compose.ir.graph import Graph
-from compose.ir.nodes import DecoderBlock, Op
-from compose.ir.weights import Concat, Expr, Load, Merge, Noise, Scale, Slice, Zeros
+from compose.ir.nodes import DecoderBlock, MoE, Op
+from compose.ir.weights import Concat, Const, Expr, Load, Merge, Noise, Scale, Slice, Zeros
 
 
 class _Aliases(dict):
@@ -24,7 +24,7 @@ class _Aliases(dict):
 def format_expr(e: Expr, aliases: _Aliases) -> str:
     if isinstance(e, Load):
         return f"{aliases.of(e.source)}:{e.key}"
-    if isinstance(e, Zeros):
+    if isinstance(e, (Zeros, Const)):
         return str(e)
     if isinstance(e, Slice):
         return f"slice({format_expr(e.x, aliases)}, dim={e.dim}, {e.start}:{e.stop})"
@@ -70,6 +70,30 @@ def _annotations(op: Op) -> str:
     return f"  [{', '.join(notes)}]" if notes else ""
 
 
+def _expert_lines(moe: MoE, aliases: _Aliases) -> list[str]:
+    """Experts print one line each when their weights load under their own names from one prefix
+    (`mlp.experts.3.* <- %0:model.layers.3.mlp.*`), and runs of experts that print alike share a line."""
+    def lines(x) -> list[tuple[str, str]]:
+        params = x.params()
+        pats = {_pattern(k, e) for k, e in params.items()}
+        if len(pats) == 1 and None not in pats:
+            return [("*", _format_pattern(pats.pop(), aliases))]
+        return [(k, format_expr(e, aliases)) for k, e in params.items()]
+
+    runs: list[tuple[list[int], list[tuple[str, str]]]] = []
+    for i, x in enumerate(moe.experts):
+        mine = lines(x)
+        if runs and runs[-1][1] == mine:
+            runs[-1][0].append(i)
+        else:
+            runs.append(([i], mine))
+    out = []
+    for idx, mine in runs:
+        which = str(idx[0]) if len(idx) == 1 else f"{{{idx[0]}..{idx[-1]}}}"
+        out += [f"    mlp.experts.{which}.{k} <- {v}" for k, v in mine]
+    return out
+
+
 def format_node(name: str, op: Op, aliases: _Aliases) -> list[str]:
     if isinstance(op, DecoderBlock):
         # Hyper-parameters are the graph's (checked by the verifier); the block line says where it came from.
@@ -79,6 +103,10 @@ def format_node(name: str, op: Op, aliases: _Aliases) -> list[str]:
         head = f"%{name} = {op.kind}({op.attrs()})"
     lines = [head + _annotations(op)]
     params = op.params()
+    moe = op.ffn if isinstance(op, DecoderBlock) and isinstance(op.ffn, MoE) else None
+    if moe is not None:
+        lines.append(f"    mlp = MoE({moe.attrs()})")
+        params = {k: e for k, e in params.items() if not k.startswith("mlp.experts.")}
     patterns = {k: _pattern(k, e) for k, e in params.items()}
     counts = Counter(p for p in patterns.values() if p is not None)
     common = counts.most_common(1)[0][0] if counts and counts.most_common(1)[0][1] > 1 else None
@@ -87,7 +115,7 @@ def format_node(name: str, op: Op, aliases: _Aliases) -> list[str]:
     for k, e in params.items():
         if common is None or patterns[k] != common:
             lines.append(f"    {k} <- {format_expr(e, aliases)}")
-    return lines
+    return lines + (_expert_lines(moe, aliases) if moe is not None else [])
 
 
 def print_graph(g: Graph) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from compose.errors import IRError
 from compose.ir.graph import Graph
-from compose.ir.nodes import DecoderBlock, Embedding, LMHead, Norm
+from compose.ir.nodes import DecoderBlock, DenseFFN, Embedding, LMHead, Norm
 
 
 def verify(g: Graph) -> None:
@@ -22,7 +22,9 @@ def verify(g: Graph) -> None:
         op.verify_(name)
         if isinstance(op, DecoderBlock):
             a, f = op.attn, op.ffn
-            got = (a.hidden, a.heads, a.kv_heads, a.head_dim, f.intermediate)
+            # A dense FFN has the model's width; MoE experts have their own (fine-grained experts are narrower).
+            inter = f.intermediate if isinstance(f, DenseFFN) else cfg.intermediate
+            got = (a.hidden, a.heads, a.kv_heads, a.head_dim, inter)
             want = (cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.intermediate)
             if got != want:
                 raise IRError(f"node {name}: (hidden, heads, kv_heads, head_dim, intermediate) = {got}, "

@@ -7,7 +7,7 @@ evaluated, so the verifier and the cost pass never touch tensor data.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 Shape = tuple[int, ...]
@@ -122,6 +122,31 @@ class Noise(_Unary):
 
     def __str__(self) -> str:
         return f"noise({self.x}, std={self.std!r}, seed={self.seed})"
+
+
+@dataclass(frozen=True)
+class Const(Expr):
+    """A tensor computed while lowering, where the value depends on running a model (a router initialised
+    from hidden states). Equality and hashing go by `digest` (sha256 of the bytes), never the data."""
+
+    label: str
+    shape: Shape
+    dtype: str
+    digest: str
+    value: object = field(compare=False, repr=False, hash=False)
+
+    @staticmethod
+    def of(label: str, tensor) -> "Const":
+        import hashlib
+
+        import torch
+
+        t = tensor.detach().cpu().contiguous()
+        digest = hashlib.sha256(t.view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+        return Const(label, tuple(t.shape), str(t.dtype).removeprefix("torch."), digest, t)
+
+    def __str__(self) -> str:
+        return f"const({self.label}, sha256={self.digest[:12]})"
 
 
 class _Nary(Expr):

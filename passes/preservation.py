@@ -12,7 +12,8 @@ def adds_zero(block: DecoderBlock) -> bool:
     """A pre-norm block adds attn(..) @ o_proj + ffn(..) @ down_proj to the residual: when both output
     projections (and their biases) are zero by construction, it adds exactly 0, bit for bit."""
     p = block.params()
-    outs = [k for k in p if k.startswith(("self_attn.o_proj.", "mlp.down_proj."))]
+    # An MoE adds sum_e p_e * down_e(..) (+ the shared FFN's down): zero when every down projection is.
+    outs = [k for k in p if k.startswith("self_attn.o_proj.") or (k.startswith("mlp.") and ".down_proj." in f".{k}")]
     return all(is_zero(p[k]) for k in outs)
 
 

@@ -185,8 +185,8 @@ def test_llama_source_has_only_its_path(generated):
 ''' in src
     assert '''
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (B, T, intermediate_size)
-        return self.down_proj(h)  # (B, T, n_embd)
+        h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (..., size)
+        return self.down_proj(h)  # (..., n_embd)
 ''' in src
 
 
