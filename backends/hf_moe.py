@@ -34,6 +34,8 @@ def target(g: Graph) -> str:
     blocks = g.blocks()
     shapes = {(m.router.experts, m.router.top_k, m.intermediate, m.router.norm_topk_prob,
                m.shared.intermediate if m.shared else 0, m.jitter, m.aux_loss_coef) for _, m in moes}
+    if len({m.shared_gate is None for _, m in moes if m.shared is not None}) > 1:
+        raise BuildError("some shared experts are gated (Qwen2-MoE) and some are not; no class holds both yet")
     if len(shapes) != 1:
         raise BuildError(f"the MoE layers differ in experts, top_k, widths or routing {sorted(shapes)}; "
                          "no transformers class holds that yet")
@@ -69,6 +71,10 @@ def block_tensors(kind: str, prefix: str, b: DecoderBlock) -> dict[str, Expr]:
         # Qwen2-MoE always has a shared expert: a zero-width one adds exactly 0.
         for k, shape in (("gate_proj", (0, h)), ("up_proj", (0, h)), ("down_proj", (h, 0))):
             out[f"{prefix}mlp.shared_expert.{k}.weight"] = Zeros(shape, dtype)
+    elif m.shared_gate is not None:  # a gated shared expert (a Qwen2-MoE source): as it is
+        out.update({f"{prefix}mlp.shared_expert.{k}": w for k, w in m.shared.params().items()})
+        out[prefix + "mlp.shared_expert_gate.weight"] = m.shared_gate
+        return out
     else:
         for k, w in m.shared.params().items():
             out[f"{prefix}mlp.shared_expert.{k}"] = Scale(w, 2.0) if k.startswith("down_proj.") else w

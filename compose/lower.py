@@ -42,23 +42,26 @@ def lower(spec, path: str = "model") -> Graph:
 
 def arch_config(src: Source, dtype: str | None) -> ArchConfig:
     c = src.config
+    # An MoE checkpoint's attention, norms and embeddings are those of a dense family.
+    family = {"mixtral": "mistral", "qwen2_moe": "qwen2"}.get(c.get("model_type"), c.get("model_type"))
     try:
         heads = int(c["num_attention_heads"])
         hidden = int(c["hidden_size"])
         rope = c.get("rope_parameters") or {"rope_theta": c.get("rope_theta", 10000.0),
                                              **(c.get("rope_scaling") or {"rope_type": "default"})}
-        if c.get("model_type") == "qwen2" and c.get("use_sliding_window"):
+        if family == "qwen2" and c.get("use_sliding_window"):
             raise SourceError(f"{src.ref}: Qwen2 with use_sliding_window is not supported yet")
-        window = c.get("sliding_window") if c["model_type"] == "mistral" else None
+        window = c.get("sliding_window") if family == "mistral" else None
         return ArchConfig(
-            family=c["model_type"], vocab=int(c["vocab_size"]), hidden=hidden,
+            family=family, vocab=int(c["vocab_size"]), hidden=hidden,
             intermediate=int(c["intermediate_size"]), heads=heads,
             kv_heads=int(c.get("num_key_value_heads") or heads),
             head_dim=int(c.get("head_dim") or hidden // heads), rms_eps=float(c.get("rms_norm_eps", 1e-6)),
             rope=tuple(sorted((k, v) for k, v in rope.items() if not isinstance(v, (list, dict)))),
             max_positions=int(c.get("max_position_embeddings", 2048)),
             tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-            qkv_bias=c["model_type"] == "qwen2" or bool(c.get("attention_bias", False)),
+            qkv_bias=bool(c.get("qkv_bias", True)) if c["model_type"] == "qwen2_moe"
+            else c["model_type"] == "qwen2" or bool(c.get("attention_bias", False)),
             sliding_window=int(window) if window else None,
             act=c.get("hidden_act", "silu"),
             dtype=_dtype(src, dtype),
@@ -101,11 +104,17 @@ def block_from_source(src: Source, cfg: ArchConfig, i: int, path: str) -> Decode
     ffn_names = ["gate_proj.weight", "up_proj.weight", "down_proj.weight"]
     if mlp_bias:
         ffn_names += ["gate_proj.bias", "up_proj.bias", "down_proj.bias"]
+    if src.family in ("mixtral", "qwen2_moe"):
+        from compose.lower_moe import moe_from_source
+
+        ffn = moe_from_source(src, cfg, i, path)
+    else:
+        ffn = make(DenseFFN, _loads(src, p + "mlp.", ffn_names, path), hidden=cfg.hidden,
+                   intermediate=cfg.intermediate, act=cfg.act, bias=mlp_bias)
     return DecoderBlock(
         attn=make(Attention, _loads(src, p + "self_attn.", attn_names, path), hidden=cfg.hidden, heads=cfg.heads,
                   kv_heads=cfg.kv_heads, head_dim=cfg.head_dim, qkv_bias=cfg.qkv_bias, o_bias=llama_bias),
-        ffn=make(DenseFFN, _loads(src, p + "mlp.", ffn_names, path), hidden=cfg.hidden,
-                 intermediate=cfg.intermediate, act=cfg.act, bias=mlp_bias),
+        ffn=ffn,
         input_norm=make(Norm, _loads(src, p + "input_layernorm.", ["weight"], path), dim=cfg.hidden,
                         eps=cfg.rms_eps),
         post_norm=make(Norm, _loads(src, p + "post_attention_layernorm.", ["weight"], path), dim=cfg.hidden,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import zlib
 
-from compose.errors import SpecError
+from compose.errors import SourceError, SpecError
 from compose.ir import DecoderBlock, DenseFFN, Graph, MoE, Router
 from compose.ir.weights import Concat, Const, Expr, Noise, Slice, Zeros
 from compose.spec import MoESpec
@@ -187,3 +187,58 @@ def _summary(spec: MoESpec, count: int, layers: set[int], inter: int) -> dict:
         s.update(segments=spec.segments, expert_intermediate=inter // spec.segments,
                  shared_experts=spec.shared, preserve=spec.preserve)
     return s
+
+
+# -- MoE checkpoints as sources ---------------------------------------------------------------------------
+
+_MIXTRAL_PROJ = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+
+def moe_from_source(src, cfg, i: int, path: str):
+    """Layer i's FFN of a Mixtral or Qwen2-MoE checkpoint (per-expert keys, or transformers 5's and
+    mergekit's fused `experts.gate_up_proj`/`experts.down_proj`); a Qwen2-MoE dense layer is a DenseFFN."""
+    from compose.ir import Load
+    from compose.ir.nodes import make
+    from compose.ir.weights import Select
+
+    c = src.config
+    mixtral = src.family == "mixtral"
+    keys = set(src.keys())
+    legacy = mixtral and f"model.layers.{i}.block_sparse_moe.gate.weight" in keys
+    p = f"model.layers.{i}." + ("block_sparse_moe." if legacy else "mlp.")
+
+    def load(key: str) -> Load:
+        if key not in keys:
+            raise SourceError(f"{src.ref}: no tensor {key} (needed by {path})")
+        shape, dtype = src.meta(key)
+        return Load(src.ref, key, shape, dtype)
+
+    if not mixtral and p + "gate.weight" not in keys:  # a Qwen2-MoE dense layer (mlp_only_layers)
+        return make(DenseFFN, {k: load(p + k) for k in ("gate_proj.weight", "up_proj.weight", "down_proj.weight")},
+                    hidden=cfg.hidden, intermediate=int(c["intermediate_size"]), act=cfg.act)
+    n = int(c["num_local_experts"] if mixtral else c["num_experts"])
+    width = int(c["intermediate_size"] if mixtral else c["moe_intermediate_size"])
+    experts = []
+    fused = p + "experts.gate_up_proj" in keys
+    for e in range(n):
+        if fused:
+            gu, down = Select(load(p + "experts.gate_up_proj"), e), Select(load(p + "experts.down_proj"), e)
+            w = {"gate_proj.weight": Slice(gu, 0, 0, width), "up_proj.weight": Slice(gu, 0, width, 2 * width),
+                 "down_proj.weight": down}
+        else:
+            name = (lambda k: _MIXTRAL_PROJ[k]) if mixtral else (lambda k: k)
+            w = {f"{k}.weight": load(f"{p}experts.{e}.{name(k)}.weight") for k in ("gate_proj", "up_proj", "down_proj")}
+        experts.append(make(DenseFFN, w, hidden=cfg.hidden, intermediate=width, act=cfg.act))
+    router = Router(weights=(("weight", load(p + "gate.weight")),), hidden=cfg.hidden, experts=n,
+                    top_k=int(c["num_experts_per_tok"]),
+                    norm_topk_prob=True if mixtral else bool(c.get("norm_topk_prob", False)))
+    shared = gate = None
+    shared_width = 0 if mixtral else int(c.get("shared_expert_intermediate_size") or 0)
+    if shared_width:
+        shared = make(DenseFFN, {k: load(f"{p}shared_expert.{k}") for k in
+                                 ("gate_proj.weight", "up_proj.weight", "down_proj.weight")},
+                      hidden=cfg.hidden, intermediate=shared_width, act=cfg.act)
+        gate = load(p + "shared_expert_gate.weight")
+    return MoE(router=router, experts=tuple(experts), shared=shared, shared_gate=gate,
+               jitter=float(c.get("router_jitter_noise", 0.0) or 0.0),
+               aux_loss_coef=float(c.get("router_aux_loss_coef", 0.001)))

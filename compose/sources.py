@@ -18,6 +18,8 @@ from urllib.parse import parse_qsl
 from compose.errors import SourceError
 
 FAMILIES = ("llama", "mistral", "qwen2")
+MOE_FAMILIES = ("mixtral", "qwen2_moe")
+"""Mixture-of-experts checkpoints compose reads (what it writes), so any build can be another's input."""
 _ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -296,8 +298,9 @@ def open_source(ref: str) -> Source:
             raise SourceError(f"{ref}: no such folder")
         else:
             src = FolderSource(_hub_folder(ref), ref=ref)
-    if src.family not in FAMILIES:
-        raise SourceError(f"{ref}: model_type {src.family!r} is not supported yet (supported: {', '.join(FAMILIES)})")
+    if src.family not in FAMILIES + MOE_FAMILIES:
+        raise SourceError(f"{ref}: model_type {src.family!r} is not supported yet "
+                          f"(supported: {', '.join(FAMILIES + MOE_FAMILIES)})")
     _OPEN[src.ref] = _OPEN[ref] = src
     return src
 

@@ -13,7 +13,7 @@ from collections import Counter
 from typing import Callable, Iterable
 
 from compose.errors import IRError
-from compose.ir.weights import Concat, Const, Expr, Load, Merge, Noise, Scale, Slice, Zeros
+from compose.ir.weights import Concat, Const, Expr, Load, Merge, Noise, Scale, Select, Slice, Zeros
 
 TORCH_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -79,6 +79,8 @@ class Evaluator:
             return e.value.to(self.device)
         if isinstance(e, Slice):
             return self._get(e.x, local).narrow(e.dim, e.start, e.stop - e.start)
+        if isinstance(e, Select):
+            return self._get(e.x, local)[e.index]
         if isinstance(e, Concat):
             return torch.cat([self._get(x, local) for x in e.inputs], dim=e.dim)
         if isinstance(e, Scale):

@@ -181,6 +181,8 @@ class MoE(Op):
     router: Router
     experts: tuple[DenseFFN, ...]
     shared: DenseFFN | None = None
+    shared_gate: Expr | None = None
+    """Qwen2-MoE's gate on the shared FFN, sigmoid(x @ shared_gate.T) (1, hidden); None: always on (DeepSeek)."""
     jitter: float = 0.0
     """Router jitter noise (multiplicative, training only), recorded in the config."""
     aux_loss_coef: float = 0.001
@@ -194,10 +196,16 @@ class MoE(Op):
         return parts
 
     def params(self) -> dict[str, Expr]:
-        return {pre + k: v for pre, op in self._parts() for k, v in op.params().items()}
+        out = {pre + k: v for pre, op in self._parts() for k, v in op.params().items()}
+        if self.shared_gate is not None:
+            out["shared_expert_gate.weight"] = self.shared_gate
+        return out
 
     def expected(self) -> dict[str, Shape]:
-        return {pre + k: v for pre, op in self._parts() for k, v in op.expected().items()}
+        out = {pre + k: v for pre, op in self._parts() for k, v in op.expected().items()}
+        if self.shared_gate is not None:
+            out["shared_expert_gate.weight"] = (1, self.hidden)
+        return out
 
     @property
     def hidden(self) -> int:
@@ -234,12 +242,16 @@ class MoE(Op):
         kinds = {(x.act, x.bias) for x in self.experts + ((self.shared,) if self.shared else ())}
         if len(kinds) != 1:
             raise IRError(f"node {name}: experts disagree on activation or bias {sorted(kinds)}")
+        if self.shared_gate is not None and self.shared is None:
+            raise IRError(f"node {name}: a shared-expert gate without a shared expert")
         self.router.verify_(name)
         super().verify_(name)
 
     def with_weights(self, **updates: Expr) -> "MoE":
         router, experts, shared = self.router, list(self.experts), self.shared
         groups: dict[str, dict[str, Expr]] = {}
+        updates = dict(updates)
+        gate = updates.pop("shared_expert_gate.weight", self.shared_gate)
         for k, v in updates.items():
             pre = next((p for p, _ in self._parts() if k.startswith(p)), None)
             if pre is None:
@@ -253,7 +265,7 @@ class MoE(Op):
             else:
                 e = int(pre.split(".")[1])
                 experts[e] = experts[e].with_weights(**u)
-        return dataclasses.replace(self, router=router, experts=tuple(experts), shared=shared)
+        return dataclasses.replace(self, router=router, experts=tuple(experts), shared=shared, shared_gate=gate)
 
 
 @dataclass(frozen=True)

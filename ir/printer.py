@@ -11,7 +11,7 @@ from collections import Counter
 
 from compose.ir.graph import Graph
 from compose.ir.nodes import DecoderBlock, MoE, Op
-from compose.ir.weights import Concat, Const, Expr, Load, Merge, Noise, Scale, Slice, Zeros
+from compose.ir.weights import Concat, Const, Expr, Load, Merge, Noise, Scale, Select, Slice, Zeros
 
 
 class _Aliases(dict):
@@ -28,6 +28,8 @@ def format_expr(e: Expr, aliases: _Aliases) -> str:
         return str(e)
     if isinstance(e, Slice):
         return f"slice({format_expr(e.x, aliases)}, dim={e.dim}, {e.start}:{e.stop})"
+    if isinstance(e, Select):
+        return f"{format_expr(e.x, aliases)}[{e.index}]"
     if isinstance(e, Concat):
         return f"concat([{', '.join(format_expr(x, aliases) for x in e.inputs)}], dim={e.dim})"
     if isinstance(e, Scale):

@@ -104,6 +104,20 @@ class Slice(_Unary):
 
 
 @dataclass(frozen=True)
+class Select(_Unary):
+    """`x[index]`: one entry along the first dimension (one expert of a stacked expert tensor)."""
+
+    index: int
+
+    @property
+    def shape(self) -> Shape:  # type: ignore[override]
+        return tuple(self.x.shape[1:])
+
+    def __str__(self) -> str:
+        return f"{self.x}[{self.index}]"
+
+
+@dataclass(frozen=True)
 class Scale(_Unary):
     """`factor * x`."""
 
@@ -244,7 +258,7 @@ def is_zero(e: Expr) -> bool:
     """True when `e` is zero by construction (not by inspecting data)."""
     if isinstance(e, Zeros):
         return True
-    if isinstance(e, (Slice, Scale)):
+    if isinstance(e, (Slice, Select, Scale)):
         return is_zero(e.x)
     if isinstance(e, Concat):
         return all(is_zero(x) for x in e.inputs)

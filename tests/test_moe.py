@@ -102,3 +102,61 @@ def test_from_experts_takes_each_ffn_from_its_model(tmp_path, hf_models, expert_
     rows = got["model.layers.0.block_sparse_moe.gate.weight"]
     assert rows.shape == (4, 64) and 0.4 < rows.std() < 0.6
     assert type(load_hf(out)).__name__ == "MixtralForCausalLM"
+
+
+def test_built_moe_models_are_inputs_again(tmp_path, hf_models):
+    """Methods compose: an upcycled Mixtral and a fine-grained Qwen2-MoE load as sources, and SOLAR-style
+    up-scaling of them, or a merge of two, gives checkpoints transformers runs."""
+    from compose import depth_upscale, merge
+
+    src = hf_models["llama"]
+    a = build(moe.upcycle(load(str(src)), num_experts=4, top_k=2), tmp_path / "a", progress=False)
+    b = build(moe.upcycle(load(str(src)), num_experts=4, top_k=2, noise=0.01, seed=5), tmp_path / "b",
+              progress=False)
+    q = build(moe.fine_grained(load(str(src)), segments=4, routed=8, shared=2, top_k=2, preserve=True),
+              tmp_path / "q", progress=False)
+    ids = token_ids()
+    for folder in (a, q):  # reloaded unchanged: the same tensors, the same logits
+        again = build(load(str(folder)), tmp_path / f"{folder.name}2", progress=False)
+        got, want = read_tensors(again), read_tensors(folder)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+        assert torch.equal(logits(load_hf(again), ids), logits(load_hf(folder), ids))
+
+    up = build(depth_upscale(load(str(a)), drop=2), tmp_path / "up", progress=False)
+    assert load_hf(up).config.num_hidden_layers == 12
+    mixed = build(merge.linear([load(str(a)), load(str(b))], weights=[0.5, 0.5]), tmp_path / "m", progress=False)
+    got, wa, wb = read_tensors(mixed), read_tensors(a), read_tensors(b)
+    k = "model.layers.2.block_sparse_moe.experts.1.w1.weight"
+    torch.testing.assert_close(got[k], 0.5 * wa[k] + 0.5 * wb[k])
+    assert type(load_hf(mixed)).__name__ == "MixtralForCausalLM"
+
+
+def test_solar_then_upcycle(tmp_path, hf_models):
+    from compose import depth_upscale
+
+    src = hf_models["mistral"]
+    up = depth_upscale(load(str(src)), drop=2)
+    dense = build(up, tmp_path / "dense", progress=False)
+    sparse = build(moe.upcycle(up, num_experts=4, top_k=2, router=moe.zeros()), tmp_path / "sparse",
+                   progress=False)
+    ids = token_ids(seq=40)
+    assert torch.equal(logits(load_hf(sparse), ids), logits(load_hf(dense), ids))
+
+
+def test_fused_expert_checkpoints_load(tmp_path, hf_models):
+    """transformers 5 and mergekit may write experts fused (`experts.gate_up_proj`): read them too."""
+    from safetensors.torch import save_file
+    import shutil
+
+    a = build(moe.upcycle(load(str(hf_models["llama"])), num_experts=4, top_k=2, noise=0.01), tmp_path / "a",
+              progress=False)
+    fused = tmp_path / "fused"
+    shutil.copytree(a, fused)
+    for f in fused.glob("*.safetensors*"):
+        f.unlink()
+    model = load_hf(a)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, fused / "model.safetensors")
+    assert any("gate_up_proj" in k for k in read_tensors(fused))
+    again = build(load(str(fused)), tmp_path / "again", progress=False)
+    got, want = read_tensors(again), read_tensors(a)
+    assert all(torch.equal(got[k], want[k]) for k in want)
