@@ -105,3 +105,23 @@ def moe_config(g: Graph, cfg: dict, kind: str) -> dict:
                max_window_layers=n,
                layer_types=["sliding_attention" if c.sliding_window else "full_attention"] * n)
     return out
+
+
+def moe_manifest(g: Graph) -> dict | None:
+    """compose.json's `moe` entry: the class, which layers route, experts, routing, active parameters."""
+    moes = moe_blocks(g)
+    if not moes:
+        return None
+    m = moes[0][1]
+    cost = g.meta.get("cost", {})
+    how = {k: v for k, v in g.meta.get("moe", {}).items() if k in ("kind", "segments", "shared_experts", "preserve")}
+    return {**how, "class": ARCH_NAMES[target(g)], "moe_layers": [i for i, _ in moes],
+            "routed_experts": m.router.experts, "top_k": m.router.top_k, "expert_intermediate": m.intermediate,
+            "shared_intermediate": m.shared.intermediate if m.shared else 0,
+            "shared_gate": "learned" if m.shared_gate is not None else ("always on" if m.shared else None),
+            "norm_topk_prob": m.router.norm_topk_prob, "router_init": m.router.init or "from source",
+            "router_jitter_noise": m.jitter, "router_aux_loss_coef": m.aux_loss_coef,
+            "params": cost.get("params"), "active_params": cost.get("active_params")}
+
+
+ARCH_NAMES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}

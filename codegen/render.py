@@ -114,11 +114,11 @@ def render_modeling(graph: Graph) -> str:
 
 
 def _hf_class(graph: Graph) -> str:
-    from compose.backends.hf_moe import target
+    from compose.backends.hf_moe import ARCH_NAMES, target
 
     kind = target(graph)
     if kind != "dense":
-        return {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}[kind]
+        return ARCH_NAMES[kind]
     return HF_CLASSES.get(graph.config.family, f"the {graph.config.family} model")
 
 

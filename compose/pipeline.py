@@ -85,6 +85,7 @@ def build(spec, out: str | os.PathLike, *, formats: Iterable[str] = ("hf",), dty
     build leaves nothing behind, and an existing `out` is replaced only with `force`."""
     from compose import __version__
     from compose.backends import hf
+    from compose.backends.hf_moe import moe_manifest
     from compose.ir import graph_hash
     from compose.passes.manager import DEFAULT_PIPELINE
 
@@ -122,6 +123,7 @@ def build(spec, out: str | os.PathLike, *, formats: Iterable[str] = ("hf",), dty
             "passes": list(DEFAULT_PIPELINE),
             "ir_hash": graph_hash(g),
             "cost": g.meta.get("cost", {}),
+            **({"moe": moe} if (moe := moe_manifest(g)) else {}),
             "layers": [{"index": i, "from": b.origin.describe(), "source": b.origin.source,
                         "source_layer": b.origin.layer, "new": b.origin.new, "merged": b.origin.method,
                         "identity_at_init": bool(b.identity), "trainable": bool(b.trainable)}

@@ -95,7 +95,9 @@ def _transformers_model(g: Graph):
     to a temporary folder by the hf backend (a composed base has no folder to load)."""
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # compose prints its own progress; transformers' bars would interleave
     folder, tmp = _whole_source(g), None
     if folder is None:
         from compose.backends import hf

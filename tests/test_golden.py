@@ -20,6 +20,8 @@ GOLDEN = Path(__file__).parent / "golden"
     ("solar", []),
     ("passthrough", ["--after", "lower"]),
     ("passthrough", []),
+    ("moe_upcycle", []),
+    ("deepseek_moe", []),
 ])
 def test_inspect_matches_golden(name, args, capsys):
     assert main(["inspect", str(ROOT / "specs" / f"{name}.py"), *args]) == 0

@@ -160,3 +160,20 @@ def test_fused_expert_checkpoints_load(tmp_path, hf_models):
     again = build(load(str(fused)), tmp_path / "again", progress=False)
     got, want = read_tensors(again), read_tensors(a)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_manifest_records_experts_routing_and_active_parameters(tmp_path, hf_models):
+    out = build(moe.upcycle(load(str(hf_models["llama"])), num_experts=8, top_k=2, every=2), tmp_path / "o",
+                progress=False)
+    m = manifest(out)
+    info = m["moe"]
+    assert info["class"] == "Qwen2MoeForCausalLM"  # dense layers in between: Mixtral has none
+    assert info["moe_layers"] == [1, 3, 5, 7] and info["routed_experts"] == 8 and info["top_k"] == 2
+    expert = 3 * 64 * 128
+    dense = {k: v.numel() for k, v in read_tensors(hf_models["llama"]).items()}
+    router = 8 * 64
+    assert info["params"] == sum(dense.values()) + 4 * (7 * expert + router)
+    assert info["active_params"] == sum(dense.values()) + 4 * (1 * expert + router)
+    assert m["cost"]["active_params"] == info["active_params"]
+    ids = token_ids()
+    torch.testing.assert_close(logits(load_hf(out), ids), logits(load_hf(hf_models["llama"]), ids), rtol=0, atol=1e-5)
