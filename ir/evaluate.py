@@ -13,7 +13,7 @@ from collections import Counter
 from typing import Callable, Iterable
 
 from compose.errors import IRError
-from compose.ir.weights import Concat, Const, Expr, Load, Merge, Noise, Scale, Select, Slice, Zeros
+from compose.ir.weights import Concat, Const, Expr, Load, Merge, Noise, Ones, Scale, Select, Slice, Zeros
 
 TORCH_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -75,6 +75,8 @@ class Evaluator:
             return t
         if isinstance(e, Zeros):
             return torch.zeros(e.shape, dtype=torch_dtype(e.dtype), device=self.device)
+        if isinstance(e, Ones):
+            return torch.ones(e.shape, dtype=torch_dtype(e.dtype), device=self.device)
         if isinstance(e, Const):
             return e.value.to(self.device)
         if isinstance(e, Slice):

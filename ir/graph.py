@@ -1,8 +1,11 @@
 """The architecture graph: typed ops joined by hidden-state edges, over a networkx DiGraph.
 
 A Graph is treated as a value: passes never mutate one, they build a new one with `replace`/`remove`.
-The live model is the path from the Embedding to the LMHead; nodes off that path (layers a slice did
-not take) stay in the graph until dead-weight elimination removes them, so a dump shows what was dropped.
+The live model is the path from the Embedding to the LMHead (the main chain), plus the side chains that
+feed it through `cross` edges (CALM's augmenting model: `augment.embed -> augment.layers.0 -> ...`, with
+edges from its blocks into the main chain's CrossAttention nodes). A side chain has its own ArchConfig
+in `side_configs`. Nodes that feed nothing live (layers a slice did not take, augmenting layers above the
+last connection) stay in the graph until dead-weight elimination removes them, so a dump shows them.
 """
 from __future__ import annotations
 
@@ -55,20 +58,27 @@ class ArchConfig:
                 f"tied={self.tie_embeddings} dtype={self.dtype}")
 
 
+NEXT, CROSS = "next", "cross"
+"""Edge kinds: `next` carries the residual stream along a chain; `cross` carries a side chain's hidden
+states into a node of another chain (CALM's cross-attention reads them)."""
+
+
 class Graph:
-    def __init__(self, config: ArchConfig, nodes: Iterable[tuple[str, Op]], edges: Iterable[tuple[str, str]],
-                 meta: dict | None = None):
+    def __init__(self, config: ArchConfig, nodes: Iterable[tuple[str, Op]],
+                 edges: Iterable[tuple[str, str] | tuple[str, str, str]], meta: dict | None = None,
+                 side_configs: dict[str, ArchConfig] | None = None):
         self.config = config
+        self.side_configs: dict[str, ArchConfig] = dict(side_configs or {})
         self.meta: dict = dict(meta or {})
         self._g = nx.DiGraph()
         for name, op in nodes:
             if name in self._g:
                 raise IRError(f"node {name} is defined twice")
             self._g.add_node(name, op=op)
-        for a, b in edges:
+        for a, b, *kind in edges:
             if a not in self._g or b not in self._g:
                 raise IRError(f"edge {a} -> {b} names a node that does not exist")
-            self._g.add_edge(a, b)
+            self._g.add_edge(a, b, kind=kind[0] if kind else NEXT)
 
     # -- reading -------------------------------------------------------------------------------------
     @property
@@ -80,23 +90,23 @@ class Graph:
         return self._g.nodes[name]["op"]
 
     def names(self) -> list[str]:
-        """All nodes: the live chain in order, then nodes off it in insertion order."""
-        chain = self.chain()
-        on = set(chain)
-        return chain + [n for n in self._g.nodes if n not in on]
+        """All nodes: the main chain in order, the side chains in order, then the rest in insertion order."""
+        chains = self.chain() + [n for c in self.side_chains().values() for n in c]
+        on = set(chains)
+        return chains + [n for n in self._g.nodes if n not in on]
+
+    def edges(self) -> list[tuple[str, str, str]]:
+        """(from, to, kind) for every edge."""
+        return [(a, b, d["kind"]) for a, b, d in self._g.edges(data=True)]
 
     def items(self) -> Iterator[tuple[str, Op]]:
         for n in self.names():
             yield n, self.op(n)
 
-    def chain(self) -> list[str]:
-        """The hidden-state path from the Embedding to the LMHead."""
-        starts = [n for n, d in self._g.nodes(data=True) if isinstance(d["op"], Embedding)]
-        if len(starts) != 1:
-            raise IRError(f"the graph needs exactly one Embedding, found {len(starts)}")
-        path, node, seen = [starts[0]], starts[0], {starts[0]}
+    def _path(self, start: str) -> list[str]:
+        path, node, seen = [start], start, {start}
         while True:
-            succ = list(self._g.successors(node))
+            succ = [b for b in self._g.successors(node) if self._g.edges[node, b]["kind"] == NEXT]
             if not succ:
                 return path
             if len(succ) > 1:
@@ -107,12 +117,30 @@ class Graph:
             seen.add(node)
             path.append(node)
 
+    def chain(self) -> list[str]:
+        """The main hidden-state path: from the main Embedding (the one not in a side chain) to the LMHead."""
+        starts = [n for n, d in self._g.nodes(data=True)
+                  if isinstance(d["op"], Embedding) and n.partition(".")[0] not in self.side_configs]
+        if len(starts) != 1:
+            raise IRError(f"the graph needs exactly one main Embedding, found {len(starts)}")
+        return self._path(starts[0])
+
+    def side_chains(self) -> dict[str, list[str]]:
+        """prefix -> the side chain's path from its Embedding (`augment.embed`, `augment.layers.0`, ...)."""
+        return {p: self._path(f"{p}.embed") for p in self.side_configs if f"{p}.embed" in self._g}
+
     def blocks(self) -> list[tuple[str, DecoderBlock]]:
+        """The main chain's decoder blocks, in order."""
         return [(n, op) for n in self.chain() if isinstance(op := self.op(n), DecoderBlock)]
 
+    def side_blocks(self, prefix: str) -> list[tuple[str, DecoderBlock]]:
+        return [(n, op) for n in self.side_chains().get(prefix, []) if isinstance(op := self.op(n), DecoderBlock)]
+
     def dead(self) -> list[str]:
-        on = set(self.chain())
-        return [n for n in self._g.nodes if n not in on]
+        """Nodes nothing live reads: off the main chain and not upstream of it through any edge."""
+        last = self.chain()[-1]  # every live node is upstream of the head
+        live = nx.ancestors(self._g, last) | {last}
+        return [n for n in self._g.nodes if n not in live]
 
     @property
     def embedding(self) -> Embedding:
@@ -133,19 +161,22 @@ class Graph:
         if unknown:
             raise IRError(f"no nodes named {sorted(unknown)}")
         nodes = [(n, ops.get(n, self.op(n))) for n in self._g.nodes]
-        return Graph(self.config, nodes, self._g.edges, {**self.meta, **(meta or {})})
+        return Graph(self.config, nodes, self.edges(), {**self.meta, **(meta or {})}, self.side_configs)
 
     def with_config(self, **changes) -> "Graph":
-        """The same nodes under a changed ArchConfig (e.g. another output dtype)."""
+        """The same nodes under a changed ArchConfig (e.g. another output dtype; side chains follow it)."""
         import dataclasses
 
-        return Graph(dataclasses.replace(self.config, **changes), self.items(), self._g.edges, self.meta)
+        sides = self.side_configs
+        if "dtype" in changes:
+            sides = {p: dataclasses.replace(c, dtype=changes["dtype"]) for p, c in sides.items()}
+        return Graph(dataclasses.replace(self.config, **changes), self.items(), self.edges(), self.meta, sides)
 
     def remove(self, names: Iterable[str]) -> "Graph":
         drop = set(names)
         nodes = [(n, self.op(n)) for n in self._g.nodes if n not in drop]
-        edges = [(a, b) for a, b in self._g.edges if a not in drop and b not in drop]
-        return Graph(self.config, nodes, edges, self.meta)
+        edges = [e for e in self.edges() if e[0] not in drop and e[1] not in drop]
+        return Graph(self.config, nodes, edges, self.meta, self.side_configs)
 
     @staticmethod
     def decoder(config: ArchConfig, embed: Embedding, blocks: list[DecoderBlock], norm: Norm, head: LMHead,

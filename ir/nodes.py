@@ -364,10 +364,35 @@ class LMHead(_Leaf):
         return {"weight": (self.vocab, self.hidden)}
 
 
+@dataclass(frozen=True, kw_only=True)
+class CrossAttention(_Leaf):
+    """CALM's composition layer, after main-chain block `layer`: h += o(attn(q(norm(h)), k(c), v(c))) where
+    c = context_proj(the side chain's block `context_layer` output): multi-head, no rotary positions, and
+    causal over the shared token sequence (query t reads context positions <= t). With o_proj zero it adds
+    exactly 0: the composed model starts as the anchor."""
+
+    kind: ClassVar[str] = "CrossAttention"
+    hidden: int
+    context_hidden: int
+    heads: int
+    head_dim: int
+    eps: float
+    layer: int
+    context: str
+    """The side chain it reads (`augment`)."""
+    context_layer: int
+
+    def expected(self) -> dict[str, Shape]:
+        inner = self.heads * self.head_dim
+        return {"norm.weight": (self.hidden,), "context_proj.weight": (self.hidden, self.context_hidden),
+                "q_proj.weight": (inner, self.hidden), "k_proj.weight": (inner, self.hidden),
+                "v_proj.weight": (inner, self.hidden), "o_proj.weight": (self.hidden, inner)}
+
+
 def make(cls, weights: Mapping[str, Expr], **attrs):
     """Build a leaf op from a mapping of weights (keeps the caller's order)."""
     return cls(weights=_freeze(weights), **attrs)
 
 
 __all__ = ["Op", "Embedding", "Norm", "Attention", "DenseFFN", "Router", "MoE", "DecoderBlock", "LMHead", "Origin",
-           "make"]
+           "CrossAttention", "make"]

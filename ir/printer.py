@@ -11,7 +11,7 @@ from collections import Counter
 
 from compose.ir.graph import Graph
 from compose.ir.nodes import DecoderBlock, MoE, Op
-from compose.ir.weights import Concat, Const, Expr, Load, Merge, Noise, Scale, Select, Slice, Zeros
+from compose.ir.weights import Concat, Const, Expr, Load, Merge, Noise, Ones, Scale, Select, Slice, Zeros
 
 
 class _Aliases(dict):
@@ -24,7 +24,7 @@ class _Aliases(dict):
 def format_expr(e: Expr, aliases: _Aliases) -> str:
     if isinstance(e, Load):
         return f"{aliases.of(e.source)}:{e.key}"
-    if isinstance(e, (Zeros, Const)):
+    if isinstance(e, (Zeros, Ones, Const)):
         return str(e)
     if isinstance(e, Slice):
         return f"slice({format_expr(e.x, aliases)}, dim={e.dim}, {e.start}:{e.stop})"

@@ -68,6 +68,17 @@ class Zeros(Expr):
 
 
 @dataclass(frozen=True)
+class Ones(Expr):
+    """An all-one tensor: a new norm's gain."""
+
+    shape: Shape
+    dtype: str
+
+    def __str__(self) -> str:
+        return f"ones{list(self.shape)}"
+
+
+@dataclass(frozen=True)
 class _Unary(Expr):
     """An expression of one input whose shape and dtype it keeps (unless it says otherwise)."""
 

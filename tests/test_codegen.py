@@ -97,8 +97,8 @@ def test_sliding_window_is_exercised(generated, monkeypatch):
     folder, module = generated["mistral"]
     ids = token_ids(seq=40)
     want = logits(load_hf(folder), ids)
-    full = module.sliding_window_mask
-    monkeypatch.setattr(module, "sliding_window_mask", lambda T, window, device: full(T, 10**6, device))
+    full = module.attention_mask
+    monkeypatch.setattr(module, "attention_mask", lambda q, k, window: full(q, k, 10**6))
     with torch.no_grad():
         got = compose_model(generated, "mistral")(ids)
     assert (got[:, :16] - want[:, :16]).abs().max().item() <= 1e-5
@@ -120,7 +120,7 @@ def test_torch_export_with_dynamic_batch_and_sequence(generated, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fx_symbolic_trace(generated, family):
     model = compose_model(generated, family)
-    traced = torch.fx.symbolic_trace(model)
+    traced = torch.fx.symbolic_trace(model, concrete_args={"cache": None})  # the cache-free graph
     ids = token_ids(seq=33)
     with torch.no_grad():
         torch.testing.assert_close(traced(ids), model(ids), rtol=0, atol=1e-6)
@@ -156,7 +156,7 @@ def test_source_is_flat_standalone_python(generated, family):
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert imported <= {"__future__", "json", "math", "dataclasses", "pathlib", "torch", "safetensors"}
     classes = [n.name for n in tree.body if isinstance(n, ast.ClassDef)]
-    assert classes == ["Config", "RMSNorm", "Attention", "MLP", "Block", "ComposeModel", "ComposeForCausalLM"]
+    assert classes == ["Config", "RMSNorm", "KVCache", "Attention", "MLP", "Block", "ComposeModel", "ComposeForCausalLM"]
     for node in ast.walk(tree):
         if isinstance(node, ast.ClassDef):
             assert ast.get_docstring(node), f"{node.name} has no docstring"
@@ -169,7 +169,7 @@ def test_source_is_flat_standalone_python(generated, family):
 def test_llama_source_has_only_its_path(generated):
     src = source(generated, "llama")
     assert "bias=True" not in src
-    assert "sliding_window" not in src and "attn_mask" not in src
+    assert "sliding_window" not in src and "window" not in src
     assert "is_causal=True" in src
     assert "self.lm_head = nn.Linear(self.config.n_embd, self.config.vocab_size, bias=False)" in src
     # The values of the source config, baked in as defaults.
@@ -193,8 +193,8 @@ def test_llama_source_has_only_its_path(generated):
 def test_mistral_source_has_the_window(generated):
     src = source(generated, "mistral")
     assert "sliding_window: int = 16" in src
-    assert "return (j <= i) & (i - j < window)  # (T, T)" in src
-    assert "attn_mask=mask" in src and "is_causal" not in src
+    assert "return (j <= i) & (i - j < window)" in src
+    assert "attn_mask=mask" in src
 
 
 def test_qwen2_source_has_qkv_biases_and_a_tied_head(generated):
@@ -239,3 +239,20 @@ def test_blocks_that_disagree_are_named(generated):
     odd = dataclasses.replace(block, attn=dataclasses.replace(block.attn, o_bias=True))
     with pytest.raises(BuildError, match="node layers.1: o_bias=True differs from layers.0"):
         render_modeling(g.replace({"layers.1": odd}))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kv_cache_decoding_matches_full_forward(generated, family):
+    """Prefill then one token at a time through the cache gives the logits of one full forward (Mistral's
+    sequence is longer than its window of 16), and greedy generate agrees with re-running the prefix."""
+    model = compose_model(generated, family)
+    ids = token_ids(seq=24)
+    with torch.no_grad():
+        full = model(ids)
+        cache = type(model).__module__ and sys.modules[type(model).__module__].KVCache()
+        steps = [model(ids[:, :10], cache)] + [model(ids[:, t:t + 1], cache) for t in range(10, 24)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
+    out = model.generate(ids[:, :5], max_new_tokens=6)
+    with torch.no_grad():
+        for t in range(5, 11):
+            assert torch.equal(out[:, t], model(out[:, :t])[:, -1].argmax(-1))

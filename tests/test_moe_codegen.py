@@ -84,3 +84,14 @@ def test_moe_layer_alone_with_all_tokens_on_one_expert(built):
         torch.testing.assert_close(b(x), a(x), rtol=0, atol=1e-5)
         b.dispatch = "loop"
         torch.testing.assert_close(b(x), a(x), rtol=0, atol=1e-5)
+
+
+def test_torch_export_with_dynamic_shapes(built):
+    """Under torch.export the layer takes the loop over experts (grouped_mm has no export path in fp32)."""
+    _, mine = _pair(built, "auto")
+    ids = token_ids(seq=9)
+    B, T = torch.export.Dim("B", min=1, max=8), torch.export.Dim("T", min=2, max=64)
+    ep = torch.export.export(mine, (ids,), dynamic_shapes=({0: B, 1: T},))
+    other = token_ids(batch=3, seq=17, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(other), mine(other), rtol=0, atol=1e-6)
