@@ -13,26 +13,49 @@ from compose.ir import Graph, Load
 from compose.ir.evaluate import Evaluator, torch_dtype
 from compose.ir.weights import Expr
 from compose.backends.hf_moe import block_tensors, moe_config, target
+from compose.codegen.render import is_composite
+from compose.ir.nodes import CrossAttention
 from compose.backends.shards import Entry, parse_size, plan_shards, prefetch, shard_names, write_index, write_shard
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
+def kind_of(g: Graph) -> str:
+    """The class the checkpoint is for: dense, mixtral, qwen2_moe, or custom (generated code + auto_map)."""
+    return "custom" if is_composite(g) else target(g)
+
+
 def tensors(g: Graph) -> dict[str, Expr]:
-    """Output tensor name -> expression, in file order (Hugging Face names of the target class)."""
-    kind = target(g)
+    """Output tensor name -> expression, in file order (Hugging Face names of the target class; for a
+    composite model, the generated module's names: `augment.layers.0.*`, `cross.0.*`)."""
+    kind = kind_of(g)
     out: dict[str, Expr] = {"model.embed_tokens.weight": g.embedding.params()["weight"]}
     for i, (_, b) in enumerate(g.blocks()):
         out.update(block_tensors(kind, f"model.layers.{i}.", b))
     out["model.norm.weight"] = g.final_norm.params()["weight"]
     if not g.head.tied:
         out["lm_head.weight"] = g.head.params()["weight"]
+    out.update(_composite_tensors(g))
+    return out
+
+
+def _composite_tensors(g: Graph) -> dict[str, Expr]:
+    out: dict[str, Expr] = {}
+    dead = set(g.dead())
+    for prefix in g.side_configs:
+        out[f"{prefix}.embed_tokens.weight"] = g.op(f"{prefix}.embed").params()["weight"]
+        live = [b for n, b in g.side_blocks(prefix) if n not in dead]
+        for j, b in enumerate(live):
+            out.update({f"{prefix}.layers.{j}.{k}": e for k, e in b.params().items()})
+    cross = [op for _, op in g.items() if isinstance(op, CrossAttention)]
+    for k, op in enumerate(cross):
+        out.update({f"cross.{k}.{name}": e for name, e in op.params().items()})
     return out
 
 
 def trainable_names(g: Graph) -> list[str]:
     names = []
-    kind = target(g)
+    kind = kind_of(g)
     if g.embedding.trainable:
         names.append("model.embed_tokens.weight")
     for i, (_, b) in enumerate(g.blocks()):
@@ -42,10 +65,37 @@ def trainable_names(g: Graph) -> list[str]:
         names.append("model.norm.weight")
     if g.head.trainable and not g.head.tied:
         names.append("lm_head.weight")
+    if is_composite(g):
+        cross = [op for _, op in g.items() if isinstance(op, CrossAttention)]
+        names += [f"cross.{k}.{n}" for k, op in enumerate(cross) if op.trainable for n in op.params()]
+        dead = set(g.dead())
+        for prefix in g.side_configs:
+            if g.op(f"{prefix}.embed").trainable:
+                names.append(f"{prefix}.embed_tokens.weight")
+            live = [b for n, b in g.side_blocks(prefix) if n not in dead]
+            names += [f"{prefix}.layers.{j}.{k}" for j, b in enumerate(live) if b.trainable for k in b.params()]
     return names
 
 
+AUTO_MAP = {"AutoConfig": "modeling_compose_hf.ComposeConfig",
+            "AutoModelForCausalLM": "modeling_compose_hf.ComposeHFForCausalLM"}
+
+
+def _custom_config(g: Graph) -> dict:
+    """config.json of a model only the generated code runs: transformers reads auto_map and the basics."""
+    src = g.config.source_config()
+    keep = ("bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings")
+    return {"model_type": "compose", "architectures": ["ComposeHFForCausalLM"], "auto_map": AUTO_MAP,
+            "vocab_size": g.config.vocab, "hidden_size": g.config.hidden, "num_hidden_layers": len(g.blocks()),
+            "tie_word_embeddings": g.head.tied, "dtype": g.config.dtype,
+            **{k: src[k] for k in keep if k in src},
+            "compose": {"anchor": g.config.family, **{p: c.family for p, c in g.side_configs.items()},
+                        **{k: v for k, v in g.meta.items() if k == "calm"}}}
+
+
 def hf_config(g: Graph) -> dict:
+    if is_composite(g):
+        return _custom_config(g)
     cfg = g.config.source_config()
     if g.config.family not in ARCHITECTURES:
         raise BuildError(f"the hf backend has no native class for family {g.config.family!r}")

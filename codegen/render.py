@@ -134,3 +134,43 @@ def _moe_attrs(graph: Graph) -> dict:
     return {"moe": True, "moe_kind": kind, "n_experts": m.router.experts, "top_k": m.router.top_k,
             "expert_size": m.intermediate, "shared_size": m.shared.intermediate if m.shared else 0,
             "norm_topk_prob": m.router.norm_topk_prob, "moe_layers": tuple(i for i, _ in moes)}
+
+
+def is_composite(graph: Graph) -> bool:
+    """A graph of several models (CALM): no transformers class; written as generated code + auto_map."""
+    return bool(graph.side_configs)
+
+
+def render_files(graph: Graph) -> dict[str, str]:
+    """File name -> source of the generated module(s) for `graph`.
+
+    One model: modeling_compose.py. CALM: the anchor's and the augmenting model's own modules (the same
+    template as for one model), the CALM module joining them, and the transformers wrapper that
+    config.json's auto_map names."""
+    if not is_composite(graph):
+        return {"modeling_compose.py": render_modeling(graph)}
+    from compose.ir import CrossAttention, LMHead, Norm
+    from compose.ir.nodes import make
+    from compose.ir.weights import Ones
+
+    (prefix, side_cfg), = graph.side_configs.items()
+    anchor = Graph.decoder(graph.config, graph.embedding, [b for _, b in graph.blocks()], graph.final_norm,
+                           graph.head)
+    dead = set(graph.dead())
+    side = [b for n, b in graph.side_blocks(prefix) if n not in dead]
+    h = side_cfg.hidden
+    augment = Graph.decoder(side_cfg, graph.op(f"{prefix}.embed"), side,
+                            make(Norm, {"weight": Ones((h,), side_cfg.dtype)}, dim=h, eps=side_cfg.rms_eps),
+                            make(LMHead, {"weight": graph.op(f"{prefix}.embed").params()["weight"]},
+                                 vocab=side_cfg.vocab, hidden=h, tied=True))
+    cross = [op for _, op in graph.items() if isinstance(op, CrossAttention)]
+    glue = _template("calm.py.j2").render(
+        anchor_family=graph.config.family, anchor_layers=len(anchor.blocks()), anchor_width=graph.config.hidden,
+        augment_family=side_cfg.family, augment_layers=len(side), augment_width=h,
+        pairs=tuple((c.layer, c.context_layer) for c in cross), heads=cross[0].heads, dtype=graph.config.dtype,
+        tied=graph.head.tied)
+    wrapper = _template("hf_wrapper.py.j2").render(forward="calm_forward", generate="calm_generate",
+                                                   extra_args=repr(("augment_ids",)))
+    return {"modeling_compose_anchor.py": render_modeling(anchor),
+            "modeling_compose_augment.py": render_modeling(augment),
+            "modeling_compose.py": glue, "modeling_compose_hf.py": wrapper}

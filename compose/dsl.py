@@ -4,7 +4,7 @@ from __future__ import annotations
 from pydantic import ValidationError
 
 from compose.errors import SpecError
-from compose.spec import ExpandSpec, LayersSpec, LoadSpec, StackSpec, UpscaleSpec
+from compose.spec import CalmSpec, ExpandSpec, LayersSpec, LoadSpec, StackSpec, UpscaleSpec
 
 
 def _make(cls, fn: str, **fields):
@@ -41,3 +41,12 @@ def layers(model, start: int, stop: int) -> LayersSpec:
 def stack(*slices) -> StackSpec:
     """Stack slices (from one or several models of the same family and width) into one model."""
     return _make(StackSpec, "stack", slices=list(slices))
+
+
+def calm(*, anchor, augment, every: int = 4, pairs: list[tuple[int, int]] | None = None, heads: int | None = None,
+         seed: int = 0, std: float = 0.02) -> CalmSpec:
+    """CALM: `anchor` cross-attends to `augment`'s hidden states after chosen layers; only the new
+    cross-attention layers train. `pairs` are (anchor_layer, augment_layer), 0-based; by default every
+    `every`-th augmenting layer is connected, spread evenly over the anchor (lucidrains/CALM-pytorch)."""
+    return _make(CalmSpec, "calm", anchor=anchor, augment=augment, every=every, pairs=pairs, heads=heads,
+                 seed=seed, std=std)

@@ -12,18 +12,18 @@ from compose.errors import SourceError, SpecError
 from compose.ir import ArchConfig, Attention, DecoderBlock, DenseFFN, Embedding, Graph, LMHead, Load, Norm, Origin, Zeros
 from compose.ir.nodes import make
 from compose.sources import Source, open_source
-from compose.spec import DTYPES, ExpandSpec, LayersSpec, LoadSpec, MergeSpec, MoESpec, StackSpec, UpscaleSpec
+from compose.spec import DTYPES, CalmSpec, ExpandSpec, LayersSpec, LoadSpec, MergeSpec, MoESpec, StackSpec, UpscaleSpec
 
 
 def lower(spec, path: str = "model") -> Graph:
     if isinstance(spec, LoadSpec):
         return lower_load(spec, path)
     if isinstance(spec, ExpandSpec):
-        return expand_blocks(lower(spec.model, f"{path}.model"), spec, path)
+        return expand_blocks(single(lower(spec.model, f"{path}.model"), f"{path}.model"), spec, path)
     if isinstance(spec, UpscaleSpec):
-        return depth_upscale(lower(spec.model, f"{path}.model"), spec.drop, path)
+        return depth_upscale(single(lower(spec.model, f"{path}.model"), f"{path}.model"), spec.drop, path)
     if isinstance(spec, LayersSpec):
-        return take_layers(lower(spec.model, f"{path}.model"), spec.start, spec.stop, path)
+        return take_layers(single(lower(spec.model, f"{path}.model"), f"{path}.model"), spec.start, spec.stop, path)
     if isinstance(spec, StackSpec):
         return stack([lower(s, f"{path}.slices[{i}]") for i, s in enumerate(spec.slices)], path)
     if isinstance(spec, MergeSpec):
@@ -34,6 +34,10 @@ def lower(spec, path: str = "model") -> Graph:
         from compose.lower_moe import lower_moe
 
         return lower_moe(spec, path)
+    if isinstance(spec, CalmSpec):
+        from compose.lower_calm import lower_calm
+
+        return lower_calm(spec, path)
     raise SpecError(f"{path}: expected a model (load, expand_blocks, depth_upscale, layers, stack, merge, moe), "
                     f"got {type(spec).__name__}")
 
@@ -142,6 +146,14 @@ def lower_load(spec: LoadSpec, path: str) -> Graph:
 
 # -- structural ops --------------------------------------------------------------------------------------
 
+def single(g: Graph, path: str) -> Graph:
+    """`g`, when it is one model; a composite (CALM) cannot go through the structural ops yet."""
+    if g.side_configs:
+        raise SpecError(f"{path}: a CALM model cannot be expanded, up-scaled, sliced, stacked, merged or "
+                        "turned into experts yet; apply those to the anchor or augmenting model first")
+    return g
+
+
 def _rebuild(g: Graph, blocks: list[DecoderBlock], unused: list[DecoderBlock], meta: dict | None = None) -> Graph:
     return Graph.decoder(g.config, g.embedding, blocks, g.final_norm, g.head, unused, {**g.meta, **(meta or {})})
 
@@ -197,6 +209,7 @@ _MUST_MATCH = ("family", "hidden", "intermediate", "heads", "kv_heads", "head_di
 
 
 def stack(graphs: list[Graph], path: str) -> Graph:
+    graphs = [single(g, f"{path}.slices[{i}]") for i, g in enumerate(graphs)]
     first = graphs[0]
     for i, g in enumerate(graphs[1:], 1):
         for f in _MUST_MATCH:

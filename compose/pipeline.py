@@ -111,7 +111,10 @@ def build(spec, out: str | os.PathLike, *, formats: Iterable[str] = ("hf",), dty
         # The hf checkpoint is what every format loads its weights from, so it is always written.
         written = hf.write(g, tmp, max_shard_size=max_shard_size, progress=progress, workers=workers, device=device)
         files = list(written["files"])
-        if "torch" in formats:
+        from compose.codegen import is_composite
+
+        # A composite model (CALM) has no transformers class: its code is what config.json's auto_map loads.
+        if "torch" in formats or is_composite(g):
             from compose.backends import torch as torch_backend
 
             files += torch_backend.write(g, tmp)

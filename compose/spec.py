@@ -195,10 +195,31 @@ class MoESpec(_Node):
         return self
 
 
-ModelSpec = Annotated[Union[LoadSpec, ExpandSpec, UpscaleSpec, LayersSpec, StackSpec, MergeSpec, MoESpec],
+class CalmSpec(_Node):
+    """CALM (Bansal et al., 2024): the anchor model cross-attends to the augmenting model's hidden states.
+
+    A cross-attention layer after anchor layer i reads augmenting layer j's output for every pair (i, j):
+    `pairs` (0-based), or by default lucidrains/CALM-pytorch's rule for `every` (augmenting layers
+    0, every, 2*every, ... spread evenly over the anchor's layers). Both models stay frozen.
+    """
+
+    op: Literal["calm"] = "calm"
+    anchor: "ModelSpec"
+    augment: "ModelSpec"
+    every: PositiveInt = 4
+    pairs: Optional[list[tuple[NonNegativeInt, NonNegativeInt]]] = None
+    """(anchor_layer, augment_layer) pairs; overrides `every`."""
+    heads: Optional[PositiveInt] = None
+    """Cross-attention heads (default: the anchor's attention heads)."""
+    seed: int = 0
+    """Seeds the new projections' initial weights."""
+    std: float = Field(default=0.02, gt=0)
+
+
+ModelSpec = Annotated[Union[LoadSpec, ExpandSpec, UpscaleSpec, LayersSpec, StackSpec, MergeSpec, MoESpec, CalmSpec],
                       Field(discriminator="op")]
 
-for _cls in (ExpandSpec, UpscaleSpec, LayersSpec, StackSpec, MergeInput, MergeSpec, MoESpec):
+for _cls in (ExpandSpec, UpscaleSpec, LayersSpec, StackSpec, MergeInput, MergeSpec, MoESpec, CalmSpec):
     _cls.model_rebuild()
 
 
@@ -221,7 +242,7 @@ def describe_validation_error(e: ValidationError, root: str) -> str:
     return f"{path}: {msg}"
 
 
-_OP_TAGS = {"load", "expand_blocks", "depth_upscale", "layers", "stack", "merge", "moe"}
+_OP_TAGS = {"load", "expand_blocks", "depth_upscale", "layers", "stack", "merge", "moe", "calm"}
 
 
 def parse_build_spec(data: object, origin: str) -> BuildSpec:

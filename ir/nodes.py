@@ -381,6 +381,8 @@ class CrossAttention(_Leaf):
     context: str
     """The side chain it reads (`augment`)."""
     context_layer: int
+    identity: bool | None = None
+    """Set by the function-preservation pass: True while o_proj is zero by construction."""
 
     def expected(self) -> dict[str, Shape]:
         inner = self.heads * self.head_dim

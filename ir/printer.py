@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 
-from compose.ir.graph import Graph
+from compose.ir.graph import CROSS, Graph
 from compose.ir.nodes import DecoderBlock, MoE, Op
 from compose.ir.weights import Concat, Const, Expr, Load, Merge, Noise, Ones, Scale, Select, Slice, Zeros
 
@@ -67,7 +67,7 @@ def _annotations(op: Op) -> str:
     notes = []
     if op.trainable is not None:
         notes.append("trainable" if op.trainable else "frozen")
-    if isinstance(op, DecoderBlock) and op.identity:
+    if getattr(op, "identity", None):
         notes.append("identity at init")
     return f"  [{', '.join(notes)}]" if notes else ""
 
@@ -126,6 +126,14 @@ def print_graph(g: Graph) -> str:
     for name in g.chain():
         body.extend(format_node(name, g.op(name), aliases))
     dead = g.dead()
+    for prefix, side in g.side_chains().items():
+        body.append(f"// side chain {prefix}: {g.side_configs[prefix].describe()}")
+        for name in side:
+            if name not in dead:
+                body.extend(format_node(name, g.op(name), aliases))
+    crosses = [f"{a} -> {b}" for a, b, kind in g.edges() if kind == CROSS]
+    if crosses:
+        body.append("cross edges: " + ", ".join(crosses))
     if dead:
         body.append("// off the chain: never read unless dead-weight elimination keeps them")
         for name in dead:

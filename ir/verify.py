@@ -1,12 +1,12 @@
-"""The verifier: every node's weights have the shapes its op expects, and the chain is a decoder.
+"""The verifier: every node's weights have the shapes its op expects, and the chains are decoders.
 
 It reads only shapes and structure, never tensor data, so it is cheap enough to run after every pass.
 """
 from __future__ import annotations
 
 from compose.errors import IRError
-from compose.ir.graph import Graph
-from compose.ir.nodes import DecoderBlock, DenseFFN, Embedding, LMHead, Norm
+from compose.ir.graph import CROSS, ArchConfig, Graph
+from compose.ir.nodes import CrossAttention, DecoderBlock, DenseFFN, Embedding, LMHead, Norm
 
 
 def verify(g: Graph) -> None:
@@ -16,19 +16,19 @@ def verify(g: Graph) -> None:
     if kinds[0] is not Embedding or kinds[-1] is not LMHead or kinds[-2] is not Norm:
         raise IRError(f"the chain must run Embedding -> blocks -> Norm -> LMHead, found "
                       f"{' -> '.join(k.__name__ for k in kinds)}")
-    if any(k is not DecoderBlock for k in kinds[1:-2]):
-        raise IRError("only DecoderBlocks may stand between the Embedding and the final Norm")
+    if any(k not in (DecoderBlock, CrossAttention) for k in kinds[1:-2]):
+        raise IRError("only DecoderBlocks and CrossAttentions may stand between the Embedding and the final Norm")
+    config_of = {n: cfg for n in g.names()}
+    for prefix, side in g.side_chains().items():
+        config_of.update({n: g.side_configs[prefix] for n in side})
+        if type(g.op(side[0])) is not Embedding or any(type(g.op(n)) is not DecoderBlock for n in side[1:]):
+            raise IRError(f"side chain {prefix} must run Embedding -> DecoderBlocks")
     for name, op in g.items():
         op.verify_(name)
         if isinstance(op, DecoderBlock):
-            a, f = op.attn, op.ffn
-            # A dense FFN has the model's width; MoE experts have their own (fine-grained experts are narrower).
-            inter = f.intermediate if isinstance(f, DenseFFN) else cfg.intermediate
-            got = (a.hidden, a.heads, a.kv_heads, a.head_dim, inter)
-            want = (cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.intermediate)
-            if got != want:
-                raise IRError(f"node {name}: (hidden, heads, kv_heads, head_dim, intermediate) = {got}, "
-                              f"but the model's config says {want}")
+            _check_block(name, op, config_of[name])
+        if isinstance(op, CrossAttention):
+            _check_cross(g, name, op)
     emb, head = g.embedding, g.head
     if (emb.vocab, emb.hidden) != (cfg.vocab, cfg.hidden) or (head.vocab, head.hidden) != (cfg.vocab, cfg.hidden):
         raise IRError(f"node embed/lm_head: vocab x hidden must be {cfg.vocab} x {cfg.hidden}")
@@ -36,3 +36,26 @@ def verify(g: Graph) -> None:
         raise IRError("node lm_head: tied flag disagrees with the model config")
     if head.tied and head.params()["weight"] != emb.params()["weight"]:
         raise IRError("node lm_head: tied to the embedding but its weight is a different expression")
+
+
+def _check_block(name: str, op: DecoderBlock, cfg: ArchConfig) -> None:
+    a, f = op.attn, op.ffn
+    # A dense FFN has the model's width; MoE experts have their own (fine-grained experts are narrower).
+    inter = f.intermediate if isinstance(f, DenseFFN) else cfg.intermediate
+    got = (a.hidden, a.heads, a.kv_heads, a.head_dim, inter)
+    want = (cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.intermediate)
+    if got != want:
+        raise IRError(f"node {name}: (hidden, heads, kv_heads, head_dim, intermediate) = {got}, "
+                      f"but the model's config says {want}")
+
+
+def _check_cross(g: Graph, name: str, op: CrossAttention) -> None:
+    feeds = [a for a, b, kind in g.edges() if b == name and kind == CROSS]
+    if len(feeds) != 1:
+        raise IRError(f"node {name}: a cross-attention reads exactly one side-chain block, found {feeds}")
+    side = g.side_configs.get(op.context)
+    if side is None or not feeds[0].startswith(op.context + "."):
+        raise IRError(f"node {name}: reads {feeds[0]}, not a block of side chain {op.context!r}")
+    if (op.hidden, op.context_hidden) != (g.config.hidden, side.hidden):
+        raise IRError(f"node {name}: widths {op.hidden} <- {op.context_hidden} do not match the anchor's "
+                      f"{g.config.hidden} and {op.context}'s {side.hidden}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from compose.ir import DecoderBlock, Graph
+from compose.ir import CrossAttention, DecoderBlock, Graph
 from compose.ir.weights import is_zero
 from compose.passes.base import Pass
 
@@ -25,5 +25,8 @@ class Preservation(Pass):
 
     def run(self, g: Graph) -> Graph:
         ops = {n: dataclasses.replace(b, identity=adds_zero(b)) for n, b in g.blocks()}
+        # CALM's cross-attention adds o_proj(...): exactly 0 while o_proj is zero.
+        ops.update({n: dataclasses.replace(op, identity=is_zero(op.params()["o_proj.weight"]))
+                    for n, op in g.items() if isinstance(op, CrossAttention)})
         ids = [n for n, b in ops.items() if b.identity]
         return g.replace(ops, meta={"identity_blocks": ", ".join(ids) or "none"})
