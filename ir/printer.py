@@ -11,7 +11,7 @@ from collections import Counter
 
 from compose.ir.graph import Graph
 from compose.ir.nodes import DecoderBlock, Op
-from compose.ir.weights import Concat, Expr, Load, Merge, Noise, Scale, Slice, Zeros
+from compose.ir.weights import Concat, Expr, Load, Merge, Noise, Rows, Scale, Slice, Zeros
 
 
 class _Aliases(dict):
@@ -37,6 +37,8 @@ def format_expr(e: Expr, aliases: _Aliases) -> str:
     if isinstance(e, Merge):
         s = e.settings()
         return f"{e.method}([{', '.join(format_expr(x, aliases) for x in e.inputs)}]{', ' + s if s else ''})"
+    if isinstance(e, Rows):
+        return f"rows([{', '.join(format_expr(x, aliases) for x in e.inputs)}], {e.settings()})"
     raise TypeError(f"unknown expression {type(e).__name__}")
 
 
