@@ -5,7 +5,9 @@ the method's parameters resolved for that tensor (compose.params), as mergekit p
 - t for gradients is a block's position in the merge, i / (n - 1) (1 for a single layer), and 0 for the
   embeddings, the final norm and the head;
 - a model's own parameters win over the merge's; shared parameters are matched against the output
-  tensor's name, per-model ones against that model's own tensor name (its source layer).
+  tensor's name, per-model ones against that model's own tensor name (its source layer);
+- with a tokenizer_source, every input's embedding and head are first remapped onto the output
+  vocabulary (compose.tokenizer_merge).
 """
 from __future__ import annotations
 
