@@ -73,7 +73,8 @@ def lower_merge(spec: MergeSpec, path: str) -> Graph:
         return [vocab.remap(i, exprs, spec.dtype) for i in range(len(exprs))] if vocab else exprs
 
     emb_name = "model.embed_tokens.weight"
-    embed_w = merged(emb_name, on_vocab([g.embedding.params()["weight"] for g in graphs]), [emb_name] * len(graphs), 0.0)
+    embed_w = merged(emb_name, on_vocab([g.embedding.params()["weight"] for g in graphs]), [emb_name] * len(graphs),
+                     0.0)
     out_blocks = []
     for i in range(n):
         bs = [b[i] for b in blocks]

@@ -116,7 +116,7 @@ class MergedTokenizer:
 
         tok = load(self.base, fast=True)
         if self.strip is not None:
-            tok = strip(tok, self.strip, str(self.base))
+            tok = strip(tok, self.strip, str(self.base)) or tok
         if not self.union:
             return tok
         # mergekit saves the base and reloads it before adding tokens (not to mutate the base's object);

@@ -157,7 +157,8 @@ def test_rows_print_in_the_ir(zoo, tmp_path, capsys):
     (tmp_path / "m.yml").write_text(yaml.safe_dump(cfg))
     assert main(["inspect", str(tmp_path / "m.yml")]) == 0
     text = capsys.readouterr().out
-    assert "rows([%0:model.embed_tokens.weight, %1:model.embed_tokens.weight], 35 rows" in text
+    assert "weight <- linear([rows([%0:model.embed_tokens.weight, %1:model.embed_tokens.weight], 35 rows" \
+        in text
     assert "meta tokenizer_source = union over" in text
 
 
@@ -200,16 +201,15 @@ PEER = {
     "union_stripped_base": _cfg("linear", ["d", "b"], "union", base="d", weight=0.5),
     "union_slerp_slices": {"merge_method": "slerp", "base_model": "a", "tokenizer_source": "union",
                            "parameters": {"t": 0.3}, "slices": [
-                               {"sources": [{"model": "a", "layer_range": [0, 1]}, {"model": "b", "layer_range": [0, 1]}]},
-                               {"sources": [{"model": "a", "layer_range": [1, 2]}, {"model": "b", "layer_range": [1, 2]}]}]},
+                               {"sources": [{"model": m, "layer_range": [i, i + 1]} for m in "ab"]} for i in (0, 1)]},
 }
 
 
 def _absolute(v, root: Path):
     if isinstance(v, dict):
-        return {k: (str(root / x) if k in ("model", "base_model") or (k == "tokenizer_source" and x not in
-                                                                     ("union", "base")) else _absolute(x, root))
-                for k, x in v.items()}
+        ref = ("model", "base_model") + (("tokenizer_source",) if v.get("tokenizer_source") not in ("union", "base")
+                                         else ())
+        return {k: str(root / x) if k in ref else _absolute(x, root) for k, x in v.items()}
     if isinstance(v, list):
         return [_absolute(x, root) for x in v]
     return v
