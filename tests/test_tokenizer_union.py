@@ -166,8 +166,8 @@ def test_tokenizer_source_errors_name_the_field(zoo, tmp_path):
     from compose.errors import SpecError
 
     with pytest.raises(SpecError, match=r"model\.tokenizer_source: union needs model\.models\[1\]'s tokenizer"):
-        compile_graph(merge.linear([load(str(zoo / "a")), load("tiny:llama?layers=2&hidden=32&intermediate=64&vocab=23")], weights=[1, 1],
-                                   tokenizer_source="union"))
+        tiny = load("tiny:llama?layers=2&hidden=32&intermediate=64&vocab=23")
+        compile_graph(merge.linear([load(str(zoo / "a")), tiny], weights=[1, 1], tokenizer_source="union"))
     with pytest.raises(SpecError, match=r"model\.tokenizer_source: tiny:llama has no tokenizer files"):
         compile_graph(merge.linear([load(str(zoo / "a")), load(str(zoo / "b"))], weights=[1, 1],
                                    tokenizer_source="tiny:llama"))
