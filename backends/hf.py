@@ -176,6 +176,8 @@ def _copy_extra_files(g: Graph, out: Path) -> list[str]:
     from compose.sources import open_source
 
     ref = g.meta.get("tokenizer_source")
+    if hasattr(ref, "write"):  # a merged vocabulary (compose.tokenizer_merge): built, not copied
+        return ref.write(out)
     if ref is None:
         w = g.embedding.params()["weight"]
         ref = w.source if isinstance(w, Load) else None

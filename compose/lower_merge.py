@@ -5,16 +5,20 @@ the method's parameters resolved for that tensor (compose.params), as mergekit p
 - t for gradients is a block's position in the merge, i / (n - 1) (1 for a single layer), and 0 for the
   embeddings, the final norm and the head;
 - a model's own parameters win over the merge's; shared parameters are matched against the output
-  tensor's name, per-model ones against that model's own tensor name (its source layer).
+  tensor's name, per-model ones against that model's own tensor name (its source layer);
+- with a tokenizer_source, every input's embedding and head are first remapped onto the output
+  vocabulary (compose.tokenizer_merge).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import zlib
 
 from compose.errors import SourceError, SpecError
 from compose.ir import DecoderBlock, Graph, Load, LMHead, Merge, Origin
 from compose.ir.weights import Expr
+from compose.ir.graph import ArchConfig
 from compose.merges.api import Method
 from compose.merges.registry import get
 from compose.params import Layer, check_filters, check_known, resolve
@@ -62,8 +66,15 @@ def lower_merge(spec: MergeSpec, path: str) -> Graph:
         seed = zlib.crc32(f"{spec.seed}:{out}".encode()) if method.random else None
         return Merge(method.name, tuple(exprs), base, tuple(params.items()), seed, out, spec.dtype)
 
+    tokenizer, vocab = _tokenizer(spec, inputs, graphs, base, path)
+
+    def on_vocab(exprs: list[Expr]) -> list[Expr]:
+        # With a tokenizer_source, every model's rows are remapped onto the output vocabulary first.
+        return [vocab.remap(i, exprs, spec.dtype) for i in range(len(exprs))] if vocab else exprs
+
     emb_name = "model.embed_tokens.weight"
-    embed_w = merged(emb_name, [g.embedding.params()["weight"] for g in graphs], [emb_name] * len(graphs), 0.0)
+    embed_w = merged(emb_name, on_vocab([g.embedding.params()["weight"] for g in graphs]), [emb_name] * len(graphs),
+                     0.0)
     out_blocks = []
     for i in range(n):
         bs = [b[i] for b in blocks]
@@ -80,20 +91,21 @@ def lower_merge(spec: MergeSpec, path: str) -> Graph:
     norm_name = "model.norm.weight"
     norm_w = merged(norm_name, [g.final_norm.params()["weight"] for g in graphs], [norm_name] * len(graphs), 0.0)
     donor = graphs[base] if base is not None else graphs[0]
-    cfg = donor.config
+    cfg = _with_vocab(donor.config, vocab.size) if vocab else donor.config
     if cfg.tie_embeddings:
         head_w = embed_w
     else:
-        head_w = merged("lm_head.weight", [g.head.params()["weight"] for g in graphs], ["lm_head.weight"] * len(graphs), 0.0)
+        head_w = merged("lm_head.weight", on_vocab([g.head.params()["weight"] for g in graphs]),
+                        ["lm_head.weight"] * len(graphs), 0.0)
     check_filters([layer for layers in own for layer in layers], names)
 
     out_dtype = spec.out_dtype or spec.dtype or cfg.dtype
     return Graph.decoder(
         dataclasses.replace(cfg, dtype=out_dtype),
-        donor.embedding.with_weights(weight=embed_w), out_blocks,
+        dataclasses.replace(donor.embedding.with_weights(weight=embed_w), vocab=cfg.vocab), out_blocks,
         donor.final_norm.with_weights(weight=norm_w),
         LMHead(weights=(("weight", head_w),), vocab=cfg.vocab, hidden=cfg.hidden, tied=cfg.tie_embeddings),
-        meta={"train": "all", "tokenizer_source": _tokenizer_source(spec, graphs, base, path)},
+        meta={"train": "all", "tokenizer_source": tokenizer},
     )
 
 
@@ -129,15 +141,39 @@ def _input_name(block: DecoderBlock, k: str, out: str) -> str:
     return out if (o.new or o.method) else f"model.layers.{o.layer}.{k}"
 
 
-def _tokenizer_source(spec: MergeSpec, graphs: list[Graph], base: int | None, path: str) -> str | None:
-    """mergekit's donor: tokenizer_source `base` or a model; by default the base model, else the first."""
+def _tokenizer_of(g: Graph):
+    """The tokenizer that goes with a graph's embeddings: a merge's own, else its embedding's source."""
+    t = g.meta.get("tokenizer_source")
+    return t if t is not None else next((e.source for e in g.embedding.params()["weight"].walk()
+                                         if isinstance(e, Load)), None)
+
+
+def _tokenizer(spec: MergeSpec, inputs, graphs: list[Graph], base: int | None, path: str):
+    """The tokenizer to write (graph meta) and, with a tokenizer_source, the vocabulary plan. Without one
+    the tokenizer is mergekit's donor's (the base model, else the first) and the rows stay as they are."""
+    from compose.tokenizer_merge import plan_vocab
+
     ts = spec.tokenizer_source
-    if ts not in (None, "base"):
-        try:
-            return open_source(ts).ref
-        except SourceError as e:
-            raise SpecError(f"{path}.tokenizer_source: {e}") from None
+    donor = _tokenizer_of(graphs[base] if base is not None else graphs[0])
+    if ts is None:
+        return donor, None
     if ts == "base" and base is None:
         raise SpecError(f"{path}.tokenizer_source: `base` needs a base model")
-    donor = graphs[base] if base is not None else graphs[0]
-    return next((e.source for e in donor.embedding.params()["weight"].walk() if isinstance(e, Load)), None)
+    if ts not in ("base", "union"):
+        try:
+            ts = open_source(ts).ref
+        except SourceError as e:
+            raise SpecError(f"{path}.tokenizer_source: {e}") from None
+    vocab = plan_vocab(ts, [p for p, _, _ in inputs], [_tokenizer_of(g) for g in graphs],
+                       [g.config.vocab for g in graphs], base, path,
+                       donor if isinstance(donor, str) else getattr(donor, "donor", None))
+    return vocab.tokenizer, vocab
+
+
+def _with_vocab(cfg: ArchConfig, n: int) -> ArchConfig:
+    """The config with mergekit's vocab_size for a built tokenizer: its length."""
+    if n == cfg.vocab:
+        return cfg
+    hf = json.loads(cfg.hf_config)
+    hf["vocab_size"] = n
+    return dataclasses.replace(cfg, vocab=n, hf_config=json.dumps(hf, sort_keys=True))

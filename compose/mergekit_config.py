@@ -74,9 +74,7 @@ def translate(data: dict, origin: str) -> dict:
     dtype = _dtype(data.get("dtype"), f"{origin}: dtype")
     out_dtype = _dtype(data.get("out_dtype"), f"{origin}: out_dtype")
     ts = data.get("tokenizer_source")
-    if ts == "union":
-        raise SpecError(f"{origin}: tokenizer_source: union is not supported yet (use base or a model)")
-    if ts is not None and ts != "base":
+    if ts is not None and ts not in ("base", "union"):
         ts = _ref(ts, f"{origin}: tokenizer_source")
     glob = _params(data.get("parameters"), f"{origin}: parameters")
     common = dict(method=method, seed=0, dtype=dtype, out_dtype=out_dtype, tokenizer_source=ts)
@@ -94,7 +92,7 @@ def translate(data: dict, origin: str) -> dict:
         base = {"op": "load", "ref": base_ref} if base_ref else None
         return {"op": "merge", "models": inputs, "base": base, "parameters": glob, **common}
 
-    slices = []
+    slices, merged = [], set()
     for j, s in enumerate(data["slices"]):
         where = f"{origin}: slices[{j}]"
         if not isinstance(s, dict) or "sources" not in s:
@@ -118,6 +116,13 @@ def translate(data: dict, origin: str) -> dict:
                 base = spec
         if slice_base is not None and base is None and _uses_base(method, origin):
             raise SpecError(f"{where}: base_model {slice_base} is not among this slice's sources")
+        merged.add((tuple(i["model"]["model"]["ref"] for i in inputs), slice_base, base is not None))
         layers = [_params(s.get("parameters"), f"{where}.parameters"), glob]
         slices.append({"op": "merge", "models": inputs, "base": base, "parameters": layers, **common})
+    if ts is not None and (len(merged) > 1 or any(b != base_ref or (b is not None and not has)
+                                                  for _, b, has in merged)):
+        # mergekit builds one vocabulary from every model of the config; compose remaps per merged slice,
+        # which is the same only when every slice merges the same models around the same base.
+        raise SpecError(f"{origin}: tokenizer_source: with slices, every slice must merge the same models in "
+                        "the same order (the base among them) for now")
     return {"op": "stack", "slices": slices}

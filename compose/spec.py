@@ -116,7 +116,8 @@ class MergeSpec(_Node):
     out_dtype: Optional[DType] = None
     """Output dtype (mergekit's `out_dtype`); default: `dtype`, else the config's."""
     tokenizer_source: Optional[str] = None
-    """Where tokenizer files come from: `base`, or a model reference; default: the base or first model."""
+    """`base`, `union` or a model: the output vocabulary, rows remapped onto it (compose.tokenizer_merge);
+    default: tokenizer files copied from the base or first model."""
 
     @model_validator(mode="after")
     def _known_method(self):

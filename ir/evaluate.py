@@ -13,7 +13,7 @@ from collections import Counter
 from typing import Callable, Iterable
 
 from compose.errors import IRError
-from compose.ir.weights import Concat, Const, Expr, Load, Merge, Noise, Ones, Scale, Select, Slice, Zeros
+from compose.ir.weights import Concat, Const, Expr, Load, Merge, Noise, Ones, Rows, Scale, Select, Slice, Zeros
 
 TORCH_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -93,6 +93,8 @@ class Evaluator:
             return x + e.std * torch.randn(x.shape, generator=g, dtype=torch.float32).to(x.device, x.dtype)
         if isinstance(e, Merge):
             return _merge(e, [self._get(x, local) for x in e.inputs])
+        if isinstance(e, Rows):
+            return _rows(e, [self._get(x, local) for x in e.inputs])
         raise IRError(f"cannot evaluate {type(e).__name__}")
 
 
@@ -104,6 +106,39 @@ def _merge(e: Merge, xs: list):
     out = get(e.method).fn(xs, e.base, seed=e.seed, name=e.name, **dict(e.params))
     if tuple(out.shape) != tuple(e.shape):
         raise IRError(f"{e.method} returned shape {list(out.shape)} for {e.name}, expected {list(e.shape)}")
+    return out
+
+
+def _rows(e: Rows, xs: list):
+    """Vectorised over rows, in the order mergekit computes each row (see Rows): copies are gathered
+    per input; means add the k-th pick of every row with that many picks, then divide once."""
+    import torch
+
+    dtype = torch_dtype(e.dtype)
+    xs = [x.to(dtype) for x in xs]
+    dev = xs[0].device
+    start = torch.tensor(e.start, dtype=torch.long)
+    src = torch.tensor(e.src, dtype=torch.long)
+    row = torch.tensor(e.row, dtype=torch.long)
+    counts = start[1:] - start[:-1]
+    out = torch.zeros(e.shape, dtype=dtype, device=dev)  # rows with no pick stay zero
+    for c in counts.unique().tolist():
+        if c == 0:
+            continue
+        rows = torch.nonzero(counts == c).flatten()
+        acc = None if c == 1 else torch.zeros((len(rows), *e.shape[1:]), dtype=dtype, device=dev)
+        for k in range(c):
+            pick = start[rows] + k
+            for i in src[pick].unique().tolist():
+                m = src[pick] == i
+                vals = xs[i].index_select(0, row[pick[m]].to(dev))
+                if acc is None:
+                    out[rows[m].to(dev)] = vals
+                else:
+                    acc[m.to(dev)] = acc[m.to(dev)] + vals
+        if acc is not None:
+            acc /= c
+            out[rows.to(dev)] = acc
     return out
 
 

@@ -11,7 +11,7 @@ from collections import Counter
 
 from compose.ir.graph import CROSS, Graph
 from compose.ir.nodes import DecoderBlock, MoE, Op
-from compose.ir.weights import Concat, Const, Expr, Load, Merge, Noise, Ones, Scale, Select, Slice, Zeros
+from compose.ir.weights import Concat, Const, Expr, Load, Merge, Noise, Ones, Rows, Scale, Select, Slice, Zeros
 
 
 class _Aliases(dict):
@@ -39,6 +39,8 @@ def format_expr(e: Expr, aliases: _Aliases) -> str:
     if isinstance(e, Merge):
         s = e.settings()
         return f"{e.method}([{', '.join(format_expr(x, aliases) for x in e.inputs)}]{', ' + s if s else ''})"
+    if isinstance(e, Rows):
+        return f"rows([{', '.join(format_expr(x, aliases) for x in e.inputs)}], {e.settings()})"
     raise TypeError(f"unknown expression {type(e).__name__}")
 
 

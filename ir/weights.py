@@ -274,3 +274,50 @@ def is_zero(e: Expr) -> bool:
     if isinstance(e, Concat):
         return all(is_zero(x) for x in e.inputs)
     return False
+
+
+@dataclass(frozen=True)
+class Rows(_Nary):
+    """Rows picked from the inputs (all of one width): output row j is the mean of the input rows
+    `picks[start[j]:start[j+1]]`, each pick an (input `src[k]`, row `row[k]`) pair; one pick copies a row,
+    none gives a zero row. This is a remapped vocabulary (compose.tokenizer_merge): a token keeps its own
+    row, and a token a model lacks gets another model's row or a mean of several. Sums run in pick order
+    and are divided once, as mergekit computes them, so the bits match. The picks are stored flat (CSR),
+    not as a tuple per row: a 150k-token vocabulary stays a few megabytes, and the hash is computed once.
+    `compute` is the dtype inputs are cast to first (None: their promoted dtype).
+    """
+
+    inputs: tuple[Expr, ...]
+    start: tuple[int, ...]
+    src: tuple[int, ...]
+    row: tuple[int, ...]
+    compute: str | None = None
+
+    def __hash__(self) -> int:
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash((self.inputs, self.start, self.src, self.row, self.compute))
+            object.__setattr__(self, "_hash", h)
+        return h
+
+    @property
+    def shape(self) -> Shape:  # type: ignore[override]
+        return (len(self.start) - 1, *self.inputs[0].shape[1:])
+
+    @property
+    def dtype(self) -> str:  # type: ignore[override]
+        return self.compute or promote([x.dtype for x in self.inputs])
+
+    def settings(self) -> str:
+        """A summary (the table itself can be a vocabulary long) and a digest of the whole table, so
+        dumps and graph hashes still tell two different remaps apart."""
+        import hashlib
+
+        counts = [b - a for a, b in zip(self.start, self.start[1:])]
+        table = repr((self.start, self.src, self.row)).encode()
+        parts = [f"{len(counts)} rows", f"{counts.count(1)} picked", f"{sum(c > 1 for c in counts)} averaged",
+                 f"{counts.count(0)} zero", f"sha256={hashlib.sha256(table).hexdigest()[:12]}"]
+        return ", ".join(parts + ([f"compute={self.compute}"] if self.compute else []))
+
+    def __str__(self) -> str:
+        return f"rows([{', '.join(map(str, self.inputs))}], {self.settings()})"

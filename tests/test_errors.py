@@ -114,9 +114,9 @@ def test_python_error_in_a_spec_points_at_the_line(tmp_path):
 
 
 def test_mergekit_config_keys_compose_does_not_handle_are_named(tmp_path):
-    spec = write(tmp_path / "m.yml", "merge_method: linear\ntokenizer_source: union\n"
+    spec = write(tmp_path / "m.yml", "merge_method: linear\nchat_template: auto\n"
                                      "models:\n  - model: tiny:llama\n    parameters: {weight: 1}\n")
-    assert_clean_failure(tmp_path, spec, "tokenizer_source", "union", "not supported yet")
+    assert_clean_failure(tmp_path, spec, "chat_template", "not supported yet")
     spec = write(tmp_path / "m.yml", "merge_method: linear\nmodles: []\n")
     assert_clean_failure(tmp_path, spec, "modles", "not a mergekit config key")
 

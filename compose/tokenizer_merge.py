@@ -1,0 +1,277 @@
+"""Merged vocabularies, as mergekit 0.1.5 builds them (mergekit/tokenizer/build.py and embed.py).
+
+When a merge sets `tokenizer_source` (`base`, `union` or a model), the output vocabulary is that
+tokenizer's: the base model's with the tokens at or past its vocab_size stripped; for `union`, that plus
+every other model's tokens, appended as added tokens; for a model, its tokenizer as it is. config.json's
+vocab_size becomes the vocabulary's length, and every model's embedding and head rows are remapped onto
+it by token string (one map serves both):
+
+- a token the model has keeps that model's row;
+- a token it lacks gets the row of the only model that has it; else the base model's row, when the merge
+  has a base and the base has the token; else the mean of the rows of the models that have it; else zeros.
+
+Lowering plans this from the tokenizers alone (`plan_vocab`), as `Rows` weight expressions; the hf
+backend builds and writes the tokenizer from the recipe kept in the graph's meta (`MergedTokenizer`).
+
+mergekit leaves two orders to chance (Python set and Rust hash-map iteration): which model's tokenizer is
+the base when there is no base model, and the order of the tokens `union` appends. compose fixes both:
+the base model, else the first model; then models in the merge's order, each one's tokens by their id.
+Every token's row equals mergekit's whatever order mergekit happened to pick.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+from compose.errors import BuildError, SourceError, SpecError
+from compose.ir.weights import Expr, Rows, Slice
+
+# The files that make a folder's tokenizer loadable (tokenizer_config.json alone does not).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+TokenizerRef = Union[str, "MergedTokenizer"]
+"""A model's tokenizer: the source reference whose folder holds it, or a merged one."""
+
+
+def _folder(ref: str) -> Path | None:
+    from compose.sources import open_source
+
+    folder = open_source(ref).folder
+    if folder is None or not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        return None
+    return folder
+
+
+def has_tokenizer(ref: TokenizerRef | None) -> bool:
+    return isinstance(ref, MergedTokenizer) or (ref is not None and _folder(ref) is not None)
+
+
+def load(ref: TokenizerRef, *, fast: bool = False):
+    """The tokenizer as mergekit loads it (AutoTokenizer; `use_fast=True` for the base, as it asks)."""
+    if isinstance(ref, MergedTokenizer):
+        return ref.build()
+    import transformers
+
+    folder = _folder(ref)
+    if folder is None:
+        raise SourceError(f"{ref}: no tokenizer files")
+    kwargs = {"use_fast": True} if fast else {}
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(folder), **kwargs)
+    except Exception as e:  # transformers raises anything from OSError to ValueError on a bad tokenizer
+        raise SourceError(f"{ref}: cannot load its tokenizer ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def strip(tok, vocab_size: int, ref: str):
+    """mergekit's get_stripped_tokenizer: drop tokens whose id is past the model's vocab_size (padding
+    tokens with no embedding row); None when there are none."""
+    unused = {t for t, i in tok.get_vocab().items() if i >= vocab_size}
+    if not unused:
+        return None
+    import tokenizers
+
+    data = json.loads(tok._tokenizer.to_str())
+    if data["model"]["type"] != "BPE":
+        raise SourceError(f"{ref}: its tokenizer has {len(unused)} tokens past vocab_size {vocab_size}, and "
+                          f"only BPE tokenizers can be stripped (this one is {data['model']['type']})")
+    data["added_tokens"] = [e for e in data["added_tokens"] if e["id"] < vocab_size]
+    for t in unused:
+        data["model"]["vocab"].pop(t, None)
+    data["model"]["merges"] = [m for m in data["model"]["merges"]
+                               if not set(m.split(" ") if isinstance(m, str) else m) & unused]
+    tok._tokenizer = tokenizers.Tokenizer.from_str(json.dumps(data))
+    return tok
+
+
+def _digest(vocab: dict[str, int]) -> str:
+    return hashlib.sha256(json.dumps(sorted(vocab.items(), key=lambda kv: kv[1])).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class MergedTokenizer:
+    """A tokenizer to build (graph meta): the base tokenizer, stripped to `strip` ids when set; for a
+    union, reloaded and extended with `tokens` and then the `added` tokens (AddedToken fields), in order.
+    `size` and `digest` are the vocabulary lowering planned the rows for; writing checks them."""
+
+    base: TokenizerRef
+    strip: int | None
+    union: bool
+    tokens: tuple[str, ...]
+    added: tuple[tuple[tuple[str, object], ...], ...]
+    donor: str | None
+    """The source whose other files (generation_config.json) travel with the merged model."""
+    size: int
+    digest: str
+
+    def build(self):
+        import tempfile
+
+        import transformers
+        from tokenizers import AddedToken
+
+        tok = load(self.base, fast=True)
+        if self.strip is not None:
+            tok = strip(tok, self.strip, str(self.base)) or tok
+        if not self.union:
+            return tok
+        # mergekit saves the base and reloads it before adding tokens (not to mutate the base's object);
+        # done the same way, the written files are the same too.
+        with tempfile.TemporaryDirectory() as p:
+            tok.save_pretrained(p, legacy_format=False, safe_serialization=True)
+            res = transformers.AutoTokenizer.from_pretrained(p, use_fast=True)
+        for t in self.tokens:
+            res.add_tokens(t)
+        for a in self.added:
+            res.add_tokens(AddedToken(**dict(a)))
+        return res
+
+    def write(self, out: Path) -> list[str]:
+        tok = self.build()
+        if _digest(tok.get_vocab()) != self.digest:
+            raise BuildError(f"tokenizer_source: the merged tokenizer built from {self.base} no longer has the "
+                             "vocabulary the embeddings were remapped to (did its files change?)")
+        before = set(p.name for p in out.iterdir())
+        tok.save_pretrained(str(out), safe_serialization=True)
+        written = sorted(set(p.name for p in out.iterdir()) - before)
+        if self.donor is not None and (f := _folder_of(self.donor, "generation_config.json")) is not None:
+            shutil.copyfile(f, out / f.name)
+            written.append(f.name)
+        return written
+
+    def __str__(self) -> str:
+        what = f"union over {self.base}" if self.union else f"{self.base} stripped to its vocab_size"
+        return f"{what} (vocab {self.size}, sha256={self.digest[:12]})"
+
+
+def _folder_of(ref: str, name: str) -> Path | None:
+    from compose.sources import open_source
+
+    folder = open_source(ref).folder
+    return folder / name if folder is not None and (folder / name).is_file() else None
+
+
+@dataclass(frozen=True)
+class VocabPlan:
+    """The output vocabulary of a merge: its size, the tokenizer to write (a source reference to copy
+    files from, or a MergedTokenizer), and each input's token map (`perms[i][j]`: the row input i has for
+    output token j, -1 if none) with the rows that fill what an input lacks (`fill`: token -> picks)."""
+
+    size: int
+    tokenizer: TokenizerRef
+    perms: tuple[tuple[int, ...], ...]
+    rows: tuple[int, ...]
+    fill: dict
+
+    def remap(self, i: int, exprs: list[Expr], compute: str | None) -> Expr:
+        """Input i's tensor (`exprs[i]`, vocabulary along dim 0) on the output vocabulary."""
+        p, x = self.perms[i], exprs[i]
+        if all(r == j for j, r in enumerate(p)):
+            return x if self.rows[i] == self.size else Slice(x, 0, 0, self.size)
+        picks = [[(i, r)] if r >= 0 else self.fill[j] for j, r in enumerate(p)]
+        used = sorted({s for ps in picks for s, _ in ps} or {i})
+        at = {s: k for k, s in enumerate(used)}
+        start, src, row = [0], [], []
+        for ps in picks:
+            src += [at[s] for s, _ in ps]
+            row += [r for _, r in ps]
+            start.append(len(src))
+        return Rows(tuple(exprs[s] for s in used), tuple(start), tuple(src), tuple(row), compute)
+
+
+def plan_vocab(source: str, names: list[str], toks: list[TokenizerRef | None], rows: list[int],
+               base: int | None, path: str, donor: str | None) -> VocabPlan:
+    """mergekit's build_tokenizer and PermutedVocabulary for a merge of inputs `names` (their
+    tokenizers `toks`, their vocab sizes `rows`), `source` being `base`, `union` or a source reference."""
+    field = f"{path}.tokenizer_source"
+    tb = base if base is not None else 0  # mergekit's tokenizer base: the base model, else a first model
+
+    def need(i: int) -> TokenizerRef:
+        if not has_tokenizer(toks[i]):
+            raise SpecError(f"{field}: {source} needs {names[i]}'s tokenizer, but {toks[i] or 'it'} has no "
+                            "tokenizer files")
+        return toks[i]  # type: ignore[return-value]
+
+    try:
+        base_ref = need(tb)
+        base_tok = load(base_ref, fast=True)
+        stripped = strip(base_tok, rows[tb], str(base_ref))
+        base_tok = stripped or base_tok
+        # Each model's tokenizer, loaded once; the base's stripped. mergekit assumes a model without one
+        # shares the base's vocabulary; a union cannot, so there it is an error.
+        loaded: dict[object, object] = {base_ref: base_tok}
+        for i, ref in enumerate(toks):
+            if not has_tokenizer(ref):
+                if source == "union":
+                    need(i)
+            elif ref not in loaded:
+                loaded[ref] = load(ref)
+        vocabs = [(loaded[ref] if i != tb and ref in loaded else base_tok).get_vocab() for i, ref in enumerate(toks)]
+
+        if source == "union":
+            merged = _union(base_ref, rows[tb] if stripped is not None else None, loaded, toks, rows, tb, donor)
+            out_vocab = merged.build().get_vocab()
+            merged = dataclasses.replace(merged, size=len(out_vocab), digest=_digest(out_vocab))
+            tokenizer: TokenizerRef = merged if stripped or out_vocab != base_tok.get_vocab() else base_ref
+        elif source == "base":
+            out_vocab = base_tok.get_vocab()
+            tokenizer = base_ref if stripped is None else MergedTokenizer(
+                base_ref, rows[tb], False, (), (), donor, len(out_vocab), _digest(out_vocab))
+        else:
+            if not has_tokenizer(source):
+                raise SpecError(f"{field}: {source} has no tokenizer files")
+            out_vocab = load(source).get_vocab()
+            tokenizer = source
+    except SourceError as e:
+        raise SpecError(f"{field}: {e}") from None
+
+    n = len(out_vocab)
+    if sorted(out_vocab.values()) != list(range(n)):
+        raise SpecError(f"{field}: the output tokenizer's ids are not 0..{n - 1} (a vocabulary with gaps)")
+    by_id = sorted(out_vocab, key=out_vocab.__getitem__)
+    # A token at or past a model's vocab_size has no row there: absent (where mergekit would fail on it).
+    perms = tuple(tuple(v[t] if t in v and v[t] < rows[i] else -1 for t in by_id) for i, v in enumerate(vocabs))
+    fill = {}
+    for j in range(n):
+        have = [i for i, p in enumerate(perms) if p[j] >= 0]
+        if len(have) == len(perms):
+            continue
+        if len(have) == 1:
+            fill[j] = [(have[0], perms[have[0]][j])]
+        elif base is not None and perms[base][j] >= 0:
+            fill[j] = [(base, perms[base][j])]
+        else:  # the mean of the models that have it; none: zeros
+            fill[j] = [(i, perms[i][j]) for i in have]
+    return VocabPlan(n, tokenizer, perms, tuple(rows), fill)
+
+
+def _union(base_ref: TokenizerRef, strip_to: int | None, loaded: dict, toks: list, rows: list[int], tb: int,
+           donor: str | None) -> MergedTokenizer:
+    """mergekit's build_union_tokenizer, as a recipe: every model's tokens below its vocab_size, first
+    seen first (the base's tokenizer first, then the merge's order; by id within one), become added tokens
+    of the base tokenizer unless it has them; then the models' added tokens (special ones), first
+    settings seen winning."""
+    out_vocab: dict[str, None] = {}
+    out_added: dict[str, object] = {}
+    order = [tb] + [i for i in range(len(toks)) if i != tb]
+    seen = set()
+    for i in order:
+        ref = base_ref if i == tb else toks[i]
+        if ref in seen or ref not in loaded:
+            continue
+        seen.add(ref)
+        tok = loaded[ref]
+        for t, idx in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]):
+            if idx < rows[i]:
+                out_vocab.setdefault(t, None)
+        for idx, info in sorted(tok.added_tokens_decoder.items()):
+            if idx < rows[i] and info.content not in out_added:
+                out_added[info.content] = info
+    base_vocab = loaded[base_ref].get_vocab()
+    tokens = tuple(t for t in out_vocab if t not in out_added and t not in base_vocab)
+    added = tuple(tuple(sorted(a.__getstate__().items())) for a in out_added.values())
+    return MergedTokenizer(base_ref, strip_to, True, tokens, added, donor, 0, "")
