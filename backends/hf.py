@@ -13,8 +13,8 @@ from compose.ir import Graph, Load
 from compose.ir.evaluate import Evaluator, torch_dtype
 from compose.ir.weights import Expr
 from compose.backends.hf_moe import block_tensors, moe_config, target
-from compose.codegen.render import is_composite
-from compose.ir.nodes import CrossAttention
+from compose.codegen.render import composite_kind, is_composite
+from compose.ir.nodes import Adapter, CrossAttention
 from compose.backends.shards import Entry, parse_size, plan_shards, prefetch, shard_names, write_index, write_shard
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -50,6 +50,9 @@ def _composite_tensors(g: Graph) -> dict[str, Expr]:
     cross = [op for _, op in g.items() if isinstance(op, CrossAttention)]
     for k, op in enumerate(cross):
         out.update({f"cross.{k}.{name}": e for name, e in op.params().items()})
+    for name, op in g.items():
+        if isinstance(op, Adapter):
+            out.update({f"{name}.{k}": e for k, e in op.params().items()})
     return out
 
 
@@ -61,6 +64,8 @@ def trainable_names(g: Graph) -> list[str]:
     for i, (_, b) in enumerate(g.blocks()):
         if b.trainable:
             names += list(block_tensors(kind, f"model.layers.{i}.", b))
+        elif b.vision is not None and b.vision.trainable:
+            names += [f"model.layers.{i}.vision_expert.{k}" for k in b.vision.params()]
     if g.final_norm.trainable:
         names.append("model.norm.weight")
     if g.head.trainable and not g.head.tied:
@@ -68,6 +73,8 @@ def trainable_names(g: Graph) -> list[str]:
     if is_composite(g):
         cross = [op for _, op in g.items() if isinstance(op, CrossAttention)]
         names += [f"cross.{k}.{n}" for k, op in enumerate(cross) if op.trainable for n in op.params()]
+        names += [f"{name}.{k}" for name, op in g.items() if isinstance(op, Adapter) and op.trainable
+                  for k in op.params()]
         dead = set(g.dead())
         for prefix in g.side_configs:
             if g.op(f"{prefix}.embed").trainable:
@@ -89,8 +96,9 @@ def _custom_config(g: Graph) -> dict:
             "vocab_size": g.config.vocab, "hidden_size": g.config.hidden, "num_hidden_layers": len(g.blocks()),
             "tie_word_embeddings": g.head.tied, "dtype": g.config.dtype,
             **{k: src[k] for k in keep if k in src},
-            "compose": {"anchor": g.config.family, **{p: c.family for p, c in g.side_configs.items()},
-                        **{k: v for k, v in g.meta.items() if k == "calm"}}}
+            "compose": {"kind": composite_kind(g), "family": g.config.family,
+                        **{p: c.family for p, c in g.side_configs.items()},
+                        **{k: v for k, v in g.meta.items() if k in ("calm", "visual_expert")}}}
 
 
 def hf_config(g: Graph) -> dict:

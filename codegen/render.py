@@ -136,9 +136,18 @@ def _moe_attrs(graph: Graph) -> dict:
             "norm_topk_prob": m.router.norm_topk_prob, "moe_layers": tuple(i for i, _ in moes)}
 
 
+def composite_kind(graph: Graph) -> str | None:
+    """`calm` (several models joined by cross-attention), `cogvlm` (visual experts), or None."""
+    if graph.side_configs:
+        return "calm"
+    if any(b.vision is not None for _, b in graph.blocks()):
+        return "cogvlm"
+    return None
+
+
 def is_composite(graph: Graph) -> bool:
-    """A graph of several models (CALM): no transformers class; written as generated code + auto_map."""
-    return bool(graph.side_configs)
+    """No transformers class holds it: written as generated code, loaded through config.json's auto_map."""
+    return composite_kind(graph) is not None
 
 
 def render_files(graph: Graph) -> dict[str, str]:
@@ -147,8 +156,11 @@ def render_files(graph: Graph) -> dict[str, str]:
     One model: modeling_compose.py. CALM: the anchor's and the augmenting model's own modules (the same
     template as for one model), the CALM module joining them, and the transformers wrapper that
     config.json's auto_map names."""
-    if not is_composite(graph):
+    kind = composite_kind(graph)
+    if kind is None:
         return {"modeling_compose.py": render_modeling(graph)}
+    if kind == "cogvlm":
+        return _render_cogvlm(graph)
     from compose.ir import CrossAttention, LMHead, Norm
     from compose.ir.nodes import make
     from compose.ir.weights import Ones
@@ -174,3 +186,23 @@ def render_files(graph: Graph) -> dict[str, str]:
     return {"modeling_compose_anchor.py": render_modeling(anchor),
             "modeling_compose_augment.py": render_modeling(augment),
             "modeling_compose.py": glue, "modeling_compose_hf.py": wrapper}
+
+
+def _render_cogvlm(graph: Graph) -> dict[str, str]:
+    """The language model's own module, the CogVLM module around it, and the transformers wrapper."""
+    import dataclasses
+
+    from compose.ir.nodes import Adapter
+
+    language = Graph.decoder(graph.config, graph.embedding,
+                             [dataclasses.replace(b, vision=None) for _, b in graph.blocks()], graph.final_norm,
+                             graph.head)
+    adapter = next(op for _, op in graph.items() if isinstance(op, Adapter))
+    c = graph.config
+    glue = _template("cogvlm.py.j2").render(family=c.family, n_layer=len(graph.blocks()), n_embd=c.hidden,
+                                            vision_width=adapter.vision_width, dtype=c.dtype, tied=graph.head.tied,
+                                            n_rep=c.heads // c.kv_heads, sliding_window=c.sliding_window)
+    wrapper = _template("hf_wrapper.py.j2").render(forward="cogvlm_forward", generate="cogvlm_generate",
+                                                   extra_args=repr(("token_type_ids", "images")))
+    return {"modeling_compose_language.py": render_modeling(language), "modeling_compose.py": glue,
+            "modeling_compose_hf.py": wrapper}

@@ -8,7 +8,7 @@ Importing compose is cheap: torch and transformers load only when a build runs.
 __version__ = "0.1.0"
 
 from compose import merge, moe  # noqa: E402
-from compose.dsl import calm, depth_upscale, expand_blocks, layers, load, stack  # noqa: E402
+from compose.dsl import calm, depth_upscale, expand_blocks, layers, load, stack, visual_expert  # noqa: E402
 from compose.errors import ComposeError  # noqa: E402
 
 
@@ -19,5 +19,5 @@ def build(spec, out, **kwargs):
     return _build(spec, out, **kwargs)
 
 
-__all__ = ["calm", "load", "expand_blocks", "depth_upscale", "layers", "stack", "merge", "moe", "build", "ComposeError",
+__all__ = ["calm", "visual_expert", "load", "expand_blocks", "depth_upscale", "layers", "stack", "merge", "moe", "build", "ComposeError",
            "__version__"]

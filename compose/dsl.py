@@ -4,7 +4,7 @@ from __future__ import annotations
 from pydantic import ValidationError
 
 from compose.errors import SpecError
-from compose.spec import CalmSpec, ExpandSpec, LayersSpec, LoadSpec, StackSpec, UpscaleSpec
+from compose.spec import CalmSpec, ExpandSpec, LayersSpec, LoadSpec, StackSpec, UpscaleSpec, VisualExpertSpec
 
 
 def _make(cls, fn: str, **fields):
@@ -50,3 +50,10 @@ def calm(*, anchor, augment, every: int = 4, pairs: list[tuple[int, int]] | None
     `every`-th augmenting layer is connected, spread evenly over the anchor (lucidrains/CALM-pytorch)."""
     return _make(CalmSpec, "calm", anchor=anchor, augment=augment, every=every, pairs=pairs, heads=heads,
                  seed=seed, std=std)
+
+
+def visual_expert(model, *, vision_width: int, seed: int = 0, std: float = 0.02) -> VisualExpertSpec:
+    """CogVLM's visual expert: per-layer vision QKV, output projection and FFN copied from the language
+    weights, used for image tokens (chosen by token_type_ids); image features of width `vision_width`
+    enter through a two-layer MLP adapter. Text-only input gives the base model's logits exactly."""
+    return _make(VisualExpertSpec, "visual_expert", model=model, vision_width=vision_width, seed=seed, std=std)

@@ -12,7 +12,8 @@ from compose.errors import SourceError, SpecError
 from compose.ir import ArchConfig, Attention, DecoderBlock, DenseFFN, Embedding, Graph, LMHead, Load, Norm, Origin, Zeros
 from compose.ir.nodes import make
 from compose.sources import Source, open_source
-from compose.spec import DTYPES, CalmSpec, ExpandSpec, LayersSpec, LoadSpec, MergeSpec, MoESpec, StackSpec, UpscaleSpec
+from compose.spec import (DTYPES, CalmSpec, ExpandSpec, LayersSpec, LoadSpec, MergeSpec, MoESpec, StackSpec,
+                          UpscaleSpec, VisualExpertSpec)
 
 
 def lower(spec, path: str = "model") -> Graph:
@@ -38,6 +39,10 @@ def lower(spec, path: str = "model") -> Graph:
         from compose.lower_calm import lower_calm
 
         return lower_calm(spec, path)
+    if isinstance(spec, VisualExpertSpec):
+        from compose.lower_vision import lower_visual_expert
+
+        return lower_visual_expert(spec, path)
     raise SpecError(f"{path}: expected a model (load, expand_blocks, depth_upscale, layers, stack, merge, moe), "
                     f"got {type(spec).__name__}")
 
@@ -147,7 +152,10 @@ def lower_load(spec: LoadSpec, path: str) -> Graph:
 # -- structural ops --------------------------------------------------------------------------------------
 
 def single(g: Graph, path: str) -> Graph:
-    """`g`, when it is one model; a composite (CALM) cannot go through the structural ops yet."""
+    """`g`, when it is one model; a composite (CALM, CogVLM) cannot go through the structural ops yet."""
+    if any(op.vision is not None for _, op in g.blocks()):
+        raise SpecError(f"{path}: a model with visual experts cannot be composed further yet; apply other "
+                        "operations to the language model first")
     if g.side_configs:
         raise SpecError(f"{path}: a CALM model cannot be expanded, up-scaled, sliced, stacked, merged or "
                         "turned into experts yet; apply those to the anchor or augmenting model first")

@@ -217,10 +217,25 @@ class CalmSpec(_Node):
     std: float = Field(default=0.02, gt=0)
 
 
-ModelSpec = Annotated[Union[LoadSpec, ExpandSpec, UpscaleSpec, LayersSpec, StackSpec, MergeSpec, MoESpec, CalmSpec],
+class VisualExpertSpec(_Node):
+    """CogVLM's visual expert (Wang et al., 2023): every layer gets vision QKV, output projection and FFN
+    copied from the language weights, used for image tokens only; image features of `vision_width` come
+    in through a two-layer MLP adapter. Only the visual experts and the adapter train."""
+
+    op: Literal["visual_expert"] = "visual_expert"
+    model: "ModelSpec"
+    vision_width: PositiveInt
+    seed: int = 0
+    """Seeds the adapter's initial weights."""
+    std: float = Field(default=0.02, gt=0)
+
+
+ModelSpec = Annotated[Union[LoadSpec, ExpandSpec, UpscaleSpec, LayersSpec, StackSpec, MergeSpec, MoESpec, CalmSpec,
+                            VisualExpertSpec],
                       Field(discriminator="op")]
 
-for _cls in (ExpandSpec, UpscaleSpec, LayersSpec, StackSpec, MergeInput, MergeSpec, MoESpec, CalmSpec):
+for _cls in (ExpandSpec, UpscaleSpec, LayersSpec, StackSpec, MergeInput, MergeSpec, MoESpec, CalmSpec,
+             VisualExpertSpec):
     _cls.model_rebuild()
 
 
@@ -243,7 +258,7 @@ def describe_validation_error(e: ValidationError, root: str) -> str:
     return f"{path}: {msg}"
 
 
-_OP_TAGS = {"load", "expand_blocks", "depth_upscale", "layers", "stack", "merge", "moe", "calm"}
+_OP_TAGS = {"load", "expand_blocks", "depth_upscale", "layers", "stack", "merge", "moe", "calm", "visual_expert"}
 
 
 def parse_build_spec(data: object, origin: str) -> BuildSpec:

@@ -32,7 +32,7 @@ class Op:
 
     def attrs(self) -> str:
         """The op's hyper-parameters as `k=v` text for the printer."""
-        skip = {"weights", "trainable", "identity", "origin", "attn", "ffn", "input_norm", "post_norm"}
+        skip = {"weights", "trainable", "identity", "origin", "attn", "ffn", "input_norm", "post_norm", "vision"}
         return ", ".join(
             f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self) if f.name not in skip
         )
@@ -268,6 +268,48 @@ class MoE(Op):
         return dataclasses.replace(self, router=router, experts=tuple(experts), shared=shared, shared_gate=gate)
 
 
+@dataclass(frozen=True, kw_only=True)
+class VisionExpert(Op):
+    """CogVLM's visual expert for one layer: its own QKV/output projections and FFN, of the language
+    weights' shapes, used for image tokens only (a token-type router picks, per token, these or the
+    language ones; norms and the attention softmax are shared)."""
+
+    kind: ClassVar[str] = "VisionExpert"
+    attn: Attention
+    ffn: DenseFFN
+
+    _PARTS: ClassVar[tuple[tuple[str, str], ...]] = (("attn", "self_attn."), ("ffn", "mlp."))
+
+    def params(self) -> dict[str, Expr]:
+        return {pre + k: v for part, pre in self._PARTS for k, v in getattr(self, part).params().items()}
+
+    def expected(self) -> dict[str, Shape]:
+        return {pre + k: v for part, pre in self._PARTS for k, v in getattr(self, part).expected().items()}
+
+    def with_weights(self, **updates: Expr) -> "VisionExpert":
+        parts: dict[str, dict[str, Expr]] = {"attn": {}, "ffn": {}}
+        for k, v in updates.items():
+            part = next((p for p, pre in self._PARTS if k.startswith(pre)), None)
+            if part is None:
+                raise IRError(f"VisionExpert has no weight {k}")
+            parts[part][k.partition(".")[2]] = v
+        return dataclasses.replace(self, **{p: getattr(self, p).with_weights(**u) for p, u in parts.items() if u})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Adapter(_Leaf):
+    """The vision adapter: image features (vision_width) -> the language model's width, a two-layer MLP
+    fc2(gelu(fc1(x))) whose outputs take the image patches' places in the embedded sequence."""
+
+    kind: ClassVar[str] = "Adapter"
+    vision_width: int
+    hidden: int
+
+    def expected(self) -> dict[str, Shape]:
+        return {"fc1.weight": (self.hidden, self.vision_width), "fc1.bias": (self.hidden,),
+                "fc2.weight": (self.hidden, self.hidden), "fc2.bias": (self.hidden,)}
+
+
 @dataclass(frozen=True)
 class Origin:
     """Where a block came from: a layer of a source model, new (a copy of one, changed at init), or a
@@ -304,23 +346,29 @@ class DecoderBlock(Op):
     origin: Origin
     identity: bool | None = None
     """Set by the function-preservation pass: True when the block provably adds exactly 0 at init."""
+    vision: VisionExpert | None = None
+    """CogVLM's visual expert (weights `vision_expert.*`), None for a language-only block."""
 
     _PARTS: ClassVar[tuple[tuple[str, str], ...]] = (
         ("input_norm", "input_layernorm."),
         ("attn", "self_attn."),
         ("post_norm", "post_attention_layernorm."),
         ("ffn", "mlp."),
+        ("vision", "vision_expert."),
     )
+
+    def _parts(self):
+        return [(part, prefix) for part, prefix in self._PARTS if getattr(self, part) is not None]
 
     def params(self) -> dict[str, Expr]:
         out: dict[str, Expr] = {}
-        for part, prefix in self._PARTS:
+        for part, prefix in self._parts():
             out.update({prefix + k: v for k, v in getattr(self, part).params().items()})
         return out
 
     def expected(self) -> dict[str, Shape]:
         out: dict[str, Shape] = {}
-        for part, prefix in self._PARTS:
+        for part, prefix in self._parts():
             out.update({prefix + k: v for k, v in getattr(self, part).expected().items()})
         return out
 
@@ -335,12 +383,16 @@ class DecoderBlock(Op):
         self.attn.verify_(name)
         if isinstance(self.ffn, MoE):
             self.ffn.verify_(name)
+        if self.vision is not None and (dataclasses.replace(self.vision.attn, weights=()) !=
+                                        dataclasses.replace(self.attn, weights=(), trainable=self.vision.attn.trainable)
+                                        or self.vision.ffn.intermediate != self.ffn.intermediate):
+            raise IRError(f"node {name}: the visual expert's shapes differ from the language weights'")
         super().verify_(name)
 
     def with_weights(self, **updates: Expr) -> "DecoderBlock":
-        parts = {part: {} for part, _ in self._PARTS}
+        parts = {part: {} for part, _ in self._parts()}
         for k, v in updates.items():
-            for part, prefix in self._PARTS:
+            for part, prefix in self._parts():
                 if k.startswith(prefix):
                     parts[part][k[len(prefix):]] = v
                     break
@@ -397,4 +449,4 @@ def make(cls, weights: Mapping[str, Expr], **attrs):
 
 
 __all__ = ["Op", "Embedding", "Norm", "Attention", "DenseFFN", "Router", "MoE", "DecoderBlock", "LMHead", "Origin",
-           "CrossAttention", "make"]
+           "CrossAttention", "VisionExpert", "Adapter", "make"]

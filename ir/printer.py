@@ -71,6 +71,9 @@ def _annotations(op: Op) -> str:
         notes.append("trainable" if op.trainable else "frozen")
     if getattr(op, "identity", None):
         notes.append("identity at init")
+    vision = getattr(op, "vision", None)
+    if vision is not None and vision.trainable is not None and vision.trainable != op.trainable:
+        notes.append(f"visual expert {'trainable' if vision.trainable else 'frozen'}")
     return f"  [{', '.join(notes)}]" if notes else ""
 
 
@@ -111,6 +114,11 @@ def format_node(name: str, op: Op, aliases: _Aliases) -> list[str]:
     if moe is not None:
         lines.append(f"    mlp = MoE({moe.attrs()})")
         params = {k: e for k, e in params.items() if not k.startswith("mlp.experts.")}
+    vision = op.vision if isinstance(op, DecoderBlock) else None
+    if vision is not None and all(params.get(k) == e for k, e in vision.params().items()):
+        # CogVLM's init: the visual expert is the language weights (the same expressions, read once each).
+        lines.append("    vision_expert.* <- the block's own self_attn.{q,k,v,o}_proj and mlp.* (copies)")
+        params = {k: e for k, e in params.items() if not k.startswith("vision_expert.")}
     patterns = {k: _pattern(k, e) for k, e in params.items()}
     counts = Counter(p for p in patterns.values() if p is not None)
     common = counts.most_common(1)[0][0] if counts and counts.most_common(1)[0][1] > 1 else None
@@ -133,6 +141,10 @@ def print_graph(g: Graph) -> str:
         for name in side:
             if name not in dead:
                 body.extend(format_node(name, g.op(name), aliases))
+    shown = set(g.chain()) | {n for side in g.side_chains().values() for n in side} | set(dead)
+    for name in g.names():
+        if name not in shown:  # live inputs off the chains (CogVLM's vision adapter)
+            body.extend(format_node(name, g.op(name), aliases))
     crosses = [f"{a} -> {b}" for a, b, kind in g.edges() if kind == CROSS]
     if crosses:
         body.append("cross edges: " + ", ".join(crosses))

@@ -13,11 +13,13 @@ def _numel(op) -> int:
 
 
 def inactive(block: DecoderBlock) -> int:
-    """Parameters of a block that a token does not use: the routed experts its router leaves out."""
+    """Parameters of a block that a token does not use: the routed experts its router leaves out, and
+    one of the language and visual weights (a token uses one or the other)."""
+    n = 0 if block.vision is None else _numel(block.vision)
     if not isinstance(block.ffn, MoE):
-        return 0
+        return n
     m = block.ffn
-    return (m.router.experts - m.router.top_k) * _numel(m.experts[0])
+    return n + (m.router.experts - m.router.top_k) * _numel(m.experts[0])
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,8 @@ class Cost(Pass):
                 trainable += e.numel if op.trainable else 0
             if isinstance(op, DecoderBlock):
                 skipped += inactive(op)
+                if op.vision is not None and op.vision.trainable and not op.trainable:
+                    trainable += _numel(op.vision)
         flops -= 2 * skipped  # every expert's matrices are 2D: take the unrouted ones back out
         nbytes = params * DTYPE_BYTES.get(g.config.dtype, 4)
         cost = {"layers": len(g.blocks()), "params": params, "active_params": params - skipped,

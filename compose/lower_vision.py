@@ -1,0 +1,39 @@
+"""Lowering of `visual_expert` specs (CogVLM): every block gets a VisionExpert whose weights are the
+language weights (the same expressions, so nothing is computed twice), and a vision adapter node feeds
+the embedding through a cross edge (image features take the patches' places in the sequence)."""
+from __future__ import annotations
+
+import dataclasses
+import zlib
+
+from compose.errors import SpecError
+from compose.ir import DenseFFN, Graph
+from compose.ir.graph import CROSS
+from compose.ir.nodes import Adapter, VisionExpert
+from compose.ir.weights import Noise, Zeros
+from compose.spec import VisualExpertSpec
+
+ADAPTER = "vision_adapter"
+
+
+def lower_visual_expert(spec: VisualExpertSpec, path: str) -> Graph:
+    from compose.lower import lower, single
+
+    g = single(lower(spec.model, f"{path}.model"), f"{path}.model")
+    ops = {}
+    for name, b in g.blocks():
+        if not isinstance(b.ffn, DenseFFN):
+            raise SpecError(f"{path}.model: visual experts for mixture-of-experts layers are not supported yet")
+        ops[name] = dataclasses.replace(b, vision=VisionExpert(attn=b.attn, ffn=b.ffn))
+    h, dtype = g.config.hidden, g.config.dtype
+
+    def rand(name, shape):
+        return Noise(Zeros(shape, dtype), spec.std, zlib.crc32(f"{spec.seed}:adapter:{name}".encode()))
+
+    adapter = Adapter(weights=(("fc1.weight", rand("fc1", (h, spec.vision_width))), ("fc1.bias", Zeros((h,), dtype)),
+                               ("fc2.weight", rand("fc2", (h, h))), ("fc2.bias", Zeros((h,), dtype))),
+                      vision_width=spec.vision_width, hidden=h)
+    nodes = [(n, ops.get(n, op)) for n, op in g.items()] + [(ADAPTER, adapter)]
+    edges = g.edges() + [(ADAPTER, g.chain()[0], CROSS)]
+    meta = {**g.meta, "train": "vision", "visual_expert": {"vision_width": spec.vision_width}}
+    return Graph(g.config, nodes, edges, meta, g.side_configs)
