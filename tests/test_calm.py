@@ -170,3 +170,17 @@ def test_bad_calm_input(tmp_path, case):
     body, needles = CASES[case]
     spec = write(tmp_path / "s.py", "from compose import calm, load\n" + body + "\n")
     assert_clean_failure(tmp_path, spec, *needles)
+
+
+def test_dot_draws_both_chains_and_the_cross_edges(tmp_path):
+    from pathlib import Path
+
+    from compose.cli import main
+
+    spec = Path(__file__).parents[1] / "specs" / "calm.py"
+    assert main(["inspect", str(spec), "--dot", str(tmp_path / "g.dot")]) == 0
+    dot = (tmp_path / "g.dot").read_text()
+    assert '"augment.layers.0" -> "xattn.0" [style=dashed, color=blue, label="cross"]' in dot
+    assert '"augment.layers.2" -> "xattn.1" [style=dashed, color=blue, label="cross"]' in dot
+    assert '"layers.0" -> "xattn.0";' in dot and '"xattn.0" -> "layers.1";' in dot
+    assert '"augment.embed" -> "augment.layers.0";' in dot

@@ -22,6 +22,8 @@ GOLDEN = Path(__file__).parent / "golden"
     ("passthrough", []),
     ("moe_upcycle", []),
     ("deepseek_moe", []),
+    ("calm", []),
+    ("cogvlm", []),
 ])
 def test_inspect_matches_golden(name, args, capsys):
     assert main(["inspect", str(ROOT / "specs" / f"{name}.py"), *args]) == 0
