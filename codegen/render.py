@@ -133,7 +133,8 @@ def _moe_attrs(graph: Graph) -> dict:
     m = moes[0][1]
     return {"moe": True, "moe_kind": kind, "n_experts": m.router.experts, "top_k": m.router.top_k,
             "expert_size": m.intermediate, "shared_size": m.shared.intermediate if m.shared else 0,
-            "norm_topk_prob": m.router.norm_topk_prob, "moe_layers": tuple(i for i, _ in moes)}
+            "norm_topk_prob": m.router.norm_topk_prob, "moe_layers": tuple(i for i, _ in moes),
+            "aux_loss_coef": repr(float(m.aux_loss_coef))}
 
 
 def composite_kind(graph: Graph) -> str | None:

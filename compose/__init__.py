@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 from compose import merge, moe  # noqa: E402
 from compose.dsl import calm, depth_upscale, expand_blocks, layers, load, stack, visual_expert  # noqa: E402
 from compose.errors import ComposeError  # noqa: E402
+from compose.training import freeze, trainable_summary  # noqa: E402  (torch loads lazily)
 
 
 def build(spec, out, **kwargs):
@@ -19,5 +20,5 @@ def build(spec, out, **kwargs):
     return _build(spec, out, **kwargs)
 
 
-__all__ = ["calm", "visual_expert", "load", "expand_blocks", "depth_upscale", "layers", "stack", "merge", "moe", "build", "ComposeError",
+__all__ = ["calm", "visual_expert", "load", "expand_blocks", "depth_upscale", "layers", "stack", "merge", "moe", "build", "freeze", "trainable_summary", "ComposeError",
            "__version__"]
