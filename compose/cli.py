@@ -9,6 +9,10 @@ EPILOG = """examples:
   compose build specs/solar.yaml -o out --force      a YAML spec; replace an existing out/
   compose inspect specs/solar.py                     the IR after all passes, and a cost summary
   compose inspect specs/solar.py --after lower       the IR straight after lowering (dropped layers shown)
+  compose build specs/moe_upcycle.py -o out --format hf,onnx   also export to ONNX, checked in onnxruntime
+  compose export out --format onnx                   export an existing build
+  compose verify out                                 re-run the onnxruntime-vs-PyTorch check
+  compose generate out --prompt "Once upon" --max-new-tokens 20
 """
 
 
@@ -29,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "trainable names, hashes), and with --format torch a generated modeling_compose.py.")
     b.add_argument("spec", metavar="SPEC")
     b.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder (must not exist without --force)")
-    b.add_argument("--format", default="hf", help="comma-separated: hf, torch (default: hf)")
+    b.add_argument("--format", default="hf", help="comma-separated: hf, torch, onnx (default: hf)")
     b.add_argument("--dtype", choices=DTYPES, help="output dtype (default: the source's)")
     b.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB (default: 5GB)")
     b.add_argument("--force", action="store_true", help="replace OUT if it exists")
@@ -49,6 +53,34 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--dot", metavar="FILE", help="also write the graph as Graphviz DOT to FILE")
     i.add_argument("--dtype", choices=DTYPES, help="dtype for the byte count")
     i.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    e = sub.add_parser("export", help="export an existing build (to ONNX)",
+                       description="Export the build in OUT to ONNX next to its weights (model.onnx, and "
+                                   "model_with_past.onnx with past_key_values.N.key/value inputs for one-model "
+                                   "builds), checked in onnxruntime; recorded in compose.json.")
+    e.add_argument("out", metavar="OUT")
+    e.add_argument("--format", default="onnx", choices=["onnx"])
+    e.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    v = sub.add_parser("verify", help="check a build's ONNX graphs against PyTorch",
+                       description="Run OUT's ONNX graphs in onnxruntime and the generated PyTorch module on fresh "
+                                   "random inputs of two shapes; fail if a logit differs by more than 1e-4.")
+    v.add_argument("out", metavar="OUT")
+    v.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    g = sub.add_parser("generate", help="generate text with a build",
+                       description="Generate from OUT with the generated module and a static KV cache (CUDA graphs "
+                                   "on CUDA for one-model builds). Greedy unless --temperature > 0.")
+    g.add_argument("out", metavar="OUT")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--dtype", choices=DTYPES, help="compute dtype (default: the checkpoint's)")
+    g.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on CUDA")
+    g.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
@@ -103,6 +135,60 @@ def cmd_inspect(a) -> int:
     return 0
 
 
+def _built(out: str):
+    from pathlib import Path
+
+    from compose.errors import BuildError
+
+    folder = Path(out)
+    if not (folder / "compose.json").is_file():
+        raise BuildError(f"{folder}: not a compose build (no compose.json)")
+    return folder
+
+
+def cmd_export(a) -> int:
+    import json
+    import os
+
+    from compose.backends import onnx
+
+    folder = _built(a.out)
+    record = onnx.export(folder)
+    manifest = json.loads((folder / "compose.json").read_text())
+    manifest["onnx"] = record
+    tmp = folder / "compose.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, folder / "compose.json")
+    print(f"exported {', '.join(record['files'])} (opset {record['opset']}); "
+          f"max |onnxruntime - torch| = {max(record['check'].values()):.1e}")
+    return 0
+
+
+def cmd_verify(a) -> int:
+    from compose.backends import onnx
+
+    result = onnx.verify(_built(a.out))
+    for name, diff in result.items():
+        print(f"{name}: max |onnxruntime - torch| = {diff:.1e} (<= 1e-4)")
+    return 0
+
+
+def cmd_generate(a) -> int:
+    import torch
+
+    from compose.backends import runtime
+    from compose.text import text_tokenizer
+
+    folder = _built(a.out)
+    module, model = runtime.load(folder, a.device, a.dtype)
+    encode, decode = text_tokenizer(folder, model.model.config.vocab_size)
+    ids = encode(a.prompt)[None].to(a.device)
+    out = runtime.generate(module, model, ids, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                           top_p=a.top_p, seed=a.seed, cuda_graph=False if a.no_cuda_graph else None)
+    print(decode(out[0].tolist()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if not args.command:
@@ -111,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     from compose.errors import ComposeError
 
     try:
-        return {"build": cmd_build, "inspect": cmd_inspect}[args.command](args)
+        commands = {"build": cmd_build, "inspect": cmd_inspect, "export": cmd_export, "verify": cmd_verify,
+                    "generate": cmd_generate}
+        return commands[args.command](args)
     except ComposeError as e:
         if args.debug:
             raise

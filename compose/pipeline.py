@@ -10,7 +10,7 @@ from typing import Callable, Iterable
 from compose.errors import BuildError, SpecError
 from compose.spec import DTYPES, BuildSpec, parse_build_spec
 
-FORMATS = ("hf", "torch")
+FORMATS = ("hf", "torch", "onnx")
 
 
 def load_spec(path: str | os.PathLike) -> BuildSpec:
@@ -114,10 +114,17 @@ def build(spec, out: str | os.PathLike, *, formats: Iterable[str] = ("hf",), dty
         from compose.codegen import is_composite
 
         # A composite model (CALM) has no transformers class: its code is what config.json's auto_map loads.
-        if "torch" in formats or is_composite(g):
+        # ONNX is exported from the generated module, so it needs the code too.
+        if "torch" in formats or "onnx" in formats or is_composite(g):
             from compose.backends import torch as torch_backend
 
             files += torch_backend.write(g, tmp)
+        onnx_record = None
+        if "onnx" in formats:
+            from compose.backends import onnx
+
+            onnx_record = onnx.export(tmp)
+            files += onnx_record["files"]
         manifest = {
             "compose_version": __version__,
             "spec": spec.model_dump(mode="json"),
@@ -134,6 +141,7 @@ def build(spec, out: str | os.PathLike, *, formats: Iterable[str] = ("hf",), dty
             "trainable": hf.trainable_names(g),
             "provenance": {k: str(e) for k, e in hf.tensors(g).items()},
             "shards": written["shards"],
+            **({"onnx": onnx_record} if onnx_record else {}),
             "files": sorted(files + ["compose.json"]),
         }
         (tmp / "compose.json").write_text(json.dumps(manifest, indent=2) + "\n")

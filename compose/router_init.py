@@ -76,18 +76,10 @@ def _source_folder(g: Graph) -> Path | None:
 
 
 def _tokenizer(g: Graph):
-    import torch
+    from compose.text import text_tokenizer
 
-    folder = _source_folder(g)
-    bos = g.config.source_config().get("bos_token_id")
-    if folder is not None and any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(folder))
-        return lambda p: tok((tok.bos_token or "") + p, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
-    vocab = g.config.vocab
-    head = [int(bos)] if bos is not None else []
-    return lambda p: torch.tensor(head + [b % vocab for b in p.encode()], dtype=torch.long)
+    encode, _ = text_tokenizer(_source_folder(g), g.config.vocab, g.config.source_config().get("bos_token_id"))
+    return encode
 
 
 def _transformers_model(g: Graph):

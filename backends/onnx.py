@@ -1,0 +1,222 @@
+"""The onnx backend: the generated PyTorch module of a build -> ONNX (torch.onnx, dynamo exporter), checked
+in onnxruntime against PyTorch.
+
+Two graphs where it makes sense:
+- model.onnx: input_ids (batch, sequence) -> logits, for every kind of composed model (CALM reads the
+  same ids with both models; CogVLM also takes token_type_ids and images (batch, patches, width)).
+- model_with_past.onnx (one-model builds: dense, merged, MoE): input_ids plus `past_key_values.N.key` /
+  `.value` (batch, kv_heads, past_sequence, head_dim), out logits and `present.N.key` / `.value`: the
+  Optimum naming, so ONNX Runtime GenAI-style loops can drive it. past_sequence may be 0 (the prompt).
+MoE layers export their loop over experts (each expert takes only the rows routed to it: top-k, gather,
+index_add stay in the graph and sparse), since grouped_mm has no ONNX translation.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+from compose.errors import BuildError
+
+TOLERANCE = 1e-4
+FILES = ("model.onnx", "model_with_past.onnx")
+
+
+def load_module(folder: Path):
+    """The generated modeling_compose.py of a build, imported under a name unique to the folder."""
+    path = Path(folder) / "modeling_compose.py"
+    if not path.is_file():
+        raise BuildError(f"{folder}: no modeling_compose.py (build with --format torch, or rebuild)")
+    name = f"compose_generated_{abs(hash(str(path.resolve())))}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def kind(module) -> str:
+    return "calm" if hasattr(module, "calm_forward") else "cogvlm" if hasattr(module, "cogvlm_forward") else "single"
+
+
+class _WithPast:
+    """input_ids + flat (key, value) per layer -> logits + the new (key, value) per layer."""
+
+    def __new__(cls, model, module):
+        import torch
+
+        class WithPast(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = model
+
+            def forward(self, input_ids, *past):
+                cache = module.KVCache()
+                for i in range(len(past) // 2):
+                    cache.keys[i], cache.values[i] = past[2 * i], past[2 * i + 1]
+                logits = self.model(input_ids, cache)
+                present = [t for i in range(len(past) // 2) for t in (cache.keys[i], cache.values[i])]
+                return (logits, *present)
+
+        return WithPast()
+
+
+def _inputs(module, model, k: str, batch: int, seq: int, seed: int, past: int | None = None):
+    """Example inputs (names -> tensors) of a given shape, drawn from `seed`."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.model.config
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
+    if k == "cogvlm":
+        patches = max(1, seq - 6)
+        types = torch.zeros_like(ids)
+        types[:, 2:4 + patches] = 1  # begin-of-image, patches, end-of-image
+        return {"input_ids": ids, "token_type_ids": types,
+                "images": torch.randn(batch, patches, module.VISION_WIDTH, generator=g)}
+    out = {"input_ids": ids}
+    if past is not None:
+        shape = (batch, cfg.n_kv_head, past, cfg.head_dim)
+        for i in range(cfg.n_layer):
+            out[f"past_key_values.{i}.key"] = torch.randn(shape, generator=g)
+            out[f"past_key_values.{i}.value"] = torch.randn(shape, generator=g)
+    return out
+
+
+def _dynamic(names: list[str], k: str) -> tuple:
+    from torch.export import Dim
+
+    batch, seq = Dim("batch", max=1024), Dim("sequence", min=8 if k == "cogvlm" else 1, max=1 << 16)
+    past = Dim("past_sequence", max=1 << 16)
+    shapes = []
+    for n in names:
+        if n.startswith("past_key_values."):
+            shapes.append({0: batch, 2: past})
+        elif n == "images":
+            shapes.append({0: batch, 1: Dim("patches", max=1 << 14)})
+        else:
+            shapes.append({0: batch, 1: seq})
+    return tuple(shapes)
+
+
+def _export(model, inputs: dict, outputs: list[str], path: Path, k: str):
+    import torch
+
+    names = list(inputs)
+    shapes = _dynamic(names, k)
+    if len(names) > 1 and names[1].startswith("past_key_values."):
+        shapes = (shapes[0], tuple(shapes[1:]))  # forward(input_ids, *past)
+    with _open_nodes(model) as open_nodes:
+        try:
+            program = torch.onnx.export(model, tuple(inputs.values()), dynamo=True, input_names=names,
+                                        output_names=outputs, dynamic_shapes=shapes, verbose=False)
+        except Exception as e:  # name the IR node (the generated layer) the failure came from
+            where = f" at node {_ir_node(open_nodes[-1])} ({open_nodes[-1]})" if open_nodes else ""
+            raise BuildError(f"ONNX export failed{where}: {_first_line(e)}") from None
+    program.save(str(path))
+    return program
+
+
+def _first_line(e: Exception) -> str:
+    """The exporter's own summary of what went wrong (its messages open with generic advice)."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    at = next((i for i, line in enumerate(lines) if line.endswith("Exception summary")), None)
+    if at is not None:
+        lines = lines[at + 1:]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
+def _ir_node(module_path: str) -> str:
+    """Generated module path -> IR node name: model.layers.3 -> layers.3, cross.0 -> xattn.0."""
+    if module_path.startswith("cross."):
+        return "xattn." + module_path.split(".")[1]
+    return module_path.removeprefix("model.model.").removeprefix("model.")
+
+
+class _open_nodes:
+    """While exporting, the stack of node-level modules (layers, cross-attentions, adapters) being traced:
+    the exporter runs the Python, so when it fails, the innermost open one is where."""
+
+    def __init__(self, model):
+        self.model, self.stack, self.hooks = model, [], []
+
+    def __enter__(self):
+        import re
+
+        for name, m in self.model.named_modules():
+            if re.fullmatch(r"(model\.)?(model\.layers\.\d+|augment\.layers\.\d+|cross\.\d+|vision_adapter)", name):
+                self.hooks.append(m.register_forward_pre_hook(lambda _m, _a, n=name: self.stack.append(n)))
+                self.hooks.append(m.register_forward_hook(self._close))
+        return self.stack
+
+    def _close(self, _module, _args, _output) -> None:  # returning None keeps the module's output
+        self.stack.pop()
+
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()
+        return False
+
+
+def export(folder: Path, *, check: bool = True) -> dict:
+    """Export the build in `folder` to ONNX next to its weights; return what compose.json records."""
+    import torch
+
+    folder = Path(folder)
+    module = load_module(folder)
+    model = module.ComposeForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    k = kind(module)
+    ex = _inputs(module, model, k, 2, 12, seed=0)
+    program = _export(model, ex, ["logits"], folder / FILES[0], k)
+    files = [FILES[0]]
+    if k == "single":
+        n = model.model.config.n_layer
+        ex = _inputs(module, model, k, 2, 3, seed=0, past=5)
+        present = [f"present.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
+        _export(_WithPast(model, module), ex, ["logits", *present], folder / FILES[1], k)
+        files.append(FILES[1])
+    opset = next((o.version for o in program.model_proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    record = {"files": files, "opset": opset, "exporter": f"torch.onnx dynamo (torch {torch.__version__})",
+              "inputs": {"kind": k}}
+    if check:
+        record["check"] = verify(folder, module=module, model=model)
+    return record
+
+
+def verify(folder: Path, *, module=None, model=None) -> dict:
+    """Run each exported graph in onnxruntime and PyTorch on fresh random inputs of two shapes; raise if
+    a logit differs by more than 1e-4. Returns the max abs differences."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    folder = Path(folder)
+    module = module or load_module(folder)
+    model = model or module.ComposeForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    k = kind(module)
+    result = {}
+    for name in FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        worst = 0.0
+        for batch, seq, past, seed in ((1, 9, 0, 101), (3, 17, 4, 202)):
+            inputs = _inputs(module, model, k, batch, seq if name == FILES[0] else 2, seed,
+                             past=past if name == FILES[1] else None)
+            got = session.run(None, {n: t.numpy() for n, t in inputs.items()})
+            with torch.no_grad():
+                ref = (_WithPast(model, module) if name == FILES[1] else model)(*inputs.values())
+            ref = ref if isinstance(ref, tuple) else (ref,)
+            worst = max(worst, max(float(np.abs(g - r.numpy()).max()) for g, r in zip(got, ref)))
+        if worst > TOLERANCE:
+            raise BuildError(f"{path}: onnxruntime differs from PyTorch by {worst:.2e} (> {TOLERANCE:g})")
+        result[name] = worst
+    if not result:
+        raise BuildError(f"{folder}: no ONNX graphs to verify (export with `compose export {folder} --format onnx`)")
+    return result
