@@ -11,7 +11,6 @@ its tuple falls in one bucket of ten, and training never samples those inputs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -116,14 +115,10 @@ def load_model(folder):
 
 
 def set_trainable(model, folder) -> int:
-    """requires_grad from compose.json's "trainable" list; returns the number of trainable parameters."""
-    names = set(json.loads((Path(folder) / "compose.json").read_text())["trainable"])
-    have = {n for n, _ in model.named_parameters()}
-    missing = names - have
-    if missing:
-        raise RuntimeError(f"compose.json names parameters the loaded model lacks: {sorted(missing)[:5]}")
-    for n, p in model.named_parameters():
-        p.requires_grad = n in names
+    """requires_grad from compose.json's "trainable" list (compose.freeze); returns the trainable count."""
+    from compose import freeze
+
+    freeze(model, folder)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -211,6 +206,13 @@ def plt():
 
 def png_path(script: str) -> Path:
     return Path(_PNG) if _PNG else HERE / (Path(script).stem + ".png")
+
+
+def save(fig, script: str) -> None:
+    """Write the script's plot (next to it, or where --png says) and say where."""
+    fig.tight_layout()
+    fig.savefig(png_path(script), dpi=100)
+    print(f"\nwrote {png_path(script)}")
 
 
 class Timer:

@@ -59,9 +59,7 @@ def main():
         ax[i].set(title=f"task {'AB'[i]} ({t}) held-out accuracy while training on B", xlabel="step on B",
                   ylabel="exact match", ylim=(-0.02, 1.02))
         ax[i].legend()
-    fig.tight_layout()
-    fig.savefig(C.png_path(__file__), dpi=100)
-    print(f"\nwrote {C.png_path(__file__)}")
+    C.save(fig, __file__)
 
 
 if __name__ == "__main__":

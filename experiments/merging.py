@@ -63,9 +63,7 @@ def main():
                   ha="right", fontsize=7)
     ax.set(ylabel="held-out exact match", ylim=(0, 1.05), title="parents and merges")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(C.png_path(__file__), dpi=100)
-    print(f"\nwrote {C.png_path(__file__)}")
+    C.save(fig, __file__)
 
 
 if __name__ == "__main__":

@@ -54,9 +54,7 @@ def main():
     ax.set(xlabel="continued-training step", ylabel=f"train answer loss (mean of {every} steps)", yscale="log",
            title="dense vs upcycled, same batches")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(C.png_path(__file__), dpi=100)
-    print(f"\nwrote {C.png_path(__file__)}")
+    C.save(fig, __file__)
 
 
 if __name__ == "__main__":
