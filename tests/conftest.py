@@ -65,6 +65,16 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny matrices gain nothing from intra-op threads, and on a busy 2-core machine their spinning
+    makes small steps up to 100x slower. (Spawned processes and subprocesses set their own.)"""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def hf_models(tmp_path_factory):
     """Source folders, one per family; qwen2 ties its embeddings, llama is sharded into several files."""

@@ -19,16 +19,6 @@ JOBS = [("llama_pro/ddp", "llama_pro", "ddp"), ("llama_pro/fsdp2", "llama_pro", 
         ("moe/ddp", "moe", "ddp"), ("moe/fsdp2", "moe", "fsdp2")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices gain nothing from intra-op threads, and on a busy 2-core machine their spinning
-    makes each step 100x slower (7 s instead of 0.07 s for the Trainer's 3 steps)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

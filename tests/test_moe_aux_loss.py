@@ -18,15 +18,6 @@ SPECS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices gain nothing from intra-op threads, which make a busy 2-core machine crawl."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module", params=sorted(SPECS))
 def built(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param) / "out"
