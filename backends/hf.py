@@ -25,63 +25,42 @@ def kind_of(g: Graph) -> str:
     return "custom" if is_composite(g) else target(g)
 
 
-def tensors(g: Graph) -> dict[str, Expr]:
-    """Output tensor name -> expression, in file order (Hugging Face names of the target class; for a
-    composite model, the generated module's names: `augment.layers.0.*`, `cross.0.*`)."""
+def parts(g: Graph) -> list[tuple[bool, dict[str, Expr]]]:
+    """(trains, output tensor name -> expression) for each op, in file order (Hugging Face names of the
+    target class; for a composite model, the generated module's: `augment.layers.0.*`, `cross.0.*`).
+    A block's visual expert is a part of its own: it trains while the block around it is frozen."""
     kind = kind_of(g)
-    out: dict[str, Expr] = {"model.embed_tokens.weight": g.embedding.params()["weight"]}
+    out = [(bool(g.embedding.trainable), {"model.embed_tokens.weight": g.embedding.params()["weight"]})]
     for i, (_, b) in enumerate(g.blocks()):
-        out.update(block_tensors(kind, f"model.layers.{i}.", b))
-    out["model.norm.weight"] = g.final_norm.params()["weight"]
+        named = block_tensors(kind, f"model.layers.{i}.", b)
+        vision = {k: e for k, e in named.items() if k.startswith(f"model.layers.{i}.vision_expert.")}
+        out.append((bool(b.trainable), {k: e for k, e in named.items() if k not in vision}))
+        if vision:
+            out.append((bool(b.trainable or b.vision.trainable), vision))
+    out.append((bool(g.final_norm.trainable), {"model.norm.weight": g.final_norm.params()["weight"]}))
     if not g.head.tied:
-        out["lm_head.weight"] = g.head.params()["weight"]
-    out.update(_composite_tensors(g))
-    return out
-
-
-def _composite_tensors(g: Graph) -> dict[str, Expr]:
-    out: dict[str, Expr] = {}
+        out.append((bool(g.head.trainable), {"lm_head.weight": g.head.params()["weight"]}))
     dead = set(g.dead())
     for prefix in g.side_configs:
-        out[f"{prefix}.embed_tokens.weight"] = g.op(f"{prefix}.embed").params()["weight"]
+        embed = g.op(f"{prefix}.embed")
+        out.append((bool(embed.trainable), {f"{prefix}.embed_tokens.weight": embed.params()["weight"]}))
         live = [b for n, b in g.side_blocks(prefix) if n not in dead]
-        for j, b in enumerate(live):
-            out.update({f"{prefix}.layers.{j}.{k}": e for k, e in b.params().items()})
+        out += [(bool(b.trainable), {f"{prefix}.layers.{j}.{k}": e for k, e in b.params().items()})
+                for j, b in enumerate(live)]
     cross = [op for _, op in g.items() if isinstance(op, CrossAttention)]
-    for k, op in enumerate(cross):
-        out.update({f"cross.{k}.{name}": e for name, e in op.params().items()})
-    for name, op in g.items():
-        if isinstance(op, Adapter):
-            out.update({f"{name}.{k}": e for k, e in op.params().items()})
+    out += [(bool(op.trainable), {f"cross.{k}.{n}": e for n, e in op.params().items()}) for k, op in enumerate(cross)]
+    out += [(bool(op.trainable), {f"{name}.{k}": e for k, e in op.params().items()})
+            for name, op in g.items() if isinstance(op, Adapter)]
     return out
+
+
+def tensors(g: Graph) -> dict[str, Expr]:
+    """Output tensor name -> expression, in file order."""
+    return {k: e for _, named in parts(g) for k, e in named.items()}
 
 
 def trainable_names(g: Graph) -> list[str]:
-    names = []
-    kind = kind_of(g)
-    if g.embedding.trainable:
-        names.append("model.embed_tokens.weight")
-    for i, (_, b) in enumerate(g.blocks()):
-        if b.trainable:
-            names += list(block_tensors(kind, f"model.layers.{i}.", b))
-        elif b.vision is not None and b.vision.trainable:
-            names += [f"model.layers.{i}.vision_expert.{k}" for k in b.vision.params()]
-    if g.final_norm.trainable:
-        names.append("model.norm.weight")
-    if g.head.trainable and not g.head.tied:
-        names.append("lm_head.weight")
-    if is_composite(g):
-        cross = [op for _, op in g.items() if isinstance(op, CrossAttention)]
-        names += [f"cross.{k}.{n}" for k, op in enumerate(cross) if op.trainable for n in op.params()]
-        names += [f"{name}.{k}" for name, op in g.items() if isinstance(op, Adapter) and op.trainable
-                  for k in op.params()]
-        dead = set(g.dead())
-        for prefix in g.side_configs:
-            if g.op(f"{prefix}.embed").trainable:
-                names.append(f"{prefix}.embed_tokens.weight")
-            live = [b for n, b in g.side_blocks(prefix) if n not in dead]
-            names += [f"{prefix}.layers.{j}.{k}" for j, b in enumerate(live) if b.trainable for k in b.params()]
-    return names
+    return [k for trains, named in parts(g) if trains for k in named]
 
 
 AUTO_MAP = {"AutoConfig": "modeling_compose_hf.ComposeConfig",
