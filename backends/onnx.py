@@ -13,8 +13,11 @@ index_add stay in the graph and sparse), since grouped_mm has no ONNX translatio
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
+
+import torch
 
 from compose.errors import BuildError
 
@@ -41,32 +44,24 @@ def kind(module) -> str:
     return "calm" if hasattr(module, "calm_forward") else "cogvlm" if hasattr(module, "cogvlm_forward") else "single"
 
 
-class _WithPast:
+class _WithPast(torch.nn.Module):
     """input_ids + flat (key, value) per layer -> logits + the new (key, value) per layer."""
 
-    def __new__(cls, model, module):
-        import torch
+    def __init__(self, model, module):
+        super().__init__()
+        self.model, self.module = model, module
 
-        class WithPast(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.model = model
-
-            def forward(self, input_ids, *past):
-                cache = module.KVCache()
-                for i in range(len(past) // 2):
-                    cache.keys[i], cache.values[i] = past[2 * i], past[2 * i + 1]
-                logits = self.model(input_ids, cache)
-                present = [t for i in range(len(past) // 2) for t in (cache.keys[i], cache.values[i])]
-                return (logits, *present)
-
-        return WithPast()
+    def forward(self, input_ids, *past):
+        cache = self.module.KVCache()
+        for i in range(len(past) // 2):
+            cache.keys[i], cache.values[i] = past[2 * i], past[2 * i + 1]
+        logits = self.model(input_ids, cache)
+        present = [t for i in range(len(past) // 2) for t in (cache.keys[i], cache.values[i])]
+        return (logits, *present)
 
 
 def _inputs(module, model, k: str, batch: int, seq: int, seed: int, past: int | None = None):
     """Example inputs (names -> tensors) of a given shape, drawn from `seed`."""
-    import torch
-
     g = torch.Generator().manual_seed(seed)
     cfg = model.model.config
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
@@ -102,8 +97,6 @@ def _dynamic(names: list[str], k: str) -> tuple:
 
 
 def _export(model, inputs: dict, outputs: list[str], path: Path, k: str):
-    import torch
-
     names = list(inputs)
     shapes = _dynamic(names, k)
     if len(names) > 1 and names[1].startswith("past_key_values."):
@@ -121,8 +114,6 @@ def _export(model, inputs: dict, outputs: list[str], path: Path, k: str):
 
 def _first_line(e: Exception) -> str:
     """The exporter's own summary of what went wrong (its messages open with generic advice)."""
-    import re
-
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     at = next((i for i, line in enumerate(lines) if line.endswith("Exception summary")), None)
@@ -146,8 +137,6 @@ class _open_nodes:
         self.model, self.stack, self.hooks = model, [], []
 
     def __enter__(self):
-        import re
-
         for name, m in self.model.named_modules():
             if re.fullmatch(r"(model\.)?(model\.layers\.\d+|augment\.layers\.\d+|cross\.\d+|vision_adapter)", name):
                 self.hooks.append(m.register_forward_pre_hook(lambda _m, _a, n=name: self.stack.append(n)))
@@ -165,8 +154,6 @@ class _open_nodes:
 
 def export(folder: Path, *, check: bool = True) -> dict:
     """Export the build in `folder` to ONNX next to its weights; return what compose.json records."""
-    import torch
-
     folder = Path(folder)
     module = load_module(folder)
     model = module.ComposeForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -193,8 +180,6 @@ def verify(folder: Path, *, module=None, model=None) -> dict:
     a logit differs by more than 1e-4. Returns the max abs differences."""
     import numpy as np
     import onnxruntime as ort
-    import torch
-
     folder = Path(folder)
     module = module or load_module(folder)
     model = model or module.ComposeForCausalLM.from_pretrained(folder, dtype=torch.float32)
