@@ -71,14 +71,14 @@ def block_tensors(kind: str, prefix: str, b: DecoderBlock) -> dict[str, Expr]:
         # Qwen2-MoE always has a shared expert: a zero-width one adds exactly 0.
         for k, shape in (("gate_proj", (0, h)), ("up_proj", (0, h)), ("down_proj", (h, 0))):
             out[f"{prefix}mlp.shared_expert.{k}.weight"] = Zeros(shape, dtype)
-    elif m.shared_gate is not None:  # a gated shared expert (a Qwen2-MoE source): as it is
-        out.update({f"{prefix}mlp.shared_expert.{k}": w for k, w in m.shared.params().items()})
-        out[prefix + "mlp.shared_expert_gate.weight"] = m.shared_gate
-        return out
     else:
+        # An always-on shared expert behind a zero gate (sigmoid(0) = 1/2) gets its down projection
+        # doubled; a gated one (a Qwen2-MoE source) is written as it is.
+        doubled = m.shared_gate is None
         for k, w in m.shared.params().items():
-            out[f"{prefix}mlp.shared_expert.{k}"] = Scale(w, 2.0) if k.startswith("down_proj.") else w
-    out[prefix + "mlp.shared_expert_gate.weight"] = Zeros((1, h), dtype)
+            out[f"{prefix}mlp.shared_expert.{k}"] = Scale(w, 2.0) if doubled and k.startswith("down_proj.") else w
+    gate = m.shared_gate if m.shared_gate is not None else Zeros((1, h), dtype)
+    out[prefix + "mlp.shared_expert_gate.weight"] = gate
     return out
 
 
