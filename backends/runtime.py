@@ -1,11 +1,11 @@
 """The PyTorch runtime: generation from a build folder with a static, preallocated KV cache, greedy or
 sampled, and on CUDA the decode step captured in a CUDA graph.
 
-One-model builds (dense, merged, MoE) run on `StaticKVCache`: every layer's keys and values live in
-buffers of the full length, written in place at the current position, which is itself a device tensor,
-so a decode step has fixed shapes and no host sync and can be replayed as a CUDA graph (on CUDA, MoE
-layers dispatch through grouped_mm, which needs no sync either). CALM and CogVLM builds run their own
-caches (eager).
+Every kind of build decodes on `StaticKVCache`s: every layer's keys and values live in buffers of the
+full length, written in place at the current position, which is itself a device tensor, so a decode step
+has fixed shapes and no host sync and can be replayed as a CUDA graph (on CUDA, MoE layers dispatch
+through grouped_mm, which needs no sync either). A CALM build holds three (anchor, augmenting model,
+cross-attention context), a CogVLM build one plus the next rotary position, also a device tensor.
 """
 from __future__ import annotations
 
@@ -19,14 +19,23 @@ class StaticKVCache:
     """Preallocated keys and values, (B, n_kv_head, max_len, head_dim) per layer, and the position of the
     next token as a tensor. Same methods as the generated KVCache."""
 
-    def __init__(self, config, batch: int, max_len: int, dtype, device):
+    def __init__(self, n_layer: int, n_kv_head: int, head_dim: int, batch: int, max_len: int, dtype, device):
         import torch
 
-        shape = (batch, config.n_kv_head, max_len, config.head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        shape = (batch, n_kv_head, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.pos = torch.zeros((), dtype=torch.long, device=device)
         self.max_len = max_len
+
+    @classmethod
+    def for_config(cls, config, batch: int, max_len: int, dtype, device) -> "StaticKVCache":
+        """The cache of a generated module's Config."""
+        return cls(config.n_layer, config.n_kv_head, config.head_dim, batch, max_len, dtype, device)
+
+    def counters(self) -> list:
+        """The tensors a step moves on: a warm-up run puts them back."""
+        return [self.pos]
 
     def positions(self, T: int, device):
         import torch
@@ -47,6 +56,31 @@ class StaticKVCache:
 
     def advance(self, T: int) -> None:
         self.pos += T
+
+
+class StaticCogVLMCache(StaticKVCache):
+    """CogVLM's cache: also the rotary position of the next token (patches share one), per sample."""
+
+    def __init__(self, config, batch: int, max_len: int, dtype, device):
+        import torch
+
+        super().__init__(config.n_layer, config.n_kv_head, config.head_dim, batch, max_len, dtype, device)
+        self.next_position = torch.zeros(batch, dtype=torch.long, device=device)
+
+    def counters(self) -> list:
+        return [self.pos, self.next_position]
+
+
+def calm_cache(module, model, batch: int, max_len: int, context_len: int, dtype, device):
+    """A CALM cache of static parts: the cross-attention context holds `context_len` positions (the
+    augmenting prompt's length, or max_len when the augmenting model reads the same tokens)."""
+    a = model.model.config
+    width = a.n_embd // module.HEADS
+    cache = module.CalmCache(StaticKVCache.for_config(a, batch, max_len, dtype, device),
+                             StaticKVCache.for_config(model.augment.config, batch, context_len, dtype, device),
+                             StaticKVCache(len(module.PAIRS), module.HEADS, width, batch, context_len, dtype, device))
+    cache.counters = lambda: cache.anchor.counters() + cache.augment.counters() + cache.cross.counters()
+    return cache
 
 
 def load(folder: str | Path, device: str = "cpu", dtype: str | None = None):
@@ -79,65 +113,81 @@ def _pick(logits, temperature: float, top_k: int | None, top_p: float | None, ge
 
 def generate(module, model, input_ids, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int = 0, cuda_graph: bool | None = None, **inputs):
-    """input_ids (B, T) -> (B, T + max_new_tokens). `inputs` go to the first step (CogVLM's
-    token_type_ids and images, CALM's augment_ids). cuda_graph: None = on CUDA for one-model builds."""
+    """input_ids (B, T) -> (B, T + max_new_tokens). `inputs` go to the prompt's step: CogVLM's
+    token_type_ids and images, CALM's augment_ids (the augmenting model's own prompt). cuda_graph: decode
+    steps replay a CUDA graph; None = whenever the model is on CUDA."""
     import torch
 
-    k = kind(module)
     device = input_ids.device
+    if cuda_graph is None:
+        cuda_graph = device.type == "cuda"
+    if cuda_graph and device.type != "cuda":
+        raise BuildError(f"CUDA graphs need the model on a CUDA device; it is on {device}")
+    prefill, decode, cache = _steps(module, model, input_ids, max_new_tokens, inputs)
+    if cuda_graph:
+        decode = _graphed(decode, cache.counters())
     generator = torch.Generator().manual_seed(seed)
-    if k == "single":
-        cfg = model.model.config
-        cache = StaticKVCache(cfg, input_ids.size(0), input_ids.size(1) + max_new_tokens,
-                              next(model.parameters()).dtype, device)
-        step = lambda ids, first: model(ids, cache)  # noqa: E731
-        if cuda_graph is None:
-            cuda_graph = device.type == "cuda"
-        if cuda_graph:
-            step = _graphed(model, cache, input_ids.size(0), step)
-    else:
-        if cuda_graph:
-            raise BuildError(f"CUDA-graph decoding supports one-model builds; this is a {k} build")
-        cache = module.CalmCache() if k == "calm" else module.CogVLMCache()
-        extra = {"augment_ids": inputs.get("augment_ids")} if k == "calm" else {}
-
-        def step(ids, first):
-            if k == "cogvlm":
-                return model(ids, inputs.get("token_type_ids") if first else None,
-                             inputs.get("images") if first else None, cache)
-            return model(ids, cache, **extra)
     out = [input_ids]
     with torch.no_grad():
-        logits = model(input_ids, cache) if k == "single" else step(input_ids, True)
+        logits = prefill(input_ids)
         for _ in range(max_new_tokens):
             token = _pick(logits[:, -1], temperature, top_k, top_p, generator)
             out.append(token)
-            logits = step(token, False)
+            logits = decode(token)
     return torch.cat(out, dim=1)
 
 
-def _graphed(model, cache: StaticKVCache, batch: int, eager):
-    """The one-token decode step as a replayed CUDA graph (captured on first use, after warm-up runs on
-    a side stream; the cache position is put back after the warm-up so it writes nothing for real)."""
+def _steps(module, model, input_ids, max_new_tokens: int, inputs: dict):
+    """(prefill, decode, cache) for the build's kind: two functions of token ids to logits, one cache."""
+    k = kind(module)
+    allowed = {"single": set(), "calm": {"augment_ids"}, "cogvlm": {"token_type_ids", "images"}}[k]
+    if set(inputs) - allowed:
+        raise BuildError(f"a {k} build takes no {', '.join(sorted(set(inputs) - allowed))} "
+                         f"(it takes: {', '.join(sorted(allowed)) or 'input_ids only'})")
+    B, max_len = input_ids.size(0), input_ids.size(1) + max_new_tokens
+    dtype, device = next(model.parameters()).dtype, input_ids.device
+    if k == "single":
+        cache = StaticKVCache.for_config(model.model.config, B, max_len, dtype, device)
+        return (lambda ids: model(ids, cache)), (lambda ids: model(ids, cache)), cache
+    if k == "calm":
+        aug = inputs.get("augment_ids")
+        cache = calm_cache(module, model, B, max_len, max_len if aug is None else aug.size(1), dtype, device)
+        step = lambda ids: model(ids, cache, aug)  # noqa: E731
+        return step, step, cache
+    cache = StaticCogVLMCache(model.model.config, B, max_len, dtype, device)
+    return ((lambda ids: model(ids, inputs.get("token_type_ids"), inputs.get("images"), cache)),
+            (lambda ids: model(ids, None, None, cache)), cache)
+
+
+def _warm_up(decode, ids, counters: list, runs: int = 2) -> None:
+    """Run the decode step `runs` times on `ids`, then put the cache's counters back: the keys and values
+    it wrote sit at the slots the real step overwrites next, so the generation is as if it never ran."""
+    saved = [c.clone() for c in counters]
+    for _ in range(runs):
+        decode(ids)
+        for c, s in zip(counters, saved):
+            c.copy_(s)
+
+
+def _graphed(decode, counters: list):
+    """The one-token decode step as a replayed CUDA graph, captured on first use after warm-up runs on a
+    side stream (so lazy initialisation and autotuning stay out of the graph). The step reads its
+    token from a static buffer and writes its logits to another; the caches are updated in place."""
     import torch
 
     state = {}
 
-    def step(ids, first):
+    def step(ids):
         if "graph" not in state:
             static_ids = ids.clone()
-            pos = cache.pos.clone()
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream), torch.no_grad():
-                for _ in range(2):
-                    model(static_ids, cache)
-                    cache.pos.copy_(pos)
+                _warm_up(decode, static_ids, counters)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph), torch.no_grad():
-                static_logits = model(static_ids, cache)
-            cache.pos.copy_(pos)
+                static_logits = decode(static_ids)  # recorded, not run: the counters have not moved
             state.update(graph=graph, ids=static_ids, logits=static_logits)
         state["ids"].copy_(ids)
         state["graph"].replay()

@@ -1,5 +1,6 @@
 """The runtime: static-cache generation equals transformers' greedy generate on the same weights, and the
-generated modules' own decoding; sampling is seeded; the CUDA-graph path runs where there is a GPU."""
+generated modules' own decoding, for every kind of build; sampling is seeded; the CUDA-graph path runs
+where there is a GPU, its warm-up everywhere."""
 from __future__ import annotations
 
 import pytest
@@ -37,11 +38,72 @@ def test_static_cache_greedy_equals_transformers_generate(builds, name):
     assert torch.equal(ours, model.generate(ids, 14))  # the generated module's own (growing) cache
 
 
-@pytest.mark.parametrize("name", ["calm", "cogvlm"])
-def test_composite_builds_generate_with_their_caches(builds, name):
-    module, model = runtime.load(builds[name])
+def _perturbed(build_dir):
+    """The build's module and model with every weight nudged: CALM's and CogVLM's new layers start as
+    exact no-ops (zero o_proj), which would hide a cache that feeds them the wrong keys."""
+    module, model = runtime.load(build_dir)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return module, model
+
+
+def _vlm_prompt(B=2, T=14, start=3, patches=5):
+    ids = token_ids(batch=B, seq=T, seed=4)
+    types = torch.zeros_like(ids)
+    types[:, start:start + patches + 2] = 1  # begin-of-image, patches, end-of-image
+    return ids, dict(token_type_ids=types, images=torch.randn(B, patches, 8, generator=torch.Generator().manual_seed(2)))
+
+
+def _composite_cases(builds):
+    """(name, module, model, prompt ids, prompt inputs): CALM reading the same tokens, CALM reading its own
+    augmenting prompt, CogVLM with an image in the prompt."""
+    calm_mod, calm_model = _perturbed(builds["calm"])
+    vlm_mod, vlm_model = _perturbed(builds["cogvlm"])
     ids = token_ids(batch=2, seq=6, seed=4)
-    assert torch.equal(runtime.generate(module, model, ids, 5), model.generate(ids, 5))
+    vlm_ids, vlm_inputs = _vlm_prompt()
+    return [("calm", calm_mod, calm_model, ids, {}),
+            ("calm augment_ids", calm_mod, calm_model, ids, dict(augment_ids=token_ids(batch=2, seq=9, seed=8))),
+            ("cogvlm", vlm_mod, vlm_model, vlm_ids, vlm_inputs)]
+
+
+def test_composite_builds_decode_on_static_caches(builds):
+    """The runtime's preallocated caches give the tokens the generated modules' own growing caches give."""
+    for name, module, model, ids, inputs in _composite_cases(builds):
+        ours = runtime.generate(module, model, ids, 7, **inputs)
+        assert torch.equal(ours, model.generate(ids, 7, *inputs.values())), name
+
+
+@pytest.mark.parametrize("name", ["llama", "mixtral"])
+def test_warm_up_before_capture_leaves_no_trace(builds, name):
+    """The eager half of the CUDA-graph path: warm-up runs of the decode step on the live caches, with
+    the counters put back, change nothing that follows."""
+    module, model = runtime.load(builds[name])
+    cases = [(name, module, model, token_ids(batch=2, seq=5, seed=9), {})]
+    if name == "llama":  # the composite kinds once, with their extra counters (CogVLM's next position)
+        cases += _composite_cases(builds)
+    for case, module, model, ids, inputs in cases:
+        plain = runtime.generate(module, model, ids, 6, **inputs)
+        prefill, decode, cache = runtime._steps(module, model, ids, 6, inputs)
+        with torch.no_grad():
+            token = prefill(ids)[:, -1:].argmax(-1)
+            runtime._warm_up(decode, token, cache.counters(), runs=3)
+            out = [ids, token]
+            for _ in range(5):
+                out.append(decode(out[-1])[:, -1:].argmax(-1))
+        assert torch.equal(torch.cat(out, 1), plain), case
+
+
+def test_bad_generate_input_is_named(builds):
+    from compose.errors import BuildError
+
+    module, model = runtime.load(builds["llama"])
+    with pytest.raises(BuildError, match="single build takes no images"):
+        runtime.generate(module, model, token_ids(batch=1, seq=3), 2, images=torch.zeros(1, 1, 8))
+    if not torch.cuda.is_available():
+        with pytest.raises(BuildError, match="CUDA graphs need the model on a CUDA device"):
+            runtime.generate(module, model, token_ids(batch=1, seq=3), 2, cuda_graph=True)
 
 
 def test_sampling_is_seeded(builds):
@@ -68,9 +130,18 @@ def test_cli_generate(builds, capsys):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("name", ["llama", "mixtral"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "mixtral"])
 def test_cuda_graph_decoding_equals_eager(builds, name):
     module, model = runtime.load(builds[name], device="cuda", dtype="bfloat16")
     ids = token_ids(batch=1, seq=8).cuda()
     eager = runtime.generate(module, model, ids, 16, cuda_graph=False)
     assert torch.equal(runtime.generate(module, model, ids, 16, cuda_graph=True), eager)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_decoding_equals_eager_for_calm_and_cogvlm(builds):
+    for name, module, model, ids, inputs in _composite_cases(builds):
+        model = model.cuda()
+        ids, inputs = ids.cuda(), {k: v.cuda() for k, v in inputs.items()}
+        eager = runtime.generate(module, model, ids, 12, cuda_graph=False, **inputs)
+        assert torch.equal(runtime.generate(module, model, ids, 12, cuda_graph=True, **inputs), eager), name
