@@ -69,10 +69,19 @@ def _composite_cases(builds):
 
 
 def test_composite_builds_decode_on_static_caches(builds):
-    """The runtime's preallocated caches give the tokens the generated modules' own growing caches give."""
+    """The runtime's preallocated caches give the tokens the generated modules' own growing caches give,
+    and step by step the logits of one forward over the whole sequence."""
     for name, module, model, ids, inputs in _composite_cases(builds):
         ours = runtime.generate(module, model, ids, 7, **inputs)
         assert torch.equal(ours, model.generate(ids, 7, *inputs.values())), name
+        full_inputs = dict(inputs)
+        if "token_type_ids" in inputs:  # the new tokens are text
+            full_inputs["token_type_ids"] = torch.nn.functional.pad(inputs["token_type_ids"], (0, 7))
+        prefill, decode, _ = runtime._steps(module, model, ids, 7, inputs)
+        with torch.no_grad():
+            full = model(ours, **full_inputs)
+            steps = [prefill(ids)] + [decode(ours[:, t:t + 1]) for t in range(ids.size(1), ours.size(1) - 1)]
+        torch.testing.assert_close(torch.cat(steps, 1), full[:, :-1], rtol=0, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("name", ["llama", "mixtral"])
