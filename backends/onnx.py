@@ -8,7 +8,9 @@ Two graphs where it makes sense:
   `.value` (batch, kv_heads, past_sequence, head_dim), out logits and `present.N.key` / `.value`: the
   Optimum naming, so ONNX Runtime GenAI-style loops can drive it. past_sequence may be 0 (the prompt).
 MoE layers export their loop over experts (each expert takes only the rows routed to it: top-k, gather,
-index_add stay in the graph and sparse), since grouped_mm has no ONNX translation.
+index_add stay in the graph and sparse), since grouped_mm has no ONNX translation. `dense_moe` exports the
+dense dispatch instead: every expert on every token, weighted by the router (zero where not chosen), a
+graph with no data-dependent shapes for runtimes that want one, at n_experts / top_k times the FLOPs.
 """
 from __future__ import annotations
 
@@ -152,12 +154,17 @@ class _open_nodes:
         return False
 
 
-def export(folder: Path, *, check: bool = True) -> dict:
+def export(folder: Path, *, check: bool = True, dense_moe: bool = False) -> dict:
     """Export the build in `folder` to ONNX next to its weights; return what compose.json records."""
     folder = Path(folder)
     module = load_module(folder)
     model = module.ComposeForCausalLM.from_pretrained(folder, dtype=torch.float32)
     k = kind(module)
+    moe_layers = [m for m in model.modules() if hasattr(m, "dispatch")]
+    if dense_moe and not moe_layers:
+        raise BuildError(f"--dense-moe: {folder} has no MoE layers")
+    for m in moe_layers:
+        m.dispatch = "dense" if dense_moe else "loop"
     ex = _inputs(module, model, k, 2, 12, seed=0)
     program = _export(model, ex, ["logits"], folder / FILES[0], k)
     files = [FILES[0]]
@@ -170,6 +177,8 @@ def export(folder: Path, *, check: bool = True) -> dict:
     opset = next((o.version for o in program.model_proto.opset_import if o.domain in ("", "ai.onnx")), None)
     record = {"files": files, "opset": opset, "exporter": f"torch.onnx dynamo (torch {torch.__version__})",
               "inputs": {"kind": k}}
+    if moe_layers:
+        record["moe_dispatch"] = "dense" if dense_moe else "loop"
     if check:
         record["check"] = verify(folder, module=module, model=model)
     return record

@@ -2,7 +2,8 @@
 
 The floor of a decode step is the bytes it must read (all weights for a dense model, the router plus
 top-k experts plus everything outside the MoE layers for an MoE) over the device's copy bandwidth,
-measured in the same run. Targets (issue 6, on a GPU): CUDA-graph decode at >= 70% of the floor.
+measured in the same run. Targets (issue 6, on a GPU): CUDA-graph decode at >= 70% of the floor. A CALM
+row shows the composite kind's decode (two models and cross-attention) on the same footing.
 
     python bench/decode.py --device cuda              # >= 1B-parameter SOLAR-upscaled Llama + 8-expert MoE, bf16
     python bench/decode.py --device cpu --sizes small # the same code on a CPU-sized config
@@ -18,9 +19,11 @@ from pathlib import Path
 SIZES = {
     # SOLAR: 16 layers -> 2 * (16 - 4) = 24 layers of width 2048: about 1.3B parameters.
     "gpu": dict(dense="tiny:llama?hidden=2048&intermediate=5632&layers=16&heads=16&kv_heads=16&vocab=32000",
-                drop=4, moe="tiny:llama?hidden=1024&intermediate=2816&layers=8&heads=8&kv_heads=8&vocab=32000"),
+                drop=4, moe="tiny:llama?hidden=1024&intermediate=2816&layers=8&heads=8&kv_heads=8&vocab=32000",
+                augment="tiny:qwen2?hidden=1024&intermediate=2816&layers=8&heads=8&kv_heads=8&vocab=32000"),
     "small": dict(dense="tiny:llama?hidden=256&intermediate=688&layers=6&heads=4&kv_heads=4&vocab=4096",
-                  drop=2, moe="tiny:llama?hidden=256&intermediate=688&layers=4&heads=4&kv_heads=4&vocab=4096"),
+                  drop=2, moe="tiny:llama?hidden=256&intermediate=688&layers=4&heads=4&kv_heads=4&vocab=4096",
+                  augment="tiny:qwen2?hidden=128&intermediate=344&layers=4&heads=4&kv_heads=4&vocab=4096"),
 }
 
 
@@ -89,7 +92,7 @@ def main() -> None:
 
     import torch
 
-    from compose import build, depth_upscale, load, moe
+    from compose import build, calm, depth_upscale, load, moe
     from compose.backends import runtime
 
     device = torch.device(a.device)
@@ -102,6 +105,9 @@ def main() -> None:
         "SOLAR-upscaled Llama (dense)": depth_upscale(load(sizes["dense"], dtype=dtype), drop=sizes["drop"]),
         "upcycled MoE (8 experts, top-2)": moe.upcycle(load(sizes["moe"], dtype=dtype), num_experts=8, top_k=2,
                                                        noise=0.01),
+        # The anchor is the MoE's base model; the augmenting model reads the same tokens.
+        "CALM (cross-attention every 2 layers)": calm(anchor=load(sizes["moe"], dtype=dtype),
+                                                      augment=load(sizes["augment"], dtype=dtype), every=2),
     }
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, spec) in enumerate(specs.items()):

@@ -3,7 +3,7 @@
 Builds each spec with --format hf,onnx in a temporary folder, then times a full forward (input_ids ->
 logits) at batch 1 and 8 in onnxruntime (CPU provider) and in the generated PyTorch module (eager,
 torch.no_grad), median of --reps after warm-up, and prints the ratio. Target (issue 6): onnxruntime
-<= 1.0x PyTorch.
+<= 1.0x PyTorch. The last row exports the MoE with --dense-moe (PyTorch still dispatches sparsely).
 
     python bench/onnx_cpu.py [--seq 128] [--reps 20] [--threads 2]
 """
@@ -20,6 +20,7 @@ SPECS = {
     "mixtral upcycle (tiny, 8x top-2)": "moe.upcycle(load('tiny:llama'), num_experts=8, top_k=2, noise=0.02)",
     "calm (tiny llama + qwen2)": "calm(anchor=load('tiny:llama'), augment=load('tiny:qwen2?layers=4&hidden=128'), every=2)",
 }
+DENSE = {"mixtral, --dense-moe export": "mixtral upcycle (tiny, 8x top-2)"}  # the same spec, dense in ONNX
 
 
 def _time(fn, reps: int) -> float:
@@ -50,8 +51,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, {a.threads} threads, sequence {a.seq}")
     print(f"{'model':34} {'batch':>5} {'torch ms':>9} {'ort ms':>9} {'ort/torch':>9}")
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (name, spec) in enumerate(SPECS.items()):
-            out = build(eval(spec), Path(tmp) / f"m{i}", formats=["hf", "onnx"], progress=False)
+        for i, name in enumerate([*SPECS, *DENSE]):
+            spec = SPECS[DENSE.get(name, name)]
+            out = build(eval(spec), Path(tmp) / f"m{i}", formats=["hf", "onnx"], progress=False,
+                        dense_moe=name in DENSE)
             model = load_module(out).ComposeForCausalLM.from_pretrained(out)
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = a.threads

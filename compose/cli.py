@@ -14,6 +14,8 @@ EPILOG = """examples:
   compose verify out                                 re-run the onnxruntime-vs-PyTorch check
   compose generate out --prompt "Once upon" --max-new-tokens 20
 """
+DENSE_MOE_HELP = ("ONNX: export MoE layers densely (every expert on every token, weighted by the router): no "
+                  "data-dependent shapes, n_experts/top_k times the expert FLOPs (default: sparse, a loop over experts)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="tensors computed in parallel (default: the CPU count, at most 4); memory stays "
                         "within a budget of about the largest tensor's working set")
     b.add_argument("--device", default="cpu", help="where merges compute: cpu (default) or cuda[:N]")
+    b.add_argument("--dense-moe", action="store_true", help=DENSE_MOE_HELP)
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
@@ -59,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "builds), checked in onnxruntime; recorded in compose.json.")
     e.add_argument("out", metavar="OUT")
     e.add_argument("--format", default="onnx", choices=["onnx"])
+    e.add_argument("--dense-moe", action="store_true", help=DENSE_MOE_HELP)
     e.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     v = sub.add_parser("verify", help="check a build's ONNX graphs against PyTorch",
@@ -68,8 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     g = sub.add_parser("generate", help="generate text with a build",
-                       description="Generate from OUT with the generated module and a static KV cache (CUDA graphs "
-                                   "on CUDA for one-model builds). Greedy unless --temperature > 0.")
+                       description="Generate from OUT with the generated module and a static KV cache (decode steps "
+                                   "replayed as CUDA graphs on CUDA). Greedy unless --temperature > 0.")
     g.add_argument("out", metavar="OUT")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=32)
@@ -100,7 +104,8 @@ def cmd_build(a) -> int:
 
     formats = [f.strip() for f in a.format.split(",") if f.strip()]
     out = build(a.spec, a.out, formats=formats, dtype=a.dtype, max_shard_size=a.max_shard_size, force=a.force,
-                progress=not a.no_progress and sys.stderr.isatty(), workers=a.workers, device=a.device)
+                progress=not a.no_progress and sys.stderr.isatty(), workers=a.workers, device=a.device,
+                dense_moe=a.dense_moe)
     print(f"built {out}")
     return 0
 
@@ -153,7 +158,7 @@ def cmd_export(a) -> int:
     from compose.backends import onnx
 
     folder = _built(a.out)
-    record = onnx.export(folder)
+    record = onnx.export(folder, dense_moe=a.dense_moe)
     manifest = json.loads((folder / "compose.json").read_text())
     manifest["onnx"] = record
     tmp = folder / "compose.json.tmp"

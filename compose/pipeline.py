@@ -80,7 +80,7 @@ def compile_graph(spec, *, dtype: str | None = None, passes: Iterable[str] | Non
 
 def build(spec, out: str | os.PathLike, *, formats: Iterable[str] = ("hf",), dtype: str | None = None,
           max_shard_size: str | int = "5GB", force: bool = False, progress: bool = True, workers: int | None = None,
-          device: str = "cpu") -> Path:
+          device: str = "cpu", dense_moe: bool = False) -> Path:
     """Build `spec` into the folder `out`. Written to a temporary folder and renamed into place: a failed
     build leaves nothing behind, and an existing `out` is replaced only with `force`."""
     from compose import __version__
@@ -99,6 +99,8 @@ def build(spec, out: str | os.PathLike, *, formats: Iterable[str] = ("hf",), dty
     if workers is not None and workers < 1:
         raise BuildError(f"--workers: must be at least 1, got {workers}")
     workers = workers or min(4, os.cpu_count() or 1)
+    if dense_moe and "onnx" not in formats:
+        raise BuildError("--dense-moe: applies to the ONNX export; add onnx to --format")
     _check_device(device)
     spec = as_build_spec(spec)
     g = compile_graph(spec, dtype=dtype, verify_each=True)
@@ -123,7 +125,7 @@ def build(spec, out: str | os.PathLike, *, formats: Iterable[str] = ("hf",), dty
         if "onnx" in formats:
             from compose.backends import onnx
 
-            onnx_record = onnx.export(tmp)
+            onnx_record = onnx.export(tmp, dense_moe=dense_moe)
             files += onnx_record["files"]
         manifest = {
             "compose_version": __version__,

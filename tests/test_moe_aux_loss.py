@@ -31,7 +31,7 @@ def test_aux_loss_matches_transformers(built):
     ids = token_ids(batch=3, seq=17)
     with torch.no_grad():
         hf_aux = ref(ids, output_router_logits=True).aux_loss
-    for dispatch in ("grouped_mm", "loop"):
+    for dispatch in ("grouped_mm", "loop", "dense"):
         mine = mod.ComposeForCausalLM.from_pretrained(out).train()
         for m in mine.modules():
             if isinstance(m, mod.SparseMoE):

@@ -1,5 +1,5 @@
 """The generated MoE layer against transformers' own Mixtral and Qwen2-MoE on the same weights: the
-grouped_mm dispatch and the loop over experts both within 1e-5 in float32, with ties in the routing and
+grouped_mm dispatch, the loop over experts and the dense dispatch all within 1e-5 in float32, with ties in the routing and
 with every token routed to one expert."""
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def _pair(built, dispatch):
     return ref, mine
 
 
-@pytest.mark.parametrize("dispatch", ["grouped_mm", "loop"])
+@pytest.mark.parametrize("dispatch", ["grouped_mm", "loop", "dense"])
 def test_generated_moe_matches_transformers(built, dispatch):
     ref, mine = _pair(built, dispatch)
     ids = token_ids(seq=33)
@@ -53,7 +53,7 @@ def _moe_blocks(model):
     return [l.mlp for l in model.model.layers if hasattr(l.mlp, "gate")]
 
 
-@pytest.mark.parametrize("dispatch", ["grouped_mm", "loop"])
+@pytest.mark.parametrize("dispatch", ["grouped_mm", "loop", "dense"])
 @pytest.mark.parametrize("routing", ["ties", "one_expert"])
 def test_routing_edge_cases(built, dispatch, routing):
     """Ties: a zero router makes every expert equally likely. One expert: a router whose row 0 dominates

@@ -50,6 +50,25 @@ def test_with_past_uses_optimum_names(tmp_path):
     # The MoE stays sparse: a loop over experts with top-k, gathers and index_add, not a dense einsum.
     ops = {n.op_type for n in __import__("onnx").load(str(out / "model.onnx")).graph.node}
     assert {"TopK", "NonZero"} <= ops or "Loop" in ops or "ScatterND" in ops, sorted(ops)
+    assert json.loads((out / "compose.json").read_text())["onnx"]["moe_dispatch"] == "loop"
+
+
+def test_dense_moe_export_has_no_data_dependent_shapes(tmp_path):
+    """--dense-moe: every expert runs on every token, weighted (0 where not chosen); still checked against
+    PyTorch's sparse dispatch within 1e-4, and recorded."""
+    import onnx as onnx_lib
+
+    out = build(SPECS["deepseek"](), tmp_path / "out", formats=["hf", "onnx"], progress=False, dense_moe=True)
+    record = json.loads((out / "compose.json").read_text())["onnx"]
+    assert record["moe_dispatch"] == "dense" and all(d <= 1e-4 for d in record["check"].values())
+    for name in record["files"]:
+        ops = {n.op_type for n in onnx_lib.load(str(out / name)).graph.node}
+        assert not ops & {"NonZero", "Loop", "ScatterND"}, (name, sorted(ops))
+    with pytest.raises(BuildError, match="--dense-moe: .* has no MoE layers"):
+        build(load(TINY), tmp_path / "dense", formats=["hf", "onnx"], progress=False, dense_moe=True)
+    with pytest.raises(BuildError, match="--dense-moe: applies to the ONNX export"):
+        build(SPECS["mixtral"](), tmp_path / "x", formats=["hf"], progress=False, dense_moe=True)
+    assert not (tmp_path / "dense").exists()
 
 
 def test_a_failing_export_names_the_node(tmp_path):
