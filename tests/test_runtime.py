@@ -104,6 +104,26 @@ def test_warm_up_before_capture_leaves_no_trace(builds, name):
         assert torch.equal(torch.cat(out, 1), plain), case
 
 
+def test_decode_steps_trace_as_one_graph(builds):
+    """A CUDA graph replays kernels only: a decode step that reads a tensor on the host (len of a cache,
+    bool of a mask, .item()) cannot be captured. Dynamo with fullgraph=True refuses such reads too, so
+    this checks every kind's decode step on CPU (MoE in bfloat16: the grouped_mm dispatch CUDA uses)."""
+    module, model = runtime.load(builds["mixtral"], dtype="bfloat16")
+    cases = [(n, *runtime.load(builds[n]), token_ids(batch=2, seq=5, seed=9), {}) for n in ("llama", "mistral")]
+    cases += [("mixtral", module, model, token_ids(batch=2, seq=5, seed=9), {})] + _composite_cases(builds)
+    for name, module, model, ids, inputs in cases:
+        prefill, decode, cache = runtime._steps(module, model, ids, 4, inputs)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            token = prefill(ids)[:, -1:].argmax(-1)
+            before = [c.clone() for c in cache.counters()]
+            expected = decode(token)
+            for c, b in zip(cache.counters(), before):
+                c.copy_(b)  # the same step again, traced
+            traced = torch.compile(decode, fullgraph=True, backend="eager", dynamic=False)(token)
+        assert torch.equal(traced, expected), name
+
+
 def test_bad_generate_input_is_named(builds):
     from compose.errors import BuildError
 
