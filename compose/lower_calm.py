@@ -11,12 +11,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import zlib
 
 from compose.errors import SpecError
 from compose.ir import CrossAttention, DecoderBlock, Graph, Load, MoE
 from compose.ir.graph import CROSS
-from compose.ir.weights import Noise, Ones, Zeros
+from compose.ir.weights import Noise, Ones, Zeros, derive_seed
 from compose.spec import CalmSpec
 
 PREFIX = "augment"
@@ -89,17 +88,13 @@ def _pairs(spec: CalmSpec, n_a: int, n_b: int, path: str) -> list[tuple[int, int
     return sorted(pairs)
 
 
-def _seed(spec: CalmSpec, k: int, name: str) -> int:
-    return zlib.crc32(f"{spec.seed}:calm:{k}:{name}".encode())
-
-
 def _cross_attention(spec: CalmSpec, a: Graph, b: Graph, i: int, j: int, heads: int, k: int,
                      dtype: str) -> CrossAttention:
     h, hb, hd = a.config.hidden, b.config.hidden, a.config.hidden // heads
     inner = heads * hd
 
     def rand(name, shape):
-        return Noise(Zeros(shape, dtype), spec.std, _seed(spec, k, name))
+        return Noise(Zeros(shape, dtype), spec.std, derive_seed(spec.seed, "calm", k, name))
 
     weights = {"norm.weight": Ones((h,), dtype), "context_proj.weight": rand("context_proj", (h, hb)),
                "q_proj.weight": rand("q_proj", (inner, h)), "k_proj.weight": rand("k_proj", (inner, h)),

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import zlib
 
 from compose.errors import SourceError, SpecError
 from compose.ir import DecoderBlock, Graph, Load, LMHead, Merge, Origin
-from compose.ir.weights import Expr
+from compose.ir.weights import Expr, derive_seed
 from compose.ir.graph import ArchConfig
 from compose.merges.api import Method
 from compose.merges.registry import get
@@ -63,7 +62,7 @@ def lower_merge(spec: MergeSpec, path: str) -> Graph:
             else:
                 idx = [i for i in range(len(exprs)) if p.scope == "input" or i != base]
                 params[p.name] = tuple(resolve(p, own[i], in_names[i], t, n, method.name) for i in idx)
-        seed = zlib.crc32(f"{spec.seed}:{out}".encode()) if method.random else None
+        seed = derive_seed(spec.seed, out) if method.random else None
         return Merge(method.name, tuple(exprs), base, tuple(params.items()), seed, out, spec.dtype)
 
     tokenizer, vocab = _tokenizer(spec, inputs, graphs, base, path)

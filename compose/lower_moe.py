@@ -7,11 +7,10 @@ one exception: they are computed here, once, by compose.router_init.
 from __future__ import annotations
 
 import dataclasses
-import zlib
 
 from compose.errors import SourceError, SpecError
 from compose.ir import DecoderBlock, DenseFFN, Graph, MoE, Router
-from compose.ir.weights import Concat, Const, Expr, Noise, Slice, Zeros
+from compose.ir.weights import Concat, Const, Expr, Noise, Slice, Zeros, derive_seed
 from compose.spec import MoESpec
 
 
@@ -103,15 +102,11 @@ def _check_fine_grained(spec: MoESpec, inter: int, path: str) -> None:
                         f"and {spec.shared} does not divide the intermediate size {inter}")
 
 
-def _seed(spec: MoESpec, *parts) -> int:
-    return zlib.crc32(":".join(map(str, (spec.seed, *parts))).encode())
-
-
 def _noisy(ffn: DenseFFN, spec: MoESpec, layer: int, expert: int) -> DenseFFN:
     """An expert copy, with seeded noise on each weight when asked (one stream per layer, expert and name)."""
     if not spec.noise:
         return ffn
-    return ffn.with_weights(**{k: Noise(e, spec.noise, _seed(spec, "noise", layer, expert, k))
+    return ffn.with_weights(**{k: Noise(e, spec.noise, derive_seed(spec.seed, "noise", layer, expert, k))
                                for k, e in ffn.params().items()})
 
 
@@ -142,7 +137,7 @@ def _fine_grained(ffn: DenseFFN, spec: MoESpec, layer: int) -> tuple[list[DenseF
     for e in range(spec.routed):
         weights = _segment(ffn, e % spec.segments, w)
         if spec.noise:
-            weights = {k: Noise(x, spec.noise, _seed(spec, "noise", layer, e, k)) for k, x in weights.items()}
+            weights = {k: Noise(x, spec.noise, derive_seed(spec.seed, "noise", layer, e, k)) for k, x in weights.items()}
         if spec.preserve:
             down = weights["down_proj.weight"]
             weights["down_proj.weight"] = Zeros(down.shape, down.dtype)
@@ -163,7 +158,7 @@ def _router_rows(spec: MoESpec, g: Graph, count: int, path: str):
     if r.init == "zeros":
         return lambda i: Zeros(shape, cfg.dtype)
     if r.init == "random":
-        return lambda i: Noise(Zeros(shape, cfg.dtype), r.std, _seed(r, "router", i))
+        return lambda i: Noise(Zeros(shape, cfg.dtype), r.std, derive_seed(r.seed, "router", i))
     from compose.ir.evaluate import torch_dtype
     from compose.router_init import gate_vectors
 

@@ -4,13 +4,12 @@ the embedding through a cross edge (image features take the patches' places in t
 from __future__ import annotations
 
 import dataclasses
-import zlib
 
 from compose.errors import SpecError
 from compose.ir import DenseFFN, Graph
 from compose.ir.graph import CROSS
 from compose.ir.nodes import Adapter, VisionExpert
-from compose.ir.weights import Noise, Zeros
+from compose.ir.weights import Noise, Zeros, derive_seed
 from compose.spec import VisualExpertSpec
 
 ADAPTER = "vision_adapter"
@@ -28,7 +27,7 @@ def lower_visual_expert(spec: VisualExpertSpec, path: str) -> Graph:
     h, dtype = g.config.hidden, g.config.dtype
 
     def rand(name, shape):
-        return Noise(Zeros(shape, dtype), spec.std, zlib.crc32(f"{spec.seed}:adapter:{name}".encode()))
+        return Noise(Zeros(shape, dtype), spec.std, derive_seed(spec.seed, "adapter", name))
 
     adapter = Adapter(weights=(("fc1.weight", rand("fc1", (h, spec.vision_width))), ("fc1.bias", Zeros((h,), dtype)),
                                ("fc2.weight", rand("fc2", (h, h))), ("fc2.bias", Zeros((h,), dtype))),

@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import os
 import struct
-import zlib
 from collections import Counter
 from pathlib import Path
 from urllib.parse import parse_qsl
 
 from compose.errors import SourceError
+from compose.ir.weights import derive_seed
 
 FAMILIES = ("llama", "mistral", "qwen2")
 MOE_FAMILIES = ("mixtral", "qwen2_moe")
@@ -251,7 +251,7 @@ class TinySource(Source):
         import torch
 
         shape = self._meta[key][0]
-        g = torch.Generator().manual_seed(zlib.crc32(f"{self.opts['seed']}:{key}".encode()))
+        g = torch.Generator().manual_seed(derive_seed(self.opts['seed'], key))
         x = torch.randn(shape, generator=g, dtype=torch.float32)
         # Norm gains near 1 (not exactly 1, so a norm taken from the wrong layer shows in the logits).
         if key.endswith("norm.weight"):

@@ -149,6 +149,14 @@ class Noise(_Unary):
         return f"noise({self.x}, std={self.std!r}, seed={self.seed})"
 
 
+def derive_seed(*parts) -> int:
+    """The seed of one random tensor, from the parts that name it (the spec's seed first): crc32 of their
+    ':'-joined text, the same on every run and machine (hash() of a str is not)."""
+    import zlib
+
+    return zlib.crc32(":".join(map(str, parts)).encode())
+
+
 @dataclass(frozen=True)
 class Const(Expr):
     """A tensor computed while lowering, where the value depends on running a model (a router initialised
