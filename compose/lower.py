@@ -11,7 +11,7 @@ import json
 from compose.errors import SourceError, SpecError
 from compose.ir import ArchConfig, Attention, DecoderBlock, DenseFFN, Embedding, Graph, LMHead, Load, Norm, Origin, Zeros
 from compose.ir.nodes import make
-from compose.sources import Source, open_source
+from compose.sources import MOE_FAMILIES, Source, open_source
 from compose.spec import (DTYPES, CalmSpec, ExpandSpec, LayersSpec, LoadSpec, MergeSpec, MoESpec, StackSpec,
                           UpscaleSpec, VisualExpertSpec)
 
@@ -20,13 +20,13 @@ def lower(spec, path: str = "model") -> Graph:
     if isinstance(spec, LoadSpec):
         return lower_load(spec, path)
     if isinstance(spec, ExpandSpec):
-        return expand_blocks(single(lower(spec.model, f"{path}.model"), f"{path}.model"), spec, path)
+        return expand_blocks(lower_one(spec.model, f"{path}.model"), spec, path)
     if isinstance(spec, UpscaleSpec):
-        return depth_upscale(single(lower(spec.model, f"{path}.model"), f"{path}.model"), spec.drop, path)
+        return depth_upscale(lower_one(spec.model, f"{path}.model"), spec.drop, path)
     if isinstance(spec, LayersSpec):
-        return take_layers(single(lower(spec.model, f"{path}.model"), f"{path}.model"), spec.start, spec.stop, path)
+        return take_layers(lower_one(spec.model, f"{path}.model"), spec.start, spec.stop, path)
     if isinstance(spec, StackSpec):
-        return stack([lower(s, f"{path}.slices[{i}]") for i, s in enumerate(spec.slices)], path)
+        return stack([lower_one(s, f"{path}.slices[{i}]") for i, s in enumerate(spec.slices)], path)
     if isinstance(spec, MergeSpec):
         from compose.lower_merge import lower_merge
 
@@ -113,7 +113,7 @@ def block_from_source(src: Source, cfg: ArchConfig, i: int, path: str) -> Decode
     ffn_names = ["gate_proj.weight", "up_proj.weight", "down_proj.weight"]
     if mlp_bias:
         ffn_names += ["gate_proj.bias", "up_proj.bias", "down_proj.bias"]
-    if src.family in ("mixtral", "qwen2_moe"):
+    if src.family in MOE_FAMILIES:
         from compose.lower_moe import moe_from_source
 
         ffn = moe_from_source(src, cfg, i, path)
@@ -151,8 +151,10 @@ def lower_load(spec: LoadSpec, path: str) -> Graph:
 
 # -- structural ops --------------------------------------------------------------------------------------
 
-def single(g: Graph, path: str) -> Graph:
-    """`g`, when it is one model; a composite (CALM, CogVLM) cannot go through the structural ops yet."""
+def lower_one(spec, path: str) -> Graph:
+    """`spec` lowered, when it is one model: a composite (CALM, CogVLM) cannot go through the structural
+    ops, merges or other compositions yet."""
+    g = lower(spec, path)
     if any(op.vision is not None for _, op in g.blocks()):
         raise SpecError(f"{path}: a model with visual experts cannot be composed further yet; apply other "
                         "operations to the language model first")
@@ -217,7 +219,6 @@ _MUST_MATCH = ("family", "hidden", "intermediate", "heads", "kv_heads", "head_di
 
 
 def stack(graphs: list[Graph], path: str) -> Graph:
-    graphs = [single(g, f"{path}.slices[{i}]") for i, g in enumerate(graphs)]
     first = graphs[0]
     for i, g in enumerate(graphs[1:], 1):
         for f in _MUST_MATCH:

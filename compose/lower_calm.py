@@ -30,10 +30,10 @@ def default_pairs(n_anchor: int, n_augment: int, every: int) -> list[tuple[int, 
 
 
 def lower_calm(spec: CalmSpec, path: str) -> Graph:
-    from compose.lower import lower, single
+    from compose.lower import lower_one
 
-    a = single(lower(spec.anchor, f"{path}.anchor"), f"{path}.anchor")
-    b = single(lower(spec.augment, f"{path}.augment"), f"{path}.augment")
+    a = lower_one(spec.anchor, f"{path}.anchor")
+    b = lower_one(spec.augment, f"{path}.augment")
     _same_vocabulary(a, b, path)
     blocks_a, blocks_b = a.blocks(), b.blocks()
     if any(isinstance(op.ffn, MoE) for _, op in blocks_a + blocks_b):

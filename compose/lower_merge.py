@@ -26,7 +26,7 @@ from compose.spec import MergeSpec
 
 
 def lower_merge(spec: MergeSpec, path: str) -> Graph:
-    from compose.lower import lower, single
+    from compose.lower import lower_one
 
     method = get(spec.method, f"{path}.method")
     inputs: list[tuple[str, object, dict]] = [(f"{path}.models[{i}]", m.model, m.parameters)
@@ -38,7 +38,7 @@ def lower_merge(spec: MergeSpec, path: str) -> Graph:
             inputs.append((f"{path}.base", spec.base, {}))
             base = len(inputs) - 1
     _check_contract(method, len(inputs), base, path)
-    graphs = [single(lower(m, q), q) for q, m in ((f"{p}.model" if p != f"{path}.base" else p, m) for p, m, _ in inputs)]
+    graphs = [lower_one(m, p if p == f"{path}.base" else f"{p}.model") for p, m, _ in inputs]
     _check_structure(graphs, inputs)
 
     common: list[Layer] = ([(f"{path}.parameters", spec.parameters)] if isinstance(spec.parameters, dict)

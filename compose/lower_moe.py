@@ -15,9 +15,9 @@ from compose.spec import MoESpec
 
 
 def lower_moe(spec: MoESpec, path: str) -> Graph:
-    from compose.lower import lower, single
+    from compose.lower import lower_one
 
-    g = single(lower(spec.model, f"{path}.model"), f"{path}.model")
+    g = lower_one(spec.model, f"{path}.model")
     blocks = [b for _, b in g.blocks()]
     n = len(blocks)
     for i, b in enumerate(blocks):

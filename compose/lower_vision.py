@@ -16,9 +16,9 @@ ADAPTER = "vision_adapter"
 
 
 def lower_visual_expert(spec: VisualExpertSpec, path: str) -> Graph:
-    from compose.lower import lower, single
+    from compose.lower import lower_one
 
-    g = single(lower(spec.model, f"{path}.model"), f"{path}.model")
+    g = lower_one(spec.model, f"{path}.model")
     ops = {}
     for name, b in g.blocks():
         if not isinstance(b.ffn, DenseFFN):
