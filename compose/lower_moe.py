@@ -71,13 +71,13 @@ def _moe_layers(spec: MoESpec, n: int, path: str) -> set[int]:
 
 
 def _expert_graphs(spec: MoESpec, base: Graph, path: str) -> list[list[DecoderBlock]]:
-    from compose.lower import lower
+    from compose.lower import lower_one
 
     n, cfg = len(base.blocks()), base.config
     donors = []
     for e, s in enumerate(spec.experts):
         where = f"{path}.experts[{e}]"
-        g = lower(s, where)
+        g = lower_one(s, where)
         blocks = [b for _, b in g.blocks()]
         if len(blocks) != n:
             raise SpecError(f"{where}: {len(blocks)} layers, but the base has {n}")

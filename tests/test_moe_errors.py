@@ -32,6 +32,11 @@ CASES = {
     "upcycle_an_moe": (
         "model = moe.upcycle(moe.upcycle(load('tiny:llama'), num_experts=2), num_experts=2)",
         ["model.model", "already a mixture of experts"]),
+    "composite_expert": (
+        "from compose import visual_expert\n"
+        "model = moe.from_experts(base=load('tiny:llama'), experts=[visual_expert(load('tiny:llama?seed=1'), "
+        "vision_width=8), load('tiny:llama?seed=2')])",
+        ["model.experts[0]", "visual experts cannot be composed further"]),
     "zero_experts": (
         "model = moe.upcycle(load('tiny:llama'), num_experts=0)",
         ["moe.upcycle.num_experts", "greater than 0"]),
