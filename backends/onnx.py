@@ -14,36 +14,16 @@ graph with no data-dependent shapes for runtimes that want one, at n_experts / t
 """
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import torch
 
+from compose.backends.torch import kind, load_module
 from compose.errors import BuildError
 
 TOLERANCE = 1e-4
 FILES = ("model.onnx", "model_with_past.onnx")
-
-
-def load_module(folder: Path):
-    """The generated modeling_compose.py of a build, imported under a name unique to the folder."""
-    path = Path(folder) / "modeling_compose.py"
-    if not path.is_file():
-        raise BuildError(f"{folder}: no modeling_compose.py (build with --format torch, or rebuild)")
-    name = f"compose_generated_{abs(hash(str(path.resolve())))}"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def kind(module) -> str:
-    return "calm" if hasattr(module, "calm_forward") else "cogvlm" if hasattr(module, "cogvlm_forward") else "single"
 
 
 class _WithPast(torch.nn.Module):

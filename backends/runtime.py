@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compose.backends.onnx import kind, load_module
+from compose.backends.torch import kind, load_module
 from compose.errors import BuildError
 
 
@@ -76,11 +76,9 @@ def calm_cache(module, model, batch: int, max_len: int, context_len: int, dtype,
     augmenting prompt's length, or max_len when the augmenting model reads the same tokens)."""
     a = model.model.config
     width = a.n_embd // module.HEADS
-    cache = module.CalmCache(StaticKVCache.for_config(a, batch, max_len, dtype, device),
-                             StaticKVCache.for_config(model.augment.config, batch, context_len, dtype, device),
-                             StaticKVCache(len(module.PAIRS), module.HEADS, width, batch, context_len, dtype, device))
-    cache.counters = lambda: cache.anchor.counters() + cache.augment.counters() + cache.cross.counters()
-    return cache
+    return module.CalmCache(StaticKVCache.for_config(a, batch, max_len, dtype, device),
+                            StaticKVCache.for_config(model.augment.config, batch, context_len, dtype, device),
+                            StaticKVCache(len(module.PAIRS), module.HEADS, width, batch, context_len, dtype, device))
 
 
 def load(folder: str | Path, device: str = "cpu", dtype: str | None = None):
@@ -123,9 +121,9 @@ def generate(module, model, input_ids, max_new_tokens: int, *, temperature: floa
         cuda_graph = device.type == "cuda"
     if cuda_graph and device.type != "cuda":
         raise BuildError(f"CUDA graphs need the model on a CUDA device; it is on {device}")
-    prefill, decode, cache = _steps(module, model, input_ids, max_new_tokens, inputs)
+    prefill, decode, counters = _steps(module, model, input_ids, max_new_tokens, inputs)
     if cuda_graph:
-        decode = _graphed(decode, cache.counters())
+        decode = _graphed(decode, counters)
     generator = torch.Generator().manual_seed(seed)
     out = [input_ids]
     with torch.no_grad():
@@ -138,7 +136,8 @@ def generate(module, model, input_ids, max_new_tokens: int, *, temperature: floa
 
 
 def _steps(module, model, input_ids, max_new_tokens: int, inputs: dict):
-    """(prefill, decode, cache) for the build's kind: two functions of token ids to logits, one cache."""
+    """(prefill, decode, counters) for the build's kind: two functions of token ids to logits over one set
+    of static caches, and the caches' counters (the tensors a step moves on)."""
     k = kind(module)
     allowed = {"single": set(), "calm": {"augment_ids"}, "cogvlm": {"token_type_ids", "images"}}[k]
     if set(inputs) - allowed:
@@ -148,15 +147,16 @@ def _steps(module, model, input_ids, max_new_tokens: int, inputs: dict):
     dtype, device = next(model.parameters()).dtype, input_ids.device
     if k == "single":
         cache = StaticKVCache.for_config(model.model.config, B, max_len, dtype, device)
-        return (lambda ids: model(ids, cache)), (lambda ids: model(ids, cache)), cache
+        step = lambda ids: model(ids, cache)  # noqa: E731
+        return step, step, cache.counters()
     if k == "calm":
         aug = inputs.get("augment_ids")
         cache = calm_cache(module, model, B, max_len, max_len if aug is None else aug.size(1), dtype, device)
         step = lambda ids: model(ids, cache, aug)  # noqa: E731
-        return step, step, cache
+        return step, step, cache.anchor.counters() + cache.augment.counters() + cache.cross.counters()
     cache = StaticCogVLMCache(model.model.config, B, max_len, dtype, device)
     return ((lambda ids: model(ids, inputs.get("token_type_ids"), inputs.get("images"), cache)),
-            (lambda ids: model(ids, None, None, cache)), cache)
+            (lambda ids: model(ids, None, None, cache)), cache.counters())
 
 
 def _warm_up(decode, ids, counters: list, runs: int = 2) -> None:

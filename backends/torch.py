@@ -2,12 +2,16 @@
 standalone PyTorch for the weights beside it.
 
 It writes code only; the hf backend writes the checkpoint that `ComposeForCausalLM.from_pretrained` reads.
+`load_module` imports a build's generated module back (for the onnx backend and the runtime).
 """
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 
 from compose.codegen import render_files
+from compose.errors import BuildError
 from compose.ir import Graph
 
 FILENAME = "modeling_compose.py"
@@ -19,3 +23,23 @@ def write(graph: Graph, out_dir: Path) -> list[str]:
     for name, source in files.items():
         (Path(out_dir) / name).write_text(source)
     return sorted(files)
+
+
+def load_module(folder: Path):
+    """The generated modeling_compose.py of a build, imported under a name unique to the folder."""
+    path = Path(folder) / FILENAME
+    if not path.is_file():
+        raise BuildError(f"{folder}: no {FILENAME} (build with --format torch, or rebuild)")
+    name = f"compose_generated_{abs(hash(str(path.resolve())))}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def kind(module) -> str:
+    """What a generated module holds: `calm`, `cogvlm`, or `single` (one model: dense, merged or MoE)."""
+    return "calm" if hasattr(module, "calm_forward") else "cogvlm" if hasattr(module, "cogvlm_forward") else "single"

@@ -45,7 +45,7 @@ def main() -> None:
     import torch
 
     from compose import build, calm, expand_blocks, load, moe  # noqa: F401  (used by the spec strings)
-    from compose.backends.onnx import load_module
+    from compose.backends.torch import load_module
 
     torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, {a.threads} threads, sequence {a.seq}")

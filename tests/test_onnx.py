@@ -12,6 +12,7 @@ pytest.importorskip("onnxscript")
 
 from compose import build, calm, expand_blocks, load, merge, moe, visual_expert  # noqa: E402
 from compose.backends import onnx  # noqa: E402
+from compose.backends.torch import load_module  # noqa: E402
 from compose.errors import BuildError  # noqa: E402
 
 TINY = "tiny:llama?layers=2"
@@ -74,7 +75,7 @@ def test_dense_moe_export_has_no_data_dependent_shapes(tmp_path):
 def test_a_failing_export_names_the_node(tmp_path):
     """An op the exporter cannot handle (a Python branch on data) is reported with the IR node it sits in."""
     out = build(load(TINY), tmp_path / "out", formats=["hf", "torch"], progress=False)
-    module = onnx.load_module(out)
+    module = load_module(out)
     model = module.ComposeForCausalLM.from_pretrained(out)
     layer = model.model.layers[1]
     original = layer.forward

@@ -94,10 +94,10 @@ def test_warm_up_before_capture_leaves_no_trace(builds, name):
         cases += _composite_cases(builds)
     for case, module, model, ids, inputs in cases:
         plain = runtime.generate(module, model, ids, 6, **inputs)
-        prefill, decode, cache = runtime._steps(module, model, ids, 6, inputs)
+        prefill, decode, counters = runtime._steps(module, model, ids, 6, inputs)
         with torch.no_grad():
             token = prefill(ids)[:, -1:].argmax(-1)
-            runtime._warm_up(decode, token, cache.counters(), runs=3)
+            runtime._warm_up(decode, token, counters, runs=3)
             out = [ids, token]
             for _ in range(5):
                 out.append(decode(out[-1])[:, -1:].argmax(-1))
@@ -112,13 +112,13 @@ def test_decode_steps_trace_as_one_graph(builds):
     cases = [(n, *runtime.load(builds[n]), token_ids(batch=2, seq=5, seed=9), {}) for n in ("llama", "mistral")]
     cases += [("mixtral", module, model, token_ids(batch=2, seq=5, seed=9), {})] + _composite_cases(builds)
     for name, module, model, ids, inputs in cases:
-        prefill, decode, cache = runtime._steps(module, model, ids, 4, inputs)
+        prefill, decode, counters = runtime._steps(module, model, ids, 4, inputs)
         torch._dynamo.reset()
         with torch.no_grad():
             token = prefill(ids)[:, -1:].argmax(-1)
-            before = [c.clone() for c in cache.counters()]
+            before = [c.clone() for c in counters]
             expected = decode(token)
-            for c, b in zip(cache.counters(), before):
+            for c, b in zip(counters, before):
                 c.copy_(b)  # the same step again, traced
             traced = torch.compile(decode, fullgraph=True, backend="eager", dynamic=False)(token)
         assert torch.equal(traced, expected), name
