@@ -122,10 +122,9 @@ def _same_vocabulary(a: Graph, b: Graph, path: str) -> None:
 
 
 def _tokenizer_vocab(g: Graph) -> dict | None:
-    from compose.sources import open_source
+    from compose.text import embedding_folder
 
-    w = g.embedding.params()["weight"]
-    folder = open_source(w.source).folder if isinstance(w, Load) else None
+    folder = embedding_folder(g)
     f = folder / "tokenizer.json" if folder else None
     if f is None or not f.is_file():
         return None

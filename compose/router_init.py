@@ -68,17 +68,10 @@ def _evaluate(g: Graph, expr):
     return Evaluator([expr], lambda e: open_source(e.source).tensor(e.key))(expr)
 
 
-def _source_folder(g: Graph) -> Path | None:
-    from compose.sources import open_source
-
-    w = g.embedding.params()["weight"]
-    return open_source(w.source).folder if isinstance(w, Load) else None
-
-
 def _tokenizer(g: Graph):
-    from compose.text import text_tokenizer
+    from compose.text import embedding_folder, text_tokenizer
 
-    encode, _ = text_tokenizer(_source_folder(g), g.config.vocab, g.config.source_config().get("bos_token_id"))
+    encode, _ = text_tokenizer(embedding_folder(g), g.config.vocab, g.config.source_config().get("bos_token_id"))
     return encode
 
 
@@ -106,7 +99,9 @@ def _whole_source(g: Graph) -> Path | None:
     its own name), else None."""
     from compose.backends.hf import tensors
 
-    folder = _source_folder(g)
+    from compose.text import embedding_folder
+
+    folder = embedding_folder(g)
     if folder is None:
         return None
     ref = g.embedding.params()["weight"].source

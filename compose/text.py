@@ -9,6 +9,16 @@ import json
 from pathlib import Path
 
 
+def embedding_folder(g) -> Path | None:
+    """The folder a graph's embedding was loaded from (where its tokenizer files are), or None when the
+    embedding is computed (a merge, a remapped vocabulary)."""
+    from compose.ir import Load
+    from compose.sources import open_source
+
+    w = g.embedding.params()["weight"]
+    return open_source(w.source).folder if isinstance(w, Load) else None
+
+
 def has_tokenizer(folder: Path | None) -> bool:
     return folder is not None and any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
 
