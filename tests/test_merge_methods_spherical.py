@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from compose.merges.registry import get
+from mergekit_ref import assert_spec_matches_mergekit, mergekit_merge
 
 METHODS = ["slerp", "nuslerp", "multislerp", "karcher", "model_stock", "nearswap", "arcee_fusion", "passthrough"]
 NAME = "model.layers.0.mlp.up_proj.weight"
@@ -23,12 +24,7 @@ def merge(method: str, tensors, base, name: str = NAME, **params):
 
 
 def mergekit(method: str, tensors, base, name: str = NAME, **params):
-    pytest.importorskip("mergekit")
-    from mergekit.merge_methods import registry
-    from mergekit.merge_methods.base import TensorGroup
-
-    group = TensorGroup.from_tensors(tensors, base_index=base, name=name)
-    return registry.get(method)([group], parameters=params)[0]
+    return mergekit_merge(method, tensors, base, name, **params)
 
 
 def models(shape, n: int, dtype=torch.float32, seed: int = 0, spread: float = 1.0):
@@ -209,20 +205,7 @@ def test_arcee_fusion_of_large_tensors_is_exact_where_mergekit_samples():
 @pytest.mark.peer
 @pytest.mark.parametrize("method", METHODS)
 def test_parameters_and_contract_match_mergekit_spec(method):
-    pytest.importorskip("mergekit")
-    from mergekit.merge_methods import registry
-    from mergekit.merge_methods.base import MISSING
-
-    spec = registry.get(method).spec
-    theirs = {p.name: (p.scope.value, None if p.default is MISSING else p.default) for p in spec.parameters}
-    ours = {p.name: (p.scope, None if p.required else p.default) for p in get(method).params}
-    assert ours == theirs
-    assert {p.name for p in spec.parameters if p.required} == {p.name for p in get(method).params if p.required}
-    for p in get(method).params:
-        hint = next(q for q in spec.parameters if q.name == p.name).value_type
-        assert p.kind in (hint, getattr(hint, "__args__", (hint,))[0])
-    assert get(method).base == spec.contract.base.value
-    assert get(method).reference
+    assert_spec_matches_mergekit(method)
 
 
 def _counts():
