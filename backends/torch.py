@@ -17,12 +17,22 @@ from compose.ir import Graph
 FILENAME = "modeling_compose.py"
 
 
-def write(graph: Graph, out_dir: Path) -> list[str]:
-    """Write the generated module(s) into `out_dir` (an existing folder); return the file names written."""
-    files = render_files(graph)
+def render(graph: Graph) -> dict[str, str]:
+    """File name -> source of the generated module(s): every check the code makes runs here, so a caller
+    can render before it writes anything else."""
+    return render_files(graph)
+
+
+def write_files(files: dict[str, str], out_dir: Path) -> list[str]:
+    """Write rendered files into `out_dir` (an existing folder); return the file names written."""
     for name, source in files.items():
         (Path(out_dir) / name).write_text(source)
     return sorted(files)
+
+
+def write(graph: Graph, out_dir: Path) -> list[str]:
+    """Render and write the generated module(s) into `out_dir`; return the file names written."""
+    return write_files(render(graph), out_dir)
 
 
 def load_module(folder: Path):

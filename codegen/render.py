@@ -1,17 +1,21 @@
 """Fill templates/modeling.py.j2 from a Graph: the source of a standalone, readable PyTorch module.
 
-The renderer decides everything that can be decided at build time (biases, activation, sliding window,
-tied head, GQA repeat) and the template emits only that path: the generated code has no flags to branch on.
-It reads hyper-parameters only, never weights.
+The renderer decides everything that can be decided at build time (biases, activation, rope type, which
+layers slide, tied head, GQA repeat, the family's features) and the template emits only that path: the
+generated code has no flags to branch on. It reads hyper-parameters only, never weights.
 """
 from __future__ import annotations
 
+import dataclasses
 from functools import lru_cache
 from pathlib import Path
 
 import jinja2
 
+from compose import families
+from compose.codegen.rope import rope_attrs
 from compose.errors import BuildError
+from compose.families.base import moe_blocks
 from compose.ir import DenseFFN, Graph
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -25,10 +29,19 @@ ACTIVATIONS = {
     "gelu_pytorch_tanh": ("gelu_tanh", 'F.gelu({}, approximate="tanh")'),
 }
 
-# Only for the header comment: the class whose function the generated module reproduces.
-HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-
 DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+# The family features (compose.families.base.Features) the templates implement.
+SUPPORTED_FEATURES = {"norm": ("rms",), "mlp": ("gated",), "attention": ("rope",)}
+
+ROPE_DOCS = {
+    "default": "theta ** (-2i / head_dim)",
+    "linear": "theta ** (-2i / head_dim) / factor (linear position interpolation)",
+    "dynamic": "NTK-aware scaling, theta grown once the sequence passes max_position_embeddings",
+    "llama3": "Llama 3.1's: low frequencies divided by factor, a smooth ramp to the high ones",
+    "yarn": "YaRN's blend of interpolated and extrapolated frequencies",
+    "longrope": "LongRoPE's per-frequency factors, short or long by the sequence's length",
+}
 
 
 @lru_cache(maxsize=None)
@@ -72,12 +85,43 @@ def _shared_block_attrs(graph: Graph) -> dict:
     return choice
 
 
+def _family(graph: Graph) -> families.Family:
+    """The family the generated module reproduces: the target pass's choice, else (the models inside a
+    composite, which get no target of their own) the graph's dense family."""
+    if graph.state.target is not None:
+        return families.get(graph.state.target.family)
+    if moe_blocks(graph):
+        raise BuildError("an MoE graph needs the target pass before code generation (which class it reproduces)")
+    return families.get(graph.config.family)
+
+
+def _check_features(family: families.Family) -> None:
+    for name, supported in SUPPORTED_FEATURES.items():
+        value = getattr(family.features, name)
+        if value not in supported:
+            raise BuildError(f"the torch backend has no {name} {value!r} (family {family.model_type}; "
+                             f"supported: {', '.join(supported)})")
+
+
+def _window_attrs(graph: Graph) -> dict:
+    """Which layers slide: none, all (one window), or some (`layer_types`, one window size)."""
+    windows = [b.attn.window for _, b in graph.blocks()]
+    sizes = sorted({w for w in windows if w is not None})
+    if len(sizes) > 1:
+        name = next(n for n, b in graph.blocks() if b.attn.window == sizes[1])
+        raise BuildError(f"node {name}: sliding window {sizes[1]} differs from the model's {sizes[0]}; the torch "
+                         "backend emits one window size")
+    window = sizes[0] if sizes else None
+    mixed = window is not None and None in windows
+    return {"sliding_window": window, "mixed_layers": mixed,
+            "layer_types": tuple("full_attention" if w is None else "sliding_attention" for w in windows)}
+
+
 def render_modeling(graph: Graph) -> str:
     """The source of modeling_compose.py for `graph` (a verified decoder-only Graph)."""
     c = graph.config
-    if c.rope_type != "default":
-        raise BuildError(f"the torch backend supports rope_type 'default' only, not {c.rope_type!r} "
-                         "(rope_parameters of the source config)")
+    family = _family(graph)
+    _check_features(family)
     if c.act not in ACTIVATIONS:
         raise BuildError(f"the torch backend has no activation {c.act!r} (supported: {', '.join(ACTIVATIONS)})")
     if c.dtype not in DTYPES:
@@ -85,12 +129,16 @@ def render_modeling(graph: Graph) -> str:
     if c.heads % c.kv_heads:
         raise BuildError(f"{c.heads} attention heads are not a multiple of {c.kv_heads} kv heads")
     choice = _shared_block_attrs(graph)
+    rope = rope_attrs(c)
     act_doc, act_call = ACTIVATIONS[c.act]
     return _template("modeling.py.j2").render(
-        **_moe_attrs(graph),
+        **_moe_attrs(graph, family),
+        **rope,
+        **_window_attrs(graph),
+        rope_doc=ROPE_DOCS[rope["rope_type"]],
         act_fn=act_call,
         family=c.family,
-        hf_class=_hf_class(graph),
+        hf_class=family.architecture,
         vocab_size=c.vocab,
         n_layer=len(graph.blocks()),
         n_embd=c.hidden,
@@ -100,8 +148,6 @@ def render_modeling(graph: Graph) -> str:
         n_rep=c.heads // c.kv_heads,
         head_dim=c.head_dim,
         norm_eps=repr(float(c.rms_eps)),
-        rope_theta=repr(float(c.rope_theta)),
-        sliding_window=c.sliding_window,
         max_positions=c.max_positions,
         dtype=c.dtype,
         tied=graph.head.tied,
@@ -113,42 +159,21 @@ def render_modeling(graph: Graph) -> str:
     )
 
 
-def _hf_class(graph: Graph) -> str:
-    from compose.backends.hf_moe import ARCH_NAMES, target
-
-    kind = target(graph)
-    if kind != "dense":
-        return ARCH_NAMES[kind]
-    return HF_CLASSES.get(graph.config.family, f"the {graph.config.family} model")
-
-
-def _moe_attrs(graph: Graph) -> dict:
-    """The MoE settings the template needs: the same class the hf backend writes the checkpoint for."""
-    from compose.backends.hf_moe import moe_blocks, target
-
-    kind = target(graph)
+def _moe_attrs(graph: Graph, family: families.Family) -> dict:
+    """The MoE settings the template needs, from the class the checkpoint is written for."""
     moes = moe_blocks(graph)
     if not moes:
         return {"moe": False}
     m = moes[0][1]
-    return {"moe": True, "moe_kind": kind, "n_experts": m.router.experts, "top_k": m.router.top_k,
+    f = family.features
+    proj = {v: k for k, v in family.expert_names.items()}  # checkpoint name -> IR projection
+    return {"moe": True, "n_experts": m.router.experts, "top_k": m.router.top_k,
             "expert_size": m.intermediate, "shared_size": m.shared.intermediate if m.shared else 0,
             "norm_topk_prob": m.router.norm_topk_prob, "moe_layers": tuple(i for i, _ in moes),
-            "aux_loss_coef": repr(float(m.aux_loss_coef))}
-
-
-def composite_kind(graph: Graph) -> str | None:
-    """`calm` (several models joined by cross-attention), `cogvlm` (visual experts), or None."""
-    if graph.side_configs:
-        return "calm"
-    if any(b.vision is not None for _, b in graph.blocks()):
-        return "cogvlm"
-    return None
-
-
-def is_composite(graph: Graph) -> bool:
-    """No transformers class holds it: written as generated code, loaded through config.json's auto_map."""
-    return composite_kind(graph) is not None
+            "aux_loss_coef": repr(float(m.aux_loss_coef)), "moe_shared_gate": f.moe_shared_gate,
+            "moe_weights_in_model_dtype": f.moe_weights_in_model_dtype,
+            "moe_prefix": family.expert_prefix, "expert_proj": proj,
+            "expert_proj_example": next(k for k, v in proj.items() if v == "gate_proj")}
 
 
 def render_files(graph: Graph) -> dict[str, str]:
@@ -157,7 +182,7 @@ def render_files(graph: Graph) -> dict[str, str]:
     One model: modeling_compose.py. CALM: the anchor's and the augmenting model's own modules (the same
     template as for one model), the CALM module joining them, and the transformers wrapper that
     config.json's auto_map names."""
-    kind = composite_kind(graph)
+    kind = graph.composite
     if kind is None:
         return {"modeling_compose.py": render_modeling(graph)}
     if kind == "cogvlm":
@@ -180,7 +205,7 @@ def render_files(graph: Graph) -> dict[str, str]:
     glue = _template("calm.py.j2").render(
         anchor_family=graph.config.family, anchor_layers=len(anchor.blocks()), anchor_width=graph.config.hidden,
         augment_family=side_cfg.family, augment_layers=len(side), augment_width=h,
-        pairs=tuple((c.layer, c.context_layer) for c in cross), heads=cross[0].heads, dtype=graph.config.dtype,
+        pairs=tuple(graph.state.calm.pairs), heads=cross[0].heads, dtype=graph.config.dtype,
         tied=graph.head.tied)
     wrapper = _template("hf_wrapper.py.j2").render(forward="calm_forward", generate="calm_generate",
                                                    extra_args=repr(("augment_ids",)))
@@ -191,18 +216,14 @@ def render_files(graph: Graph) -> dict[str, str]:
 
 def _render_cogvlm(graph: Graph) -> dict[str, str]:
     """The language model's own module, the CogVLM module around it, and the transformers wrapper."""
-    import dataclasses
-
-    from compose.ir.nodes import Adapter
-
     language = Graph.decoder(graph.config, graph.embedding,
                              [dataclasses.replace(b, vision=None) for _, b in graph.blocks()], graph.final_norm,
                              graph.head)
-    adapter = next(op for _, op in graph.items() if isinstance(op, Adapter))
     c = graph.config
     glue = _template("cogvlm.py.j2").render(family=c.family, n_layer=len(graph.blocks()), n_embd=c.hidden,
-                                            vision_width=adapter.vision_width, dtype=c.dtype, tied=graph.head.tied,
-                                            n_rep=c.heads // c.kv_heads, sliding_window=c.sliding_window)
+                                            vision_width=graph.adapter.vision_width, dtype=c.dtype,
+                                            tied=graph.head.tied, n_rep=c.heads // c.kv_heads,
+                                            mixed_layers=_window_attrs(graph)["mixed_layers"])
     wrapper = _template("hf_wrapper.py.j2").render(forward="cogvlm_forward", generate="cogvlm_generate",
                                                    extra_args=repr(("token_type_ids", "images")))
     return {"modeling_compose_language.py": render_modeling(language), "modeling_compose.py": glue,

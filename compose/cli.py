@@ -89,13 +89,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _summary(g) -> str:
-    c = g.meta.get("cost", {})
-    if not c:
+    c = g.state.cost
+    if c is None:
         return ""
-    pct = 100.0 * c["trainable_params"] / max(c["params"], 1)
-    rows = [("layers", f"{c['layers']}"), ("parameters", f"{c['params']:,}"),
-            ("trainable", f"{c['trainable_params']:,} ({pct:.1f}%)"),
-            ("FLOPs per token", f"{c['flops_per_token']:,}"), (f"bytes ({g.config.dtype})", f"{c['bytes']:,}")]
+    pct = 100.0 * c.trainable_params / max(c.params, 1)
+    rows = [("layers", f"{c.layers}"), ("parameters", f"{c.params:,}"),
+            ("trainable", f"{c.trainable_params:,} ({pct:.1f}%)"),
+            ("FLOPs per token", f"{c.flops_per_token:,}"), (f"bytes ({g.config.dtype})", f"{c.bytes:,}")]
     return "summary\n" + "\n".join(f"  {k:<18}{v}" for k, v in rows) + "\n"
 
 
@@ -182,7 +182,7 @@ def cmd_generate(a) -> int:
     import torch
 
     from compose.backends import runtime
-    from compose.text import text_tokenizer
+    from compose.lower.text import text_tokenizer
 
     folder = _built(a.out)
     module, model = runtime.load(folder, a.device, a.dtype)

@@ -59,16 +59,21 @@ def as_build_spec(spec) -> BuildSpec:
     return parse_build_spec({"model": spec}, "spec")
 
 
+def lower_spec(spec):
+    """The graph of `spec` straight after lowering (no passes), its sources opened afresh."""
+    from compose.lower import lower
+    from compose.sources import clear_cache, open_source
+
+    clear_cache()
+    return lower(as_build_spec(spec).model, open_source)
+
+
 def compile_graph(spec, *, dtype: str | None = None, passes: Iterable[str] | None = None, verify_each: bool = False,
                   after: Callable[[str, object], None] | None = None):
     """Lower a spec and run the pass pipeline; `after(name, graph)` sees the IR after each stage."""
-    from compose.lower import lower
     from compose.passes import DEFAULT_PIPELINE, PassManager
-    from compose.sources import clear_cache
 
-    spec = as_build_spec(spec)
-    clear_cache()
-    g = lower(spec.model)
+    g = lower_spec(spec)
     if dtype:
         if dtype not in DTYPES:
             raise SpecError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -85,9 +90,9 @@ def build(spec, out: str | os.PathLike, *, formats: Iterable[str] = ("hf",), dty
     build leaves nothing behind, and an existing `out` is replaced only with `force`."""
     from compose import __version__
     from compose.backends import hf
-    from compose.backends.hf_moe import moe_manifest
-    from compose.ir import graph_hash
+    from compose.manifest import manifest
     from compose.passes.manager import DEFAULT_PIPELINE
+    from compose.sources import open_source
 
     formats = list(dict.fromkeys(formats))
     bad = [f for f in formats if f not in FORMATS]
@@ -104,6 +109,14 @@ def build(spec, out: str | os.PathLike, *, formats: Iterable[str] = ("hf",), dty
     _check_device(device)
     spec = as_build_spec(spec)
     g = compile_graph(spec, dtype=dtype, verify_each=True)
+    # A composite model (CALM, CogVLM) has no transformers class: its code is what config.json's auto_map
+    # loads. ONNX is exported from the generated module, so it needs the code too. Rendered before any
+    # weight is written, so a model the code cannot express is refused first.
+    code = None
+    if "torch" in formats or "onnx" in formats or g.composite:
+        from compose.backends import torch as torch_backend
+
+        code = torch_backend.render(g)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.compose-tmp-{os.getpid()}"
@@ -111,42 +124,21 @@ def build(spec, out: str | os.PathLike, *, formats: Iterable[str] = ("hf",), dty
     tmp.mkdir()
     try:
         # The hf checkpoint is what every format loads its weights from, so it is always written.
-        written = hf.write(g, tmp, max_shard_size=max_shard_size, progress=progress, workers=workers, device=device)
+        written = hf.write(g, tmp, open_source, max_shard_size=max_shard_size, progress=progress, workers=workers,
+                           device=device)
         files = list(written["files"])
-        from compose.codegen import is_composite
-
-        # A composite model (CALM) has no transformers class: its code is what config.json's auto_map loads.
-        # ONNX is exported from the generated module, so it needs the code too.
-        if "torch" in formats or "onnx" in formats or is_composite(g):
-            from compose.backends import torch as torch_backend
-
-            files += torch_backend.write(g, tmp)
+        if code is not None:
+            files += torch_backend.write_files(code, tmp)
         onnx_record = None
         if "onnx" in formats:
             from compose.backends import onnx
 
             onnx_record = onnx.export(tmp, dense_moe=dense_moe)
             files += onnx_record["files"]
-        manifest = {
-            "compose_version": __version__,
-            "spec": spec.model_dump(mode="json"),
-            "formats": formats,
-            "dtype": g.config.dtype,
-            "passes": list(DEFAULT_PIPELINE),
-            "ir_hash": graph_hash(g),
-            "cost": g.meta.get("cost", {}),
-            **({"moe": moe} if (moe := moe_manifest(g)) else {}),
-            "layers": [{"index": i, "from": b.origin.describe(), "source": b.origin.source,
-                        "source_layer": b.origin.layer, "new": b.origin.new, "merged": b.origin.method,
-                        "identity_at_init": bool(b.identity), "trainable": bool(b.trainable)}
-                       for i, (_, b) in enumerate(g.blocks())],
-            "trainable": hf.trainable_names(g),
-            "provenance": {k: str(e) for k, e in hf.tensors(g).items()},
-            "shards": written["shards"],
-            **({"onnx": onnx_record} if onnx_record else {}),
-            "files": sorted(files + ["compose.json"]),
-        }
-        (tmp / "compose.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        record = manifest(g, version=__version__, spec=spec.model_dump(mode="json"), formats=formats,
+                          passes=list(DEFAULT_PIPELINE), tensors=hf.tensors(g), trainable=hf.trainable_names(g),
+                          shards=written["shards"], onnx=onnx_record, files=files)
+        (tmp / "compose.json").write_text(json.dumps(record, indent=2) + "\n")
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

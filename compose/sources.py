@@ -14,12 +14,10 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import parse_qsl
 
+from compose import families
 from compose.errors import SourceError
 from compose.ir.weights import derive_seed
 
-FAMILIES = ("llama", "mistral", "qwen2")
-MOE_FAMILIES = ("mixtral", "qwen2_moe")
-"""Mixture-of-experts checkpoints compose reads (what it writes), so any build can be another's input."""
 _ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -35,12 +33,16 @@ class Source:
         self.reads: Counter[str] = Counter()
 
     @property
-    def family(self) -> str:
-        return self.config["model_type"]
+    def family(self):
+        """The family module that reads this checkpoint (compose.families)."""
+        return families.for_source(self.config, self.ref)
 
     @property
     def num_layers(self) -> int:
-        return int(self.config["num_hidden_layers"])
+        n = self.config.get("num_hidden_layers")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise SourceError(f"{self.ref}: config.json num_hidden_layers must be a positive integer, got {n!r}")
+        return n
 
     _meta: dict[str, tuple[tuple[int, ...], str]]
     """Tensor name -> (shape, dtype), known before any data is read."""
@@ -186,66 +188,23 @@ def _hub_folder(repo_id: str) -> Path:
 # -- built-in tiny models --------------------------------------------------------------------------------
 
 TINY_DEFAULTS = dict(seed=0, layers=8, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=512)
-_TINY_FAMILY = {
-    # Qwen2 ties its embeddings (as Qwen2-0.5B does) and has q/k/v biases; Mistral has a sliding window
-    # small enough for tests to cross it.
-    "llama": dict(tie=0, window=0),
-    "mistral": dict(tie=0, window=16),
-    "qwen2": dict(tie=1, window=0),
-}
+"""The options every `tiny:<family>` takes; a family adds its own (compose.families: `tiny_options`)."""
 
 
 class TinySource(Source):
-    """A deterministic random model: each tensor drawn from a generator seeded by (seed, tensor name)."""
+    """A deterministic random model: each tensor drawn from a generator seeded by (seed, tensor name). Its
+    config.json and tensor names are its family's (`tiny_config`, `checkpoint_shapes`)."""
 
     def __init__(self, family: str, opts: dict[str, int]):
         super().__init__()
         self.opts = opts
         # Canonical: only the options that differ from the defaults, so `tiny:llama?layers=8` is `tiny:llama`.
-        defaults = dict(TINY_DEFAULTS, **_TINY_FAMILY[family])
+        fam = families.get(family)
+        defaults = dict(TINY_DEFAULTS, **fam.tiny_options)
         query = "&".join(f"{k}={opts[k]}" for k in sorted(opts) if opts[k] != defaults[k])
         self.ref = f"tiny:{family}" + (f"?{query}" if query else "")
-        o = opts
-        cfg: dict = {
-            "architectures": [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                               "qwen2": "Qwen2ForCausalLM"}[family]],
-            "model_type": family, "vocab_size": o["vocab"], "hidden_size": o["hidden"],
-            "intermediate_size": o["intermediate"], "num_hidden_layers": o["layers"],
-            "num_attention_heads": o["heads"], "num_key_value_heads": o["kv_heads"],
-            "head_dim": o["hidden"] // o["heads"], "hidden_act": "silu", "max_position_embeddings": 512,
-            "rms_norm_eps": 1e-6, "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
-            "tie_word_embeddings": bool(o["tie"]), "bos_token_id": 1, "eos_token_id": 2,
-            "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True, "dtype": "float32",
-        }
-        if family == "llama":
-            cfg.update(attention_bias=False, mlp_bias=False)
-        if family == "mistral":
-            cfg["sliding_window"] = o["window"] or None
-        if family == "qwen2":
-            cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=o["layers"],
-                       layer_types=["full_attention"] * o["layers"])
-        self.config = cfg
-        self._meta = {k: (s, "float32") for k, s in self._shapes().items()}
-
-    def _shapes(self) -> dict[str, tuple[int, ...]]:
-        o = self.opts
-        h, i, hd = o["hidden"], o["intermediate"], o["hidden"] // o["heads"]
-        q, kv = o["heads"] * hd, o["kv_heads"] * hd
-        s: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (o["vocab"], h)}
-        for n in range(o["layers"]):
-            p = f"model.layers.{n}."
-            s.update({p + "input_layernorm.weight": (h,), p + "self_attn.q_proj.weight": (q, h),
-                      p + "self_attn.k_proj.weight": (kv, h), p + "self_attn.v_proj.weight": (kv, h),
-                      p + "self_attn.o_proj.weight": (h, q), p + "post_attention_layernorm.weight": (h,),
-                      p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
-                      p + "mlp.down_proj.weight": (h, i)})
-            if self.family == "qwen2":
-                s.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
-                          p + "self_attn.v_proj.bias": (kv,)})
-        s["model.norm.weight"] = (h,)
-        if not o["tie"]:
-            s["lm_head.weight"] = (o["vocab"], h)
-        return s
+        self.config = fam.tiny_config(opts)
+        self._meta = {k: (s, "float32") for k, s in fam.checkpoint_shapes(self.config, self.ref).items()}
 
     def _read(self, key: str):
         import torch
@@ -262,9 +221,9 @@ class TinySource(Source):
 def _parse_tiny(ref: str) -> TinySource:
     body = ref[len("tiny:"):]
     family, _, query = body.partition("?")
-    if family not in FAMILIES:
-        raise SourceError(f"{ref}: unknown tiny family {family!r} (choose from {', '.join(FAMILIES)})")
-    opts = dict(TINY_DEFAULTS, **_TINY_FAMILY[family])
+    if family not in families.TINY:
+        raise SourceError(f"{ref}: unknown tiny family {family!r} (choose from {', '.join(families.TINY)})")
+    opts = dict(TINY_DEFAULTS, **families.get(family).tiny_options)
     for k, v in parse_qsl(query, keep_blank_values=True):
         if k not in opts:
             raise SourceError(f"{ref}: unknown option {k!r} (choose from {', '.join(sorted(opts))})")
@@ -298,9 +257,7 @@ def open_source(ref: str) -> Source:
             raise SourceError(f"{ref}: no such folder")
         else:
             src = FolderSource(_hub_folder(ref), ref=ref)
-    if src.family not in FAMILIES + MOE_FAMILIES:
-        raise SourceError(f"{ref}: model_type {src.family!r} is not supported yet "
-                          f"(supported: {', '.join(FAMILIES + MOE_FAMILIES)})")
+    families.for_source(src.config, ref)
     _OPEN[src.ref] = _OPEN[ref] = src
     return src
 

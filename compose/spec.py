@@ -5,15 +5,15 @@ same objects, so a `.py` spec and a `.yaml` spec of the same composition are the
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional, Union, get_args
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, model_validator
 
 from compose.errors import SpecError
 
-DType = Literal["float32", "bfloat16", "float16"]
-DTYPES: tuple[str, ...] = get_args(DType)
-"""The dtypes compose writes."""
+from compose.ir.config import DTYPES  # noqa: E402  (the dtypes compose writes)
+
+DType = Literal[DTYPES]  # type: ignore[valid-type]
 
 
 class _Node(BaseModel):
@@ -116,7 +116,7 @@ class MergeSpec(_Node):
     out_dtype: Optional[DType] = None
     """Output dtype (mergekit's `out_dtype`); default: `dtype`, else the config's."""
     tokenizer_source: Optional[str] = None
-    """`base`, `union` or a model: the output vocabulary, rows remapped onto it (compose.tokenizer_merge);
+    """`base`, `union` or a model: the output vocabulary, rows remapped onto it (compose.lower.tokenizer);
     default: tokenizer files copied from the base or first model."""
 
     @model_validator(mode="after")

@@ -6,34 +6,24 @@
     print(trainable_summary(model))
 
 compose.json names tensors as the checkpoint does. In memory, transformers 5 (and the generated module,
-which copies its layout) renames Mixtral's `block_sparse_moe` to `mlp` and stacks the per-expert
-`experts.E.w1/w3` (Qwen2-MoE: `gate_proj/up_proj`) into one `experts.gate_up_proj` and `w2`/`down_proj`
-into `experts.down_proj`. We map names by those rules rather than through transformers' conversion
-table, so the same code serves the generated module (no transformers) and models that never went
-through transformers' loader. A stacked parameter trains if any expert's tensor in it does.
+which copies its layout) holds a mixture of experts stacked: one `experts.gate_up_proj` and one
+`experts.down_proj` per layer, under `mlp.` (each family says how its checkpoint names map there:
+compose.families). We map names by those rules rather than through transformers' conversion table, so
+the same code serves the generated module (no transformers) and models that never went through
+transformers' loader. A stacked parameter trains if any expert's tensor in it does.
 
 torch is imported inside the functions: `import compose` stays cheap.
 """
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from compose.errors import ComposeError
+from compose.families import in_memory_name
 
 # Prefixes wrappers add to parameter names: DDP's `module.`, torch.compile's `_orig_mod.`.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-_EXPERT = re.compile(r"(.*\.experts)\.\d+\.(w1|w3|w2|gate_proj|up_proj|down_proj)\.weight")
-_STACKED = {"w1": "gate_up_proj", "w3": "gate_up_proj", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj",
-            "w2": "down_proj", "down_proj": "down_proj"}
-
-
-def in_memory_name(name: str) -> str:
-    """The parameter name a checkpoint tensor has once loaded (transformers 5 and the generated module)."""
-    name = name.replace(".block_sparse_moe.", ".mlp.")
-    m = _EXPERT.fullmatch(name)
-    return f"{m[1]}.{_STACKED[m[2]]}" if m else name
 
 
 def _strip_wrappers(name: str) -> str:

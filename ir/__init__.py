@@ -1,10 +1,14 @@
-"""The graph IR: architecture nodes (`nodes`, `graph`) and the weight expressions behind them (`weights`)."""
-from compose.ir.graph import ArchConfig, Graph
-from compose.ir.nodes import (Attention, CrossAttention, DecoderBlock, DenseFFN, Embedding, LMHead, MoE, Norm, Op,
-                              Origin, Router)
+"""The graph IR: architecture nodes (`nodes`, `graph`), the weight expressions behind them (`weights`),
+the typed model config (`config`) and the graph-level records passes keep (`state`)."""
+from compose.ir.config import DTYPES, ArchConfig, Rope
+from compose.ir.graph import Graph
+from compose.ir.nodes import (Adapter, Attention, CrossAttention, DecoderBlock, DenseFFN, Embedding, LMHead, MoE, Norm,
+                              Op, Origin, Router, VisionExpert)
 from compose.ir.printer import graph_hash, print_graph
+from compose.ir.state import CalmLayout, Cost, MoELayout, State, Target
 from compose.ir.weights import Concat, Const, Expr, Load, Merge, Noise, Ones, Rows, Scale, Select, Slice, Zeros
 
-__all__ = ["ArchConfig", "Graph", "Attention", "CrossAttention", "DecoderBlock", "DenseFFN", "Embedding", "LMHead",
-           "MoE", "Norm", "Op", "Origin", "Router", "graph_hash", "print_graph", "Concat", "Const", "Expr", "Load",
+__all__ = ["DTYPES", "ArchConfig", "Rope", "Graph", "Adapter", "Attention", "CrossAttention", "DecoderBlock",
+           "DenseFFN", "Embedding", "LMHead", "MoE", "Norm", "Op", "Origin", "Router", "VisionExpert", "graph_hash",
+           "print_graph", "CalmLayout", "Cost", "MoELayout", "State", "Target", "Concat", "Const", "Expr", "Load",
            "Merge", "Noise", "Ones", "Rows", "Scale", "Select", "Slice", "Zeros"]

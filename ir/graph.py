@@ -9,53 +9,15 @@ last connection) stay in the graph until dead-weight elimination removes them, s
 """
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
+import dataclasses
 from typing import Iterable, Iterator
 
 import networkx as nx
 
 from compose.errors import IRError
-from compose.ir.nodes import DecoderBlock, Embedding, LMHead, Norm, Op
-
-
-@dataclass(frozen=True)
-class ArchConfig:
-    """Model-wide hyper-parameters every block shares, and the source config the hf backend extends."""
-
-    family: str
-    vocab: int
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    rms_eps: float
-    rope: tuple[tuple[str, object], ...]
-    max_positions: int
-    tie_embeddings: bool
-    qkv_bias: bool
-    sliding_window: int | None
-    act: str
-    dtype: str
-    hf_config: str = field(repr=False)
-    """The source's config.json as sorted JSON: kept whole so the output carries every field through."""
-
-    @property
-    def rope_theta(self) -> float:
-        return float(dict(self.rope).get("rope_theta", 10000.0))
-
-    @property
-    def rope_type(self) -> str:
-        return str(dict(self.rope).get("rope_type", "default"))
-
-    def source_config(self) -> dict:
-        return json.loads(self.hf_config)
-
-    def describe(self) -> str:
-        return (f"family={self.family} hidden={self.hidden} intermediate={self.intermediate} "
-                f"heads={self.heads} kv_heads={self.kv_heads} head_dim={self.head_dim} vocab={self.vocab} "
-                f"tied={self.tie_embeddings} dtype={self.dtype}")
+from compose.ir.config import ArchConfig
+from compose.ir.nodes import Adapter, DecoderBlock, Embedding, LMHead, Norm, Op
+from compose.ir.state import State
 
 
 NEXT, CROSS = "next", "cross"
@@ -65,11 +27,11 @@ states into a node of another chain (CALM's cross-attention reads them)."""
 
 class Graph:
     def __init__(self, config: ArchConfig, nodes: Iterable[tuple[str, Op]],
-                 edges: Iterable[tuple[str, str] | tuple[str, str, str]], meta: dict | None = None,
+                 edges: Iterable[tuple[str, str] | tuple[str, str, str]], state: State | None = None,
                  side_configs: dict[str, ArchConfig] | None = None):
         self.config = config
         self.side_configs: dict[str, ArchConfig] = dict(side_configs or {})
-        self.meta: dict = dict(meta or {})
+        self.state: State = state or State()
         self._g = nx.DiGraph()
         for name, op in nodes:
             if name in self._g:
@@ -155,34 +117,49 @@ class Graph:
         return next(op for _, op in self.items() if isinstance(op, LMHead))  # type: ignore[return-value]
 
     # -- building new graphs -------------------------------------------------------------------------
-    def replace(self, ops: dict[str, Op] | None = None, meta: dict | None = None) -> "Graph":
+    @property
+    def composite(self) -> str | None:
+        """`calm` (a second model joined by cross-attention), `cogvlm` (visual experts) or None (one model).
+        No transformers class holds a composite: it is written as generated code loaded through auto_map."""
+        if self.side_configs:
+            return "calm"
+        if any(b.vision is not None for _, b in self.blocks()):
+            return "cogvlm"
+        return None
+
+    @property
+    def adapter(self) -> Adapter | None:
+        """CogVLM's vision adapter, when the graph has visual experts."""
+        return next((op for _, op in self.items() if isinstance(op, Adapter)), None)
+
+    # -- building new graphs -------------------------------------------------------------------------
+    def replace(self, ops: dict[str, Op] | None = None, **state) -> "Graph":
+        """The graph with some nodes replaced and some state records changed (`dropped=...`, `cost=...`)."""
         ops = ops or {}
         unknown = set(ops) - set(self._g.nodes)
         if unknown:
             raise IRError(f"no nodes named {sorted(unknown)}")
         nodes = [(n, ops.get(n, self.op(n))) for n in self._g.nodes]
-        return Graph(self.config, nodes, self.edges(), {**self.meta, **(meta or {})}, self.side_configs)
+        return Graph(self.config, nodes, self.edges(), self.state.but(**state), self.side_configs)
 
     def with_config(self, **changes) -> "Graph":
         """The same nodes under a changed ArchConfig (e.g. another output dtype; side chains follow it)."""
-        import dataclasses
-
         sides = self.side_configs
         if "dtype" in changes:
             sides = {p: dataclasses.replace(c, dtype=changes["dtype"]) for p, c in sides.items()}
-        return Graph(dataclasses.replace(self.config, **changes), self.items(), self.edges(), self.meta, sides)
+        return Graph(dataclasses.replace(self.config, **changes), self.items(), self.edges(), self.state, sides)
 
     def remove(self, names: Iterable[str]) -> "Graph":
         drop = set(names)
         nodes = [(n, self.op(n)) for n in self._g.nodes if n not in drop]
         edges = [e for e in self.edges() if e[0] not in drop and e[1] not in drop]
-        return Graph(self.config, nodes, edges, self.meta, self.side_configs)
+        return Graph(self.config, nodes, edges, self.state, self.side_configs)
 
     @staticmethod
     def decoder(config: ArchConfig, embed: Embedding, blocks: list[DecoderBlock], norm: Norm, head: LMHead,
-                unused: list[DecoderBlock] = (), meta: dict | None = None) -> "Graph":
+                unused: list[DecoderBlock] = (), state: State | None = None) -> "Graph":
         """A decoder-only chain: embed -> layers.0 .. layers.N-1 -> norm -> lm_head (+ unused blocks)."""
         names = ["embed"] + [f"layers.{i}" for i in range(len(blocks))] + ["norm", "lm_head"]
         ops = [embed, *blocks, norm, head]
         nodes = list(zip(names, ops)) + [(f"unused.{i}", b) for i, b in enumerate(unused)]
-        return Graph(config, nodes, zip(names, names[1:]), meta)
+        return Graph(config, nodes, zip(names, names[1:]), state)

@@ -93,7 +93,8 @@ class Norm(_Leaf):
 
 @dataclass(frozen=True, kw_only=True)
 class Attention(_Leaf):
-    """Multi-head self-attention with grouped KV heads and rotary positions."""
+    """Multi-head self-attention with grouped KV heads and rotary positions; with a `window`, each query
+    sees itself and at most window - 1 keys before it (sliding-window attention), else every key before it."""
 
     kind: ClassVar[str] = "Attention"
     hidden: int
@@ -102,6 +103,7 @@ class Attention(_Leaf):
     head_dim: int
     qkv_bias: bool = False
     o_bias: bool = False
+    window: int | None = None
 
     def expected(self) -> dict[str, Shape]:
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
@@ -120,6 +122,8 @@ class Attention(_Leaf):
     def verify_(self, name: str) -> None:
         if self.heads % self.kv_heads:
             raise IRError(f"node {name}: {self.heads} attention heads are not a multiple of {self.kv_heads} kv heads")
+        if self.window is not None and self.window < 1:
+            raise IRError(f"node {name}: sliding window {self.window} must be at least 1")
         super().verify_(name)
 
 
@@ -418,10 +422,11 @@ class LMHead(_Leaf):
 
 @dataclass(frozen=True, kw_only=True)
 class CrossAttention(_Leaf):
-    """CALM's composition layer, after main-chain block `layer`: h += o(attn(q(norm(h)), k(c), v(c))) where
-    c = context_proj(the side chain's block `context_layer` output): multi-head, no rotary positions, and
-    causal over the shared token sequence (query t reads context positions <= t). With o_proj zero it adds
-    exactly 0: the composed model starts as the anchor."""
+    """CALM's composition layer, after a main-chain block: h += o(attn(q(norm(h)), k(c), v(c))) where
+    c = context_proj(the output of the side-chain block its cross edge comes from): multi-head, no rotary
+    positions, and causal over the shared token sequence (query t reads context positions <= t). With o_proj
+    zero it adds exactly 0: the composed model starts as the anchor. Which layers it joins is the graph's
+    CalmLayout (and its edges), not the node's."""
 
     kind: ClassVar[str] = "CrossAttention"
     hidden: int
@@ -429,10 +434,8 @@ class CrossAttention(_Leaf):
     heads: int
     head_dim: int
     eps: float
-    layer: int
     context: str
     """The side chain it reads (`augment`)."""
-    context_layer: int
     identity: bool | None = None
     """Set by the function-preservation pass: True while o_proj is zero by construction."""
 

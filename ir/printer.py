@@ -105,7 +105,8 @@ def format_node(name: str, op: Op, aliases: _Aliases) -> list[str]:
     if isinstance(op, DecoderBlock):
         # Hyper-parameters are the graph's (checked by the verifier); the block line says where it came from.
         o = op.origin
-        head = f"%{name} = DecoderBlock({'' if o.new or o.method else 'from '}{o.describe(aliases.of)})"
+        window = f", window={op.attn.window}" if op.attn.window is not None else ""
+        head = f"%{name} = DecoderBlock({'' if o.new or o.method else 'from '}{o.describe(aliases.of)}{window})"
     else:
         head = f"%{name} = {op.kind}({op.attrs()})"
     lines = [head + _annotations(op)]
@@ -130,6 +131,29 @@ def format_node(name: str, op: Op, aliases: _Aliases) -> list[str]:
     return lines + (_expert_lines(moe, aliases) if moe is not None else [])
 
 
+def state_lines(g: Graph, aliases: _Aliases) -> list[str]:
+    """The graph's records (compose.ir.state), one `state <name> = ...` line each; the cost is the CLI
+    summary's to print. `identity blocks` is derived from the nodes' own marks."""
+    s = g.state
+    out = [f"state train = {s.train}"]
+    if s.tokenizer is not None:
+        out.append(f"state tokenizer = {aliases.of(s.tokenizer) if isinstance(s.tokenizer, str) else s.tokenizer}")
+    if s.moe is not None:
+        out.append(f"state moe = {s.moe.describe()}")
+    if s.calm is not None:
+        augment = aliases.of(s.calm.augment) if s.calm.augment != "composed" else "composed"
+        out.append(f"state calm = pairs {list(s.calm.pairs)}, augment {augment}")
+    if s.dropped:
+        out.append("state dropped = " + ", ".join(f"{aliases.of(src)} layer {i}" for src, i in s.dropped))
+    marked = [n for n, op in g.items() if getattr(op, "identity", None) is not None]
+    if marked:
+        ids = [n for n in marked if g.op(n).identity]
+        out.append(f"state identity blocks = {', '.join(ids) or 'none'}")
+    if s.target is not None:
+        out.append(f"state target = {s.target.family} ({s.target.architecture})")
+    return out
+
+
 def print_graph(g: Graph) -> str:
     aliases = _Aliases()
     body: list[str] = []
@@ -152,11 +176,7 @@ def print_graph(g: Graph) -> str:
         body.append("// off the chain: never read unless dead-weight elimination keeps them")
         for name in dead:
             body.extend(format_node(name, g.op(name), aliases))
-    for k in sorted(g.meta):
-        if k == "dropped":
-            body.append("meta dropped = " + ", ".join(f"{aliases.of(src)} layer {i}" for src, i in g.meta[k]))
-        elif k != "cost":
-            body.append(f"meta {k} = {g.meta[k]}")
+    body += state_lines(g, aliases)
     lines = [f"graph {g.config.describe()}"]
     lines += [f"source {a} = {ref}" for ref, a in aliases.items()]
     lines += body
@@ -164,5 +184,7 @@ def print_graph(g: Graph) -> str:
 
 
 def graph_hash(g: Graph) -> str:
-    """sha256 of the printed IR and the source config: equal hashes build the same model."""
-    return hashlib.sha256((print_graph(g) + g.config.hf_config).encode()).hexdigest()
+    """sha256 of the printed IR and the whole model config (the carried fields too): equal hashes build
+    the same model."""
+    configs = [repr(g.config)] + [repr(c) for _, c in sorted(g.side_configs.items())]
+    return hashlib.sha256((print_graph(g) + "\n".join(configs)).encode()).hexdigest()

@@ -5,7 +5,8 @@ It reads only shapes and structure, never tensor data, so it is cheap enough to 
 from __future__ import annotations
 
 from compose.errors import IRError
-from compose.ir.graph import CROSS, ArchConfig, Graph
+from compose.ir.config import ArchConfig
+from compose.ir.graph import CROSS, Graph
 from compose.ir.nodes import CrossAttention, DecoderBlock, DenseFFN, Embedding, LMHead, Norm
 
 
@@ -36,6 +37,7 @@ def verify(g: Graph) -> None:
         raise IRError("node lm_head: tied flag disagrees with the model config")
     if head.tied and head.params()["weight"] != emb.params()["weight"]:
         raise IRError("node lm_head: tied to the embedding but its weight is a different expression")
+    _check_calm_layout(g)
 
 
 def _check_block(name: str, op: DecoderBlock, cfg: ArchConfig) -> None:
@@ -59,3 +61,25 @@ def _check_cross(g: Graph, name: str, op: CrossAttention) -> None:
     if (op.hidden, op.context_hidden) != (g.config.hidden, side.hidden):
         raise IRError(f"node {name}: widths {op.hidden} <- {op.context_hidden} do not match the anchor's "
                       f"{g.config.hidden} and {op.context}'s {side.hidden}")
+
+
+def _check_calm_layout(g: Graph) -> None:
+    """The CalmLayout's pairs are what the structure says: the k-th cross-attention follows anchor layer i
+    on the main chain and reads augmenting layer j through its cross edge."""
+    cross = [n for n in g.chain() if isinstance(g.op(n), CrossAttention)]
+    layout = g.state.calm
+    if layout is None:
+        if cross:
+            raise IRError(f"node {cross[0]}: a cross-attention in a graph without a CALM layout")
+        return
+    if len(cross) != len(layout.pairs):
+        raise IRError(f"the CALM layout has {len(layout.pairs)} pairs for {len(cross)} cross-attention nodes")
+    chain = g.chain()
+    anchor_index = {n: i for i, (n, _) in enumerate(g.blocks())}
+    for name, (i, j) in zip(cross, layout.pairs):
+        before = chain[chain.index(name) - 1]
+        source = next(a for a, b, kind in g.edges() if b == name and kind == CROSS)
+        side_index = {n: k for k, (n, _) in enumerate(g.side_blocks(g.op(name).context))}
+        if anchor_index.get(before) != i or side_index.get(source) != j:
+            raise IRError(f"node {name}: joins anchor layer {anchor_index.get(before)} and augmenting layer "
+                          f"{side_index.get(source)}, but the CALM layout says ({i}, {j})")

@@ -288,7 +288,7 @@ def is_zero(e: Expr) -> bool:
 class Rows(_Nary):
     """Rows picked from the inputs (all of one width): output row j is the mean of the input rows
     `picks[start[j]:start[j+1]]`, each pick an (input `src[k]`, row `row[k]`) pair; one pick copies a row,
-    none gives a zero row. This is a remapped vocabulary (compose.tokenizer_merge): a token keeps its own
+    none gives a zero row. This is a remapped vocabulary (compose.lower.tokenizer): a token keeps its own
     row, and a token a model lacks gets another model's row or a mean of several. Sums run in pick order
     and are divided once, as mergekit computes them, so the bits match. The picks are stored flat (CSR),
     not as a tuple per row: a 150k-token vocabulary stays a few megabytes, and the hash is computed once.

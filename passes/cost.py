@@ -3,6 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from compose.ir import DecoderBlock, Embedding, Graph, MoE
+from compose.ir.state import Cost as CostRecord
 from compose.passes.base import Pass
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
@@ -25,7 +26,7 @@ def inactive(block: DecoderBlock) -> int:
 @dataclass(frozen=True)
 class Cost(Pass):
     """Parameters, active parameters per token, trainable parameters, FLOPs per token and bytes, in
-    `meta["cost"]`.
+    `state.cost`.
 
     FLOPs per token count 2 per weight of every matrix a token is multiplied by (projections, the router,
     the top-k experts and shared experts of an MoE, and the LM head; the embedding is a lookup), the usual
@@ -51,6 +52,5 @@ class Cost(Pass):
                     trainable += _numel(op.vision)
         flops -= 2 * skipped  # every expert's matrices are 2D: take the unrouted ones back out
         nbytes = params * DTYPE_BYTES.get(g.config.dtype, 4)
-        cost = {"layers": len(g.blocks()), "params": params, "active_params": params - skipped,
-                "trainable_params": trainable, "flops_per_token": flops, "bytes": nbytes}
-        return g.replace(meta={"cost": cost})
+        return g.replace(cost=CostRecord(layers=len(g.blocks()), params=params, active_params=params - skipped,
+                                         trainable_params=trainable, flops_per_token=flops, bytes=nbytes))

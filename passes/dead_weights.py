@@ -12,7 +12,7 @@ class DeadWeights(Pass):
 
     Backends evaluate only the expressions of nodes in the graph, so after this pass a layer that no
     slice uses (SOLAR's cut layers) is never read from its source. What was dropped is kept in
-    `meta["dropped"]` so a dump still says so.
+    `state.dropped` so a dump still says so.
     """
 
     name = "dead-weights"
@@ -23,4 +23,4 @@ class DeadWeights(Pass):
             return g
         dropped = tuple(sorted({(op.origin.source, op.origin.layer) for n in dead
                                 if isinstance(op := g.op(n), DecoderBlock)}))
-        return g.remove(dead).replace(meta={"dropped": dropped})
+        return g.remove(dead).replace(dropped=dropped)

@@ -14,11 +14,13 @@ from compose.passes.cost import Cost
 from compose.passes.dead_weights import DeadWeights
 from compose.passes.fold import Fold
 from compose.passes.preservation import Preservation
+from compose.passes.target import Target
 from compose.passes.trainable import Trainable
 from compose.passes.verify import Verify
 
-REGISTRY: dict[str, type[Pass]] = {p.name: p for p in (Verify, Fold, DeadWeights, Preservation, Trainable, Cost)}
-DEFAULT_PIPELINE = ("verify", "fold", "dead-weights", "preservation", "trainable", "cost")
+REGISTRY: dict[str, type[Pass]] = {p.name: p for p in (Verify, Fold, DeadWeights, Target, Preservation, Trainable,
+                                                       Cost)}
+DEFAULT_PIPELINE = ("verify", "fold", "dead-weights", "target", "preservation", "trainable", "cost")
 
 
 class PassManager:

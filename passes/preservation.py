@@ -19,7 +19,8 @@ def adds_zero(block: DecoderBlock) -> bool:
 
 @dataclass(frozen=True)
 class Preservation(Pass):
-    """Function-preservation analysis: mark blocks that are exact identities at init."""
+    """Function-preservation analysis: mark blocks (and CALM's cross-attentions) that are exact identities at
+    init, on the nodes themselves (`identity`); the dump lists them as `state identity blocks`."""
 
     name = "preservation"
 
@@ -28,5 +29,4 @@ class Preservation(Pass):
         # CALM's cross-attention adds o_proj(...): exactly 0 while o_proj is zero.
         ops.update({n: dataclasses.replace(op, identity=is_zero(op.params()["o_proj.weight"]))
                     for n, op in g.items() if isinstance(op, CrossAttention)})
-        ids = [n for n, b in ops.items() if b.identity]
-        return g.replace(ops, meta={"identity_blocks": ", ".join(ids) or "none"})
+        return g.replace(ops)

@@ -10,15 +10,15 @@ from compose.passes.base import Pass
 
 @dataclass(frozen=True)
 class Trainable(Pass):
-    """Mark what trains. Under `meta["train"] == "new"` (LLaMA-Pro) only new blocks do; under "cross"
-    (CALM) only the cross-attention layers; under "vision" (CogVLM) only the visual experts inside the
+    """Mark what trains, by the graph's rule (`state.train`). Under `new` (LLaMA-Pro) only new blocks do; under `cross`
+    (CALM) only the cross-attention layers; under `vision` (CogVLM) only the visual experts inside the
     blocks and the adapter; otherwise (a plain or up-scaled model: continued
     pre-training) everything does."""
 
     name = "trainable"
 
     def run(self, g: Graph) -> Graph:
-        mode = g.meta.get("train")
+        mode = g.state.train
 
         def trains(op) -> bool:
             if mode == "new":

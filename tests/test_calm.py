@@ -27,7 +27,7 @@ def _module(folder):
 
 
 def test_default_pairs_follow_calm_pytorch():
-    from compose.lower_calm import default_pairs
+    from compose.lower.calm import default_pairs
 
     assert default_pairs(8, 4, 2) == [(0, 0), (4, 2)]
     assert default_pairs(32, 32, 4) == [(0, 0), (4, 4), (8, 8), (12, 12), (16, 16), (20, 20), (24, 24), (28, 28)]

@@ -16,7 +16,7 @@ from compose.backends import torch as torch_backend
 from compose.codegen import render_modeling
 from compose.errors import BuildError
 from compose.ir import Graph
-from compose.lower import lower
+from compose.pipeline import lower_spec as lower
 from conftest import load_hf, logits, save_hf_model, token_ids
 
 FAMILIES = ["llama", "mistral", "qwen2"]
@@ -97,8 +97,8 @@ def test_sliding_window_is_exercised(generated, monkeypatch):
     folder, module = generated["mistral"]
     ids = token_ids(seq=40)
     want = logits(load_hf(folder), ids)
-    full = module.attention_mask
-    monkeypatch.setattr(module, "attention_mask", lambda q, k, window: full(q, k, 10**6))
+    full = module.sliding_window_mask
+    monkeypatch.setattr(module, "sliding_window_mask", lambda q, k, window: full(q, k, 10**6))
     with torch.no_grad():
         got = compose_model(generated, "mistral")(ids)
     assert (got[:, :16] - want[:, :16]).abs().max().item() <= 1e-5
@@ -220,10 +220,10 @@ def test_no_repeat_when_every_head_has_its_own_kv(tmp_path):
 
 # -- errors ----------------------------------------------------------------------------------------------
 
-def test_unsupported_rope_type_is_a_clear_error(generated):
+def test_unsupported_rope_is_a_clear_error(generated):
     g = graph_of(generated["llama"][0])
-    rope = tuple(sorted({**dict(g.config.rope), "rope_type": "linear", "factor": 2.0}.items()))
-    with pytest.raises(BuildError, match="rope_type 'default' only, not 'linear'"):
+    rope = dataclasses.replace(g.config.rope, partial_rotary_factor=0.5)
+    with pytest.raises(BuildError, match="partial_rotary_factor 0.5 is not supported yet"):
         render_modeling(g.with_config(rope=rope))
 
 

@@ -22,6 +22,7 @@ GOLDEN = Path(__file__).parent / "golden"
     ("passthrough", []),
     ("moe_upcycle", []),
     ("deepseek_moe", []),
+    ("deepseek_moe", ["--after", "target"]),
     ("calm", []),
     ("cogvlm", []),
 ])

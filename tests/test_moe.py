@@ -171,9 +171,11 @@ def test_manifest_records_experts_routing_and_active_parameters(tmp_path, hf_mod
     assert info["moe_layers"] == [1, 3, 5, 7] and info["routed_experts"] == 8 and info["top_k"] == 2
     expert = 3 * 64 * 128
     dense = {k: v.numel() for k, v in read_tensors(hf_models["llama"]).items()}
-    router = 8 * 64
-    assert info["params"] == sum(dense.values()) + 4 * (7 * expert + router)
-    assert info["active_params"] == sum(dense.values()) + 4 * (1 * expert + router)
+    router, shared_gate = 8 * 64, 64  # Qwen2-MoE's shared-expert gate (zero, before a zero-width expert)
+    assert info["params"] == sum(dense.values()) + 4 * (7 * expert + router + shared_gate)
+    assert info["active_params"] == sum(dense.values()) + 4 * (1 * expert + router + shared_gate)
     assert m["cost"]["active_params"] == info["active_params"]
+    model = load_hf(out)
+    assert info["params"] == model.num_parameters()  # what the checkpoint holds, counted by transformers
     ids = token_ids()
-    torch.testing.assert_close(logits(load_hf(out), ids), logits(load_hf(hf_models["llama"]), ids), rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits(model, ids), logits(load_hf(hf_models["llama"]), ids), rtol=0, atol=1e-5)

@@ -12,11 +12,12 @@ from compose.ir import Load, Zeros
 from compose.ir.evaluate import Evaluator
 from compose.ir.verify import verify
 from compose.ir.weights import Concat, Merge, Noise, Scale, Slice
-from compose.lower import lower
+from compose.pipeline import lower_spec as lower
 from compose.passes import PassManager
 from compose.passes.cost import Cost
 from compose.passes.dead_weights import DeadWeights
 from compose.passes.preservation import Preservation
+from compose.passes.target import Target
 from compose.passes.trainable import Trainable
 from compose.sources import clear_cache
 
@@ -55,7 +56,7 @@ def test_dead_weights_removes_unused_layers():
     assert len(g.dead()) == 5
     g2 = DeadWeights().run(g)
     assert g2.dead() == [] and len(g2.blocks()) == 3
-    assert g2.meta["dropped"] == tuple(("tiny:llama", i) for i in (0, 1, 5, 6, 7))
+    assert g2.state.dropped == tuple(("tiny:llama", i) for i in (0, 1, 5, 6, 7))
     loads = {e.key for _, op in g2.items() for e in op.params().values() if isinstance(e, Load)}
     assert not any(k.startswith(("model.layers.0.", "model.layers.5.")) for k in loads)
 
@@ -86,11 +87,11 @@ def test_cost_counts_a_tied_head_once():
     from compose.backends.hf import hf_config
     from transformers import Qwen2Config
 
-    g = Cost().run(Trainable().run(lower(load("tiny:qwen2"))))
+    g = Cost().run(Trainable().run(Target().run(lower(load("tiny:qwen2")))))
     ref = AutoModelForCausalLM.from_config(Qwen2Config(**hf_config(g)))
-    assert g.meta["cost"]["params"] == ref.num_parameters()
+    assert g.state.cost.params == ref.num_parameters()
     matmul = sum(p.numel() for n, p in ref.named_parameters() if p.dim() == 2 and "embed" not in n)
-    assert g.meta["cost"]["flops_per_token"] == 2 * (matmul + ref.lm_head.weight.numel())
+    assert g.state.cost.flops_per_token == 2 * (matmul + ref.lm_head.weight.numel())
 
 
 def test_evaluator_ops_and_cse():

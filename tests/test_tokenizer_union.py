@@ -1,5 +1,5 @@
 """tokenizer_source `union`, `base` and a model when vocabularies differ: rows remapped as mergekit 0.1.5
-remaps them (compose/tokenizer_merge.py). Tiny Llama models with real tokenizers made here with the
+remaps them (lower/tokenizer.py). Tiny Llama models with real tokenizers made here with the
 `tokenizers` library, nothing downloaded; the peer tests compare with mergekit token by token."""
 from __future__ import annotations
 
@@ -85,9 +85,9 @@ def remapped(spec) -> tuple[dict[str, int], list[torch.Tensor]]:
     g = compile_graph(spec)
     inputs = g.embedding.params()["weight"].inputs
     ev = Evaluator(inputs, lambda e: open_source(e.source).tensor(e.key))
-    from compose.tokenizer_merge import load as load_tok
+    from compose.lower.tokenizer import load as load_tok
 
-    return load_tok(g.meta["tokenizer_source"]).get_vocab(), [ev(x) for x in inputs]
+    return load_tok(g.state.tokenizer, open_source).get_vocab(), [ev(x) for x in inputs]
 
 
 def test_union_rows_follow_mergekits_rule(zoo):
@@ -146,7 +146,7 @@ def test_same_vocabulary_is_left_alone(zoo, tmp_path):
     spec = merge.linear([load(str(zoo / "a")), load(str(zoo / "a2"))], weights=[1, 1], tokenizer_source="union")
     g = compile_graph(spec)
     assert not any(isinstance(e, Rows) for e in g.embedding.params()["weight"].walk())
-    assert g.meta["tokenizer_source"] == str(zoo / "a")  # files copied, as for `base`
+    assert g.state.tokenizer == str(zoo / "a")  # files copied, as for `base`
     out = build(spec, tmp_path / "out", progress=False)
     assert (out / "tokenizer.json").read_bytes() == (zoo / "a" / "tokenizer.json").read_bytes()
 
@@ -159,7 +159,7 @@ def test_rows_print_in_the_ir(zoo, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "weight <- linear([rows([%0:model.embed_tokens.weight, %1:model.embed_tokens.weight], 35 rows" \
         in text
-    assert "meta tokenizer_source = union over" in text
+    assert "state tokenizer = union over" in text
 
 
 def test_tokenizer_source_errors_name_the_field(zoo, tmp_path):

@@ -6,19 +6,15 @@ from __future__ import annotations
 import dataclasses
 
 from compose.errors import SpecError
-from compose.ir import DenseFFN, Graph
-from compose.ir.graph import CROSS
-from compose.ir.nodes import Adapter, VisionExpert
+from compose.ir.graph import CROSS, Graph
+from compose.ir.nodes import Adapter, DenseFFN, VisionExpert
 from compose.ir.weights import Noise, Zeros, derive_seed
-from compose.spec import VisualExpertSpec
 
 ADAPTER = "vision_adapter"
 
 
-def lower_visual_expert(spec: VisualExpertSpec, path: str) -> Graph:
-    from compose.lower import lower_one
-
-    g = lower_one(spec.model, f"{path}.model")
+def lower(spec, path: str, ctx) -> Graph:
+    g = ctx.input(spec.model, f"{path}.model")
     ops = {}
     for name, b in g.blocks():
         if not isinstance(b.ffn, DenseFFN):
@@ -34,5 +30,4 @@ def lower_visual_expert(spec: VisualExpertSpec, path: str) -> Graph:
                       vision_width=spec.vision_width, hidden=h)
     nodes = [(n, ops.get(n, op)) for n, op in g.items()] + [(ADAPTER, adapter)]
     edges = g.edges() + [(ADAPTER, g.chain()[0], CROSS)]
-    meta = {**g.meta, "train": "vision", "visual_expert": {"vision_width": spec.vision_width}}
-    return Graph(g.config, nodes, edges, meta, g.side_configs)
+    return Graph(g.config, nodes, edges, g.state.but(train="vision"), g.side_configs)

@@ -1,5 +1,5 @@
 """Lowering of `merge`: every output tensor becomes a `Merge` expression over the inputs' tensors, with
-the method's parameters resolved for that tensor (compose.params), as mergekit plans a merge:
+the method's parameters resolved for that tensor (merge_params), as mergekit plans a merge:
 
 - inputs are the models in order; a base that is not among them is appended after them;
 - t for gradients is a block's position in the merge, i / (n - 1) (1 for a single layer), and 0 for the
@@ -7,27 +7,23 @@ the method's parameters resolved for that tensor (compose.params), as mergekit p
 - a model's own parameters win over the merge's; shared parameters are matched against the output
   tensor's name, per-model ones against that model's own tensor name (its source layer);
 - with a tokenizer_source, every input's embedding and head are first remapped onto the output
-  vocabulary (compose.tokenizer_merge).
+  vocabulary (lower/tokenizer.py).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 
 from compose.errors import SourceError, SpecError
-from compose.ir import DecoderBlock, Graph, Load, LMHead, Merge, Origin
-from compose.ir.weights import Expr, derive_seed
-from compose.ir.graph import ArchConfig
+from compose.ir.graph import Graph
+from compose.ir.nodes import DecoderBlock, LMHead, Origin
+from compose.ir.state import State
+from compose.ir.weights import Expr, Merge, derive_seed
+from compose.lower.merge_params import Layer, check_filters, check_known, resolve
 from compose.merges.api import Method
 from compose.merges.registry import get
-from compose.params import Layer, check_filters, check_known, resolve
-from compose.sources import open_source
-from compose.spec import MergeSpec
 
 
-def lower_merge(spec: MergeSpec, path: str) -> Graph:
-    from compose.lower import lower_one
-
+def lower(spec, path: str, ctx) -> Graph:
     method = get(spec.method, f"{path}.method")
     inputs: list[tuple[str, object, dict]] = [(f"{path}.models[{i}]", m.model, m.parameters)
                                               for i, m in enumerate(spec.models)]
@@ -38,7 +34,7 @@ def lower_merge(spec: MergeSpec, path: str) -> Graph:
             inputs.append((f"{path}.base", spec.base, {}))
             base = len(inputs) - 1
     _check_contract(method, len(inputs), base, path)
-    graphs = [lower_one(m, p if p == f"{path}.base" else f"{p}.model") for p, m, _ in inputs]
+    graphs = [ctx.input(m, p if p == f"{path}.base" else f"{p}.model") for p, m, _ in inputs]
     _check_structure(graphs, inputs)
 
     common: list[Layer] = ([(f"{path}.parameters", spec.parameters)] if isinstance(spec.parameters, dict)
@@ -65,7 +61,7 @@ def lower_merge(spec: MergeSpec, path: str) -> Graph:
         seed = derive_seed(spec.seed, out) if method.random else None
         return Merge(method.name, tuple(exprs), base, tuple(params.items()), seed, out, spec.dtype)
 
-    tokenizer, vocab = _tokenizer(spec, inputs, graphs, base, path)
+    tokenizer, vocab = _tokenizer(spec, inputs, graphs, base, path, ctx)
 
     def on_vocab(exprs: list[Expr]) -> list[Expr]:
         # With a tokenizer_source, every model's rows are remapped onto the output vocabulary first.
@@ -90,7 +86,8 @@ def lower_merge(spec: MergeSpec, path: str) -> Graph:
     norm_name = "model.norm.weight"
     norm_w = merged(norm_name, [g.final_norm.params()["weight"] for g in graphs], [norm_name] * len(graphs), 0.0)
     donor = graphs[base] if base is not None else graphs[0]
-    cfg = _with_vocab(donor.config, vocab.size) if vocab else donor.config
+    # With a built tokenizer, mergekit's vocab_size is its length.
+    cfg = dataclasses.replace(donor.config, vocab=vocab.size) if vocab else donor.config
     if cfg.tie_embeddings:
         head_w = embed_w
     else:
@@ -104,7 +101,7 @@ def lower_merge(spec: MergeSpec, path: str) -> Graph:
         dataclasses.replace(donor.embedding.with_weights(weight=embed_w), vocab=cfg.vocab), out_blocks,
         donor.final_norm.with_weights(weight=norm_w),
         LMHead(weights=(("weight", head_w),), vocab=cfg.vocab, hidden=cfg.hidden, tied=cfg.tie_embeddings),
-        meta={"train": "all", "tokenizer_source": tokenizer},
+        state=State(train="all", tokenizer=tokenizer),
     )
 
 
@@ -140,39 +137,22 @@ def _input_name(block: DecoderBlock, k: str, out: str) -> str:
     return out if (o.new or o.method) else f"model.layers.{o.layer}.{k}"
 
 
-def _tokenizer_of(g: Graph):
-    """The tokenizer that goes with a graph's embeddings: a merge's own, else its embedding's source."""
-    t = g.meta.get("tokenizer_source")
-    return t if t is not None else next((e.source for e in g.embedding.params()["weight"].walk()
-                                         if isinstance(e, Load)), None)
-
-
-def _tokenizer(spec: MergeSpec, inputs, graphs: list[Graph], base: int | None, path: str):
-    """The tokenizer to write (graph meta) and, with a tokenizer_source, the vocabulary plan. Without one
+def _tokenizer(spec, inputs, graphs: list[Graph], base: int | None, path: str, ctx):
+    """The tokenizer to write (graph state) and, with a tokenizer_source, the vocabulary plan. Without one
     the tokenizer is mergekit's donor's (the base model, else the first) and the rows stay as they are."""
-    from compose.tokenizer_merge import plan_vocab
+    from compose.lower.tokenizer import plan_vocab
 
     ts = spec.tokenizer_source
-    donor = _tokenizer_of(graphs[base] if base is not None else graphs[0])
+    donor = (graphs[base] if base is not None else graphs[0]).state.tokenizer
     if ts is None:
         return donor, None
     if ts == "base" and base is None:
         raise SpecError(f"{path}.tokenizer_source: `base` needs a base model")
     if ts not in ("base", "union"):
         try:
-            ts = open_source(ts).ref
+            ts = ctx.open(ts).ref
         except SourceError as e:
             raise SpecError(f"{path}.tokenizer_source: {e}") from None
-    vocab = plan_vocab(ts, [p for p, _, _ in inputs], [_tokenizer_of(g) for g in graphs],
-                       [g.config.vocab for g in graphs], base, path,
-                       donor if isinstance(donor, str) else getattr(donor, "donor", None))
+    vocab = plan_vocab(ts, [p for p, _, _ in inputs], [g.state.tokenizer for g in graphs],
+                       [g.config.vocab for g in graphs], base, path, donor, ctx.open)
     return vocab.tokenizer, vocab
-
-
-def _with_vocab(cfg: ArchConfig, n: int) -> ArchConfig:
-    """The config with mergekit's vocab_size for a built tokenizer: its length."""
-    if n == cfg.vocab:
-        return cfg
-    hf = json.loads(cfg.hf_config)
-    hf["vocab_size"] = n
-    return dataclasses.replace(cfg, vocab=n, hf_config=json.dumps(hf, sort_keys=True))

@@ -11,7 +11,8 @@ it by token string (one map serves both):
   has a base and the base has the token; else the mean of the rows of the models that have it; else zeros.
 
 Lowering plans this from the tokenizers alone (`plan_vocab`), as `Rows` weight expressions; the hf
-backend builds and writes the tokenizer from the recipe kept in the graph's meta (`MergedTokenizer`).
+backend builds and writes the tokenizer from the recipe kept in the graph's state (`MergedTokenizer`, which
+holds the folders it reads, so writing needs no source lookups).
 
 mergekit leaves two orders to chance (Python set and Rust hash-map iteration): which model's tokenizer is
 the base when there is no base model, and the order of the tokens `union` appends. compose fixes both:
@@ -38,28 +39,31 @@ TokenizerRef = Union[str, "MergedTokenizer"]
 """A model's tokenizer: the source reference whose folder holds it, or a merged one."""
 
 
-def _folder(ref: str) -> Path | None:
-    from compose.sources import open_source
-
-    folder = open_source(ref).folder
+def tokenizer_folder(src) -> Path | None:
+    """The folder of an opened source, when it holds a loadable tokenizer."""
+    folder = src.folder
     if folder is None or not any((folder / f).is_file() for f in _TOKENIZER_FILES):
         return None
     return folder
 
 
-def has_tokenizer(ref: TokenizerRef | None) -> bool:
-    return isinstance(ref, MergedTokenizer) or (ref is not None and _folder(ref) is not None)
+def has_tokenizer(ref: TokenizerRef | None, open_source) -> bool:
+    return isinstance(ref, MergedTokenizer) or (ref is not None and tokenizer_folder(open_source(ref)) is not None)
 
 
-def load(ref: TokenizerRef, *, fast: bool = False):
+def load(ref: TokenizerRef, open_source=None, *, fast: bool = False):
     """The tokenizer as mergekit loads it (AutoTokenizer; `use_fast=True` for the base, as it asks)."""
     if isinstance(ref, MergedTokenizer):
         return ref.build()
-    import transformers
-
-    folder = _folder(ref)
+    folder = tokenizer_folder(open_source(ref))
     if folder is None:
         raise SourceError(f"{ref}: no tokenizer files")
+    return _load_folder(folder, ref, fast)
+
+
+def _load_folder(folder: Path, ref: str, fast: bool):
+    import transformers
+
     kwargs = {"use_fast": True} if fast else {}
     try:
         return transformers.AutoTokenizer.from_pretrained(str(folder), **kwargs)
@@ -94,17 +98,19 @@ def _digest(vocab: dict[str, int]) -> str:
 
 @dataclass(frozen=True)
 class MergedTokenizer:
-    """A tokenizer to build (graph meta): the base tokenizer, stripped to `strip` ids when set; for a
+    """A tokenizer to build (graph state): the base tokenizer, stripped to `strip` ids when set; for a
     union, reloaded and extended with `tokens` and then the `added` tokens (AddedToken fields), in order.
     `size` and `digest` are the vocabulary lowering planned the rows for; writing checks them."""
 
     base: TokenizerRef
+    folder: Path | None
+    """The base's tokenizer folder (None when the base is itself a merged tokenizer)."""
     strip: int | None
     union: bool
     tokens: tuple[str, ...]
     added: tuple[tuple[tuple[str, object], ...], ...]
-    donor: str | None
-    """The source whose other files (generation_config.json) travel with the merged model."""
+    generation_config: Path | None
+    """The donor's generation_config.json, which travels with the merged model."""
     size: int
     digest: str
 
@@ -114,7 +120,7 @@ class MergedTokenizer:
         import transformers
         from tokenizers import AddedToken
 
-        tok = load(self.base, fast=True)
+        tok = self.base.build() if self.folder is None else _load_folder(self.folder, str(self.base), True)
         if self.strip is not None:
             tok = strip(tok, self.strip, str(self.base)) or tok
         if not self.union:
@@ -138,21 +144,14 @@ class MergedTokenizer:
         before = set(p.name for p in out.iterdir())
         tok.save_pretrained(str(out), safe_serialization=True)
         written = sorted(set(p.name for p in out.iterdir()) - before)
-        if self.donor is not None and (f := _folder_of(self.donor, "generation_config.json")) is not None:
-            shutil.copyfile(f, out / f.name)
-            written.append(f.name)
+        if self.generation_config is not None:
+            shutil.copyfile(self.generation_config, out / self.generation_config.name)
+            written.append(self.generation_config.name)
         return written
 
     def __str__(self) -> str:
         what = f"union over {self.base}" if self.union else f"{self.base} stripped to its vocab_size"
         return f"{what} (vocab {self.size}, sha256={self.digest[:12]})"
-
-
-def _folder_of(ref: str, name: str) -> Path | None:
-    from compose.sources import open_source
-
-    folder = open_source(ref).folder
-    return folder / name if folder is not None and (folder / name).is_file() else None
 
 
 @dataclass(frozen=True)
@@ -184,47 +183,64 @@ class VocabPlan:
 
 
 def plan_vocab(source: str, names: list[str], toks: list[TokenizerRef | None], rows: list[int],
-               base: int | None, path: str, donor: str | None) -> VocabPlan:
+               base: int | None, path: str, donor: TokenizerRef | None, open_source) -> VocabPlan:
     """mergekit's build_tokenizer and PermutedVocabulary for a merge of inputs `names` (their
-    tokenizers `toks`, their vocab sizes `rows`), `source` being `base`, `union` or a source reference."""
+    tokenizers `toks`, their vocab sizes `rows`), `source` being `base`, `union` or a source reference;
+    `open_source` resolves a reference to its source."""
     field = f"{path}.tokenizer_source"
     tb = base if base is not None else 0  # mergekit's tokenizer base: the base model, else a first model
 
+    def has(ref) -> bool:
+        return has_tokenizer(ref, open_source)
+
+    def folder(ref) -> Path | None:
+        return None if isinstance(ref, MergedTokenizer) else tokenizer_folder(open_source(ref))
+
+    def generation_config() -> Path | None:
+        """The donor's generation_config.json (the donor: the tokenizer the merge would copy otherwise)."""
+        if isinstance(donor, MergedTokenizer):
+            return donor.generation_config
+        where = open_source(donor).folder if donor is not None else None
+        f = where / "generation_config.json" if where is not None else None
+        return f if f is not None and f.is_file() else None
+
     def need(i: int) -> TokenizerRef:
-        if not has_tokenizer(toks[i]):
+        if not has(toks[i]):
             raise SpecError(f"{field}: {source} needs {names[i]}'s tokenizer, but {toks[i] or 'it'} has no "
                             "tokenizer files")
         return toks[i]  # type: ignore[return-value]
 
     try:
         base_ref = need(tb)
-        base_tok = load(base_ref, fast=True)
+        base_tok = load(base_ref, open_source, fast=True)
         stripped = strip(base_tok, rows[tb], str(base_ref))
         base_tok = stripped or base_tok
         # Each model's tokenizer, loaded once; the base's stripped. mergekit assumes a model without one
         # shares the base's vocabulary; a union cannot, so there it is an error.
         loaded: dict[object, object] = {base_ref: base_tok}
         for i, ref in enumerate(toks):
-            if not has_tokenizer(ref):
+            if not has(ref):
                 if source == "union":
                     need(i)
             elif ref not in loaded:
-                loaded[ref] = load(ref)
+                loaded[ref] = load(ref, open_source)
         vocabs = [(loaded[ref] if i != tb and ref in loaded else base_tok).get_vocab() for i, ref in enumerate(toks)]
 
         if source == "union":
-            merged = _union(base_ref, rows[tb] if stripped is not None else None, loaded, toks, rows, tb, donor)
+            merged = _union(base_ref, folder(base_ref), rows[tb] if stripped is not None else None, loaded, toks,
+                            rows, tb, generation_config())
             out_vocab = merged.build().get_vocab()
             merged = dataclasses.replace(merged, size=len(out_vocab), digest=_digest(out_vocab))
             tokenizer: TokenizerRef = merged if stripped or out_vocab != base_tok.get_vocab() else base_ref
         elif source == "base":
             out_vocab = base_tok.get_vocab()
             tokenizer = base_ref if stripped is None else MergedTokenizer(
-                base_ref, rows[tb], False, (), (), donor, len(out_vocab), _digest(out_vocab))
+                base_ref, folder(base_ref), rows[tb], False, (), (), generation_config(), len(out_vocab),
+                _digest(out_vocab))
         else:
-            if not has_tokenizer(source):
+            if not has(source):
                 raise SpecError(f"{field}: {source} has no tokenizer files")
-            out_vocab = load(source).get_vocab()
+            out_vocab = load(source, open_source).get_vocab()
             tokenizer = source
     except SourceError as e:
         raise SpecError(f"{field}: {e}") from None
@@ -249,8 +265,8 @@ def plan_vocab(source: str, names: list[str], toks: list[TokenizerRef | None], r
     return VocabPlan(n, tokenizer, perms, tuple(rows), fill)
 
 
-def _union(base_ref: TokenizerRef, strip_to: int | None, loaded: dict, toks: list, rows: list[int], tb: int,
-           donor: str | None) -> MergedTokenizer:
+def _union(base_ref: TokenizerRef, folder: Path | None, strip_to: int | None, loaded: dict, toks: list,
+           rows: list[int], tb: int, generation_config: Path | None) -> MergedTokenizer:
     """mergekit's build_union_tokenizer, as a recipe: every model's tokens below its vocab_size, first
     seen first (the base's tokenizer first, then the merge's order; by id within one), become added tokens
     of the base tokenizer unless it has them; then the models' added tokens (special ones), first
@@ -274,4 +290,4 @@ def _union(base_ref: TokenizerRef, strip_to: int | None, loaded: dict, toks: lis
     base_vocab = loaded[base_ref].get_vocab()
     tokens = tuple(t for t in out_vocab if t not in out_added and t not in base_vocab)
     added = tuple(tuple(sorted(a.__getstate__().items())) for a in out_added.values())
-    return MergedTokenizer(base_ref, strip_to, True, tokens, added, donor, 0, "")
+    return MergedTokenizer(base_ref, folder, strip_to, True, tokens, added, generation_config, 0, "")

@@ -13,10 +13,10 @@ import json
 import math
 
 from compose.errors import SpecError
-from compose.ir import CrossAttention, DecoderBlock, Graph, Load, MoE
-from compose.ir.graph import CROSS
-from compose.ir.weights import Noise, Ones, Zeros, derive_seed
-from compose.spec import CalmSpec
+from compose.ir.graph import CROSS, Graph
+from compose.ir.nodes import CrossAttention, DecoderBlock, MoE
+from compose.ir.state import CalmLayout
+from compose.ir.weights import Load, Noise, Ones, Zeros, derive_seed
 
 PREFIX = "augment"
 
@@ -29,12 +29,10 @@ def default_pairs(n_anchor: int, n_augment: int, every: int) -> list[tuple[int, 
     return list(zip(range(0, n_anchor, anchor_every), range(0, n_augment, every)))
 
 
-def lower_calm(spec: CalmSpec, path: str) -> Graph:
-    from compose.lower import lower_one
-
-    a = lower_one(spec.anchor, f"{path}.anchor")
-    b = lower_one(spec.augment, f"{path}.augment")
-    _same_vocabulary(a, b, path)
+def lower(spec, path: str, ctx) -> Graph:
+    a = ctx.input(spec.anchor, f"{path}.anchor")
+    b = ctx.input(spec.augment, f"{path}.augment")
+    _same_vocabulary(a, b, path, ctx)
     blocks_a, blocks_b = a.blocks(), b.blocks()
     if any(isinstance(op.ffn, MoE) for _, op in blocks_a + blocks_b):
         raise SpecError(f"{path}: CALM of mixture-of-experts models is not supported yet")
@@ -46,7 +44,7 @@ def lower_calm(spec: CalmSpec, path: str) -> Graph:
     dtype = a.config.dtype
     after = {}
     for k, (i, j) in enumerate(pairs):
-        after[i] = (f"xattn.{k}", _cross_attention(spec, a, b, i, j, heads, k, dtype))
+        after[i] = (f"xattn.{k}", _cross_attention(spec, a, b, heads, k, dtype))
 
     main = ["embed"]
     nodes = [("embed", a.embedding)]
@@ -64,13 +62,12 @@ def lower_calm(spec: CalmSpec, path: str) -> Graph:
     nodes += [(f"unused.{u}", op) for u, op in enumerate(unused)]
     edges = list(zip(main, main[1:])) + list(zip(side, side[1:]))
     edges += [(f"{PREFIX}.layers.{j}", f"xattn.{k}", CROSS) for k, (_, j) in enumerate(pairs)]
-    meta = {**a.meta, "train": "cross",
-            "calm": {"pairs": [list(p) for p in pairs], "heads": heads, "augment": _ref(b)}}
+    state = a.state.but(train="cross", calm=CalmLayout(tuple(pairs), _ref(b)))
     side_cfg = dataclasses.replace(b.config, dtype=dtype)
-    return Graph(a.config, nodes, edges, meta, {PREFIX: side_cfg})
+    return Graph(a.config, nodes, edges, state, {PREFIX: side_cfg})
 
 
-def _pairs(spec: CalmSpec, n_a: int, n_b: int, path: str) -> list[tuple[int, int]]:
+def _pairs(spec, n_a: int, n_b: int, path: str) -> list[tuple[int, int]]:
     if spec.pairs is None:
         return default_pairs(n_a, n_b, spec.every)
     pairs = [tuple(p) for p in spec.pairs]
@@ -88,8 +85,7 @@ def _pairs(spec: CalmSpec, n_a: int, n_b: int, path: str) -> list[tuple[int, int
     return sorted(pairs)
 
 
-def _cross_attention(spec: CalmSpec, a: Graph, b: Graph, i: int, j: int, heads: int, k: int,
-                     dtype: str) -> CrossAttention:
+def _cross_attention(spec, a: Graph, b: Graph, heads: int, k: int, dtype: str) -> CrossAttention:
     h, hb, hd = a.config.hidden, b.config.hidden, a.config.hidden // heads
     inner = heads * hd
 
@@ -102,7 +98,7 @@ def _cross_attention(spec: CalmSpec, a: Graph, b: Graph, i: int, j: int, heads: 
                # Zero output projection: the layer adds exactly 0 until it trains.
                "o_proj.weight": Zeros((h, inner), dtype)}
     return CrossAttention(weights=tuple(weights.items()), hidden=h, context_hidden=hb, heads=heads, head_dim=hd,
-                          eps=a.config.rms_eps, layer=i, context=PREFIX, context_layer=j)
+                          eps=a.config.rms_eps, context=PREFIX)
 
 
 def _ref(g: Graph) -> str:
@@ -110,21 +106,21 @@ def _ref(g: Graph) -> str:
     return w.source if isinstance(w, Load) else "composed"
 
 
-def _same_vocabulary(a: Graph, b: Graph, path: str) -> None:
+def _same_vocabulary(a: Graph, b: Graph, path: str, ctx) -> None:
     """CALM feeds one token sequence to both models: they need one vocabulary."""
     if a.config.vocab != b.config.vocab:
         raise SpecError(f"{path}.augment: a vocabulary of {b.config.vocab} tokens, the anchor's has "
                         f"{a.config.vocab}; CALM reads one token sequence with both models (same tokenizer needed)")
-    va, vb = _tokenizer_vocab(a), _tokenizer_vocab(b)
+    va, vb = _tokenizer_vocab(a, ctx), _tokenizer_vocab(b, ctx)
     if va is not None and vb is not None and va != vb:
         raise SpecError(f"{path}.augment: its tokenizer's vocabulary differs from the anchor's; CALM reads one "
                         "token sequence with both models (same tokenizer needed)")
 
 
-def _tokenizer_vocab(g: Graph) -> dict | None:
-    from compose.text import embedding_folder
-
-    folder = embedding_folder(g)
+def _tokenizer_vocab(g: Graph, ctx) -> dict | None:
+    """The vocabulary of the tokenizer a graph ships, when it is a source's tokenizer.json."""
+    t = g.state.tokenizer
+    folder = ctx.open(t).folder if isinstance(t, str) else None
     f = folder / "tokenizer.json" if folder else None
     if f is None or not f.is_file():
         return None

@@ -9,30 +9,23 @@ import json
 from pathlib import Path
 
 
-def embedding_folder(g) -> Path | None:
-    """The folder a graph's embedding was loaded from (where its tokenizer files are), or None when the
-    embedding is computed (a merge, a remapped vocabulary)."""
-    from compose.ir import Load
-    from compose.sources import open_source
-
-    w = g.embedding.params()["weight"]
-    return open_source(w.source).folder if isinstance(w, Load) else None
-
-
 def has_tokenizer(folder: Path | None) -> bool:
     return folder is not None and any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
 
 
-def text_tokenizer(folder: Path | None, vocab: int, bos: int | None = None):
-    """(encode(text) -> 1-D LongTensor, decode(ids) -> str). `bos` defaults to the folder's config's."""
+def text_tokenizer(folder: Path | None, vocab: int, bos: int | None = None, *, tokenizer=None):
+    """(encode(text) -> 1-D LongTensor, decode(ids) -> str). `bos` defaults to the folder's config's;
+    `tokenizer` (a transformers tokenizer) is used instead of the folder's when given."""
     import torch
 
     if bos is None and folder is not None and (folder / "config.json").is_file():
         bos = json.loads((folder / "config.json").read_text()).get("bos_token_id")
-    if has_tokenizer(folder):
+    if tokenizer is None and has_tokenizer(folder):
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(folder))
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    if tokenizer is not None:
+        tok = tokenizer
         encode = lambda p: tok((tok.bos_token or "") + p, return_tensors="pt",  # noqa: E731
                                add_special_tokens=False)["input_ids"][0]
         return encode, lambda ids: tok.decode(ids)

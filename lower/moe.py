@@ -2,22 +2,22 @@
 
 Experts are weight expressions over the dense FFNs (loads, row/column slices, seeded noise, zeros), so
 nothing is copied until the backend writes it. Router rows from data (hidden states, embeddings) are the
-one exception: they are computed here, once, by compose.router_init.
+one exception: they are computed here, once, by lower/router.py.
 """
 from __future__ import annotations
 
 import dataclasses
 
-from compose.errors import SourceError, SpecError
-from compose.ir import DecoderBlock, DenseFFN, Graph, MoE, Router
+from compose.errors import SpecError
+from compose.ir.graph import Graph
+from compose.ir.nodes import DecoderBlock, DenseFFN, MoE, Router
+from compose.ir.state import MoELayout
 from compose.ir.weights import Concat, Const, Expr, Noise, Slice, Zeros, derive_seed
-from compose.spec import MoESpec
+from compose.lower.common import rebuild, unused
 
 
-def lower_moe(spec: MoESpec, path: str) -> Graph:
-    from compose.lower import lower_one
-
-    g = lower_one(spec.model, f"{path}.model")
+def lower(spec, path: str, ctx) -> Graph:
+    g = ctx.input(spec.model, f"{path}.model")
     blocks = [b for _, b in g.blocks()]
     n = len(blocks)
     for i, b in enumerate(blocks):
@@ -26,13 +26,13 @@ def lower_moe(spec: MoESpec, path: str) -> Graph:
         if b.ffn.bias:
             raise SpecError(f"{path}.model: MLPs with biases (mlp_bias) cannot become experts yet")
     layers = _moe_layers(spec, n, path)
-    donors = _expert_graphs(spec, g, path) if spec.kind == "from_experts" else []
+    donors = _expert_graphs(spec, g, path, ctx) if spec.kind == "from_experts" else []
     count = {"upcycle": spec.num_experts, "from_experts": len(donors), "fine_grained": spec.routed}[spec.kind]
     if spec.top_k > count:
         raise SpecError(f"{path}.top_k: {spec.top_k} is more than the {count} routed experts")
     if spec.kind == "fine_grained":
         _check_fine_grained(spec, g.config.intermediate, path)
-    rows = _router_rows(spec, g, count, path)
+    rows = _router_rows(spec, g, count, path, ctx)
 
     out = []
     for i, b in enumerate(blocks):
@@ -51,13 +51,10 @@ def lower_moe(spec: MoESpec, path: str) -> Graph:
                   aux_loss_coef=spec.aux_loss_coef)
         out.append(dataclasses.replace(b, ffn=moe))
 
-    from compose.lower import _rebuild, _unused
-
-    meta = {"moe": _summary(spec, count, layers, g.config.intermediate)}
-    return _rebuild(g, out, _unused(g), meta)
+    return rebuild(g, out, unused(g), moe=_layout(spec))
 
 
-def _moe_layers(spec: MoESpec, n: int, path: str) -> set[int]:
+def _moe_layers(spec, n: int, path: str) -> set[int]:
     if spec.layers is not None:
         bad = [i for i in spec.layers if i >= n]
         if bad:
@@ -70,14 +67,12 @@ def _moe_layers(spec: MoESpec, n: int, path: str) -> set[int]:
     return chosen
 
 
-def _expert_graphs(spec: MoESpec, base: Graph, path: str) -> list[list[DecoderBlock]]:
-    from compose.lower import lower_one
-
+def _expert_graphs(spec, base: Graph, path: str, ctx) -> list[list[DecoderBlock]]:
     n, cfg = len(base.blocks()), base.config
     donors = []
     for e, s in enumerate(spec.experts):
         where = f"{path}.experts[{e}]"
-        g = lower_one(s, where)
+        g = ctx.input(s, where)
         blocks = [b for _, b in g.blocks()]
         if len(blocks) != n:
             raise SpecError(f"{where}: {len(blocks)} layers, but the base has {n}")
@@ -94,7 +89,7 @@ def _expert_graphs(spec: MoESpec, base: Graph, path: str) -> list[list[DecoderBl
     return donors
 
 
-def _check_fine_grained(spec: MoESpec, inter: int, path: str) -> None:
+def _check_fine_grained(spec, inter: int, path: str) -> None:
     if inter % spec.segments:
         raise SpecError(f"{path}.segments: {spec.segments} does not divide the intermediate size {inter}")
     if spec.preserve and spec.shared and inter % spec.shared:
@@ -102,7 +97,7 @@ def _check_fine_grained(spec: MoESpec, inter: int, path: str) -> None:
                         f"and {spec.shared} does not divide the intermediate size {inter}")
 
 
-def _noisy(ffn: DenseFFN, spec: MoESpec, layer: int, expert: int) -> DenseFFN:
+def _noisy(ffn: DenseFFN, spec, layer: int, expert: int) -> DenseFFN:
     """An expert copy, with seeded noise on each weight when asked (one stream per layer, expert and name)."""
     if not spec.noise:
         return ffn
@@ -123,7 +118,7 @@ def _ffn(weights: dict[str, Expr], like: DenseFFN, width: int) -> DenseFFN:
     return DenseFFN(weights=tuple(weights.items()), hidden=like.hidden, intermediate=width, act=like.act)
 
 
-def _fine_grained(ffn: DenseFFN, spec: MoESpec, layer: int) -> tuple[list[DenseFFN], DenseFFN | None]:
+def _fine_grained(ffn: DenseFFN, spec, layer: int) -> tuple[list[DenseFFN], DenseFFN | None]:
     """DeepSeekMoE experts for one layer.
 
     Routed expert e is segment e % m (m = segments), with seeded noise when asked. Without `preserve`,
@@ -151,7 +146,7 @@ def _fine_grained(ffn: DenseFFN, spec: MoESpec, layer: int) -> tuple[list[DenseF
     return routed, _ffn(shared, ffn, w * spec.shared)
 
 
-def _router_rows(spec: MoESpec, g: Graph, count: int, path: str):
+def _router_rows(spec, g: Graph, count: int, path: str, ctx):
     """layer -> the router weight expression (count, hidden)."""
     r, cfg = spec.router, g.config
     shape = (count, cfg.hidden)
@@ -160,13 +155,13 @@ def _router_rows(spec: MoESpec, g: Graph, count: int, path: str):
     if r.init == "random":
         return lambda i: Noise(Zeros(shape, cfg.dtype), r.std, derive_seed(r.seed, "router", i))
     from compose.ir.evaluate import torch_dtype
-    from compose.router_init import gate_vectors
+    from compose.lower.router import gate_vectors
 
-    vecs = gate_vectors(g, r, count, path).to(torch_dtype(cfg.dtype))
+    vecs = gate_vectors(g, r, count, path, ctx).to(torch_dtype(cfg.dtype))
     return lambda i: Const.of(f"{r.init} router layer {i}", vecs[i])
 
 
-def _describe(spec: MoESpec) -> str:
+def _describe(spec) -> str:
     r = spec.router
     if r.init == "random":
         return f"random(std={r.std}, seed={r.seed})"
@@ -175,65 +170,8 @@ def _describe(spec: MoESpec) -> str:
     return r.init
 
 
-def _summary(spec: MoESpec, count: int, layers: set[int], inter: int) -> dict:
-    s = {"kind": spec.kind, "routed_experts": count, "top_k": spec.top_k, "layers": sorted(layers),
-         "norm_topk_prob": spec.norm_topk_prob, "router": _describe(spec)}
+def _layout(spec) -> MoELayout:
+    """What the MoE nodes do not say about how they were made."""
     if spec.kind == "fine_grained":
-        s.update(segments=spec.segments, expert_intermediate=inter // spec.segments,
-                 shared_experts=spec.shared, preserve=spec.preserve)
-    return s
-
-
-# -- MoE checkpoints as sources ---------------------------------------------------------------------------
-
-_MIXTRAL_PROJ = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
-
-
-def moe_from_source(src, cfg, i: int, path: str):
-    """Layer i's FFN of a Mixtral or Qwen2-MoE checkpoint (per-expert keys, or transformers 5's and
-    mergekit's fused `experts.gate_up_proj`/`experts.down_proj`); a Qwen2-MoE dense layer is a DenseFFN."""
-    from compose.ir import Load
-    from compose.ir.nodes import make
-    from compose.ir.weights import Select
-
-    c = src.config
-    mixtral = src.family == "mixtral"
-    keys = set(src.keys())
-    legacy = mixtral and f"model.layers.{i}.block_sparse_moe.gate.weight" in keys
-    p = f"model.layers.{i}." + ("block_sparse_moe." if legacy else "mlp.")
-
-    def load(key: str) -> Load:
-        if key not in keys:
-            raise SourceError(f"{src.ref}: no tensor {key} (needed by {path})")
-        shape, dtype = src.meta(key)
-        return Load(src.ref, key, shape, dtype)
-
-    if not mixtral and p + "gate.weight" not in keys:  # a Qwen2-MoE dense layer (mlp_only_layers)
-        return make(DenseFFN, {k: load(p + k) for k in ("gate_proj.weight", "up_proj.weight", "down_proj.weight")},
-                    hidden=cfg.hidden, intermediate=int(c["intermediate_size"]), act=cfg.act)
-    n = int(c["num_local_experts"] if mixtral else c["num_experts"])
-    width = int(c["intermediate_size"] if mixtral else c["moe_intermediate_size"])
-    experts = []
-    fused = p + "experts.gate_up_proj" in keys
-    for e in range(n):
-        if fused:
-            gu, down = Select(load(p + "experts.gate_up_proj"), e), Select(load(p + "experts.down_proj"), e)
-            w = {"gate_proj.weight": Slice(gu, 0, 0, width), "up_proj.weight": Slice(gu, 0, width, 2 * width),
-                 "down_proj.weight": down}
-        else:
-            name = (lambda k: _MIXTRAL_PROJ[k]) if mixtral else (lambda k: k)
-            w = {f"{k}.weight": load(f"{p}experts.{e}.{name(k)}.weight") for k in ("gate_proj", "up_proj", "down_proj")}
-        experts.append(make(DenseFFN, w, hidden=cfg.hidden, intermediate=width, act=cfg.act))
-    router = Router(weights=(("weight", load(p + "gate.weight")),), hidden=cfg.hidden, experts=n,
-                    top_k=int(c["num_experts_per_tok"]),
-                    norm_topk_prob=True if mixtral else bool(c.get("norm_topk_prob", False)))
-    shared = gate = None
-    shared_width = 0 if mixtral else int(c.get("shared_expert_intermediate_size") or 0)
-    if shared_width:
-        shared = make(DenseFFN, {k: load(f"{p}shared_expert.{k}") for k in
-                                 ("gate_proj.weight", "up_proj.weight", "down_proj.weight")},
-                      hidden=cfg.hidden, intermediate=shared_width, act=cfg.act)
-        gate = load(p + "shared_expert_gate.weight")
-    return MoE(router=router, experts=tuple(experts), shared=shared, shared_gate=gate,
-               jitter=float(c.get("router_jitter_noise", 0.0) or 0.0),
-               aux_loss_coef=float(c.get("router_aux_loss_coef", 0.001)))
+        return MoELayout(spec.kind, segments=spec.segments, shared_experts=spec.shared, preserve=spec.preserve)
+    return MoELayout(spec.kind)

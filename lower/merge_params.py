@@ -8,9 +8,17 @@ wins, else the method's default. Every value is checked and the error names the 
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from compose.errors import SpecError
 from compose.merges.api import Method, Param
-from compose.spec import Conditional
+
+
+class Conditional(NamedTuple):
+    """One {filter, value} condition: the spec's Conditional, or an entry of the dict shorthand."""
+
+    filter: str | None
+    value: object
 
 Layer = tuple[str, dict]  # (spec path of the parameters dict, the dict)
 
@@ -18,8 +26,8 @@ Layer = tuple[str, dict]  # (spec path of the parameters dict, the dict)
 def _conditions(setting) -> list[Conditional] | None:
     if isinstance(setting, dict):
         return [Conditional(filter=k, value=v) for k, v in setting.items()]
-    if isinstance(setting, list) and setting and all(isinstance(c, Conditional) for c in setting):
-        return setting
+    if isinstance(setting, list) and setting and all(hasattr(c, "filter") and hasattr(c, "value") for c in setting):
+        return [Conditional(c.filter, c.value) for c in setting]
     return None
 
 

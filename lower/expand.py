@@ -1,0 +1,40 @@
+"""Lowering of `expand_blocks` (LLaMA-Pro): identity copies after each group of layers; only they train."""
+from __future__ import annotations
+
+import dataclasses
+
+from compose.errors import SpecError
+from compose.ir.graph import Graph
+from compose.ir.nodes import DecoderBlock
+from compose.ir.weights import Zeros
+from compose.lower.common import rebuild, unused
+
+
+def identity_copy(block: DecoderBlock) -> DecoderBlock:
+    """LLaMA-Pro's new block: a copy whose output projections are zero, so it adds exactly 0."""
+    zero = {k: Zeros(e.shape, e.dtype) for k, e in block.params().items()
+            if k.startswith(("self_attn.o_proj.", "mlp.down_proj."))}
+    return dataclasses.replace(block.with_weights(**zero), origin=dataclasses.replace(block.origin, new=True))
+
+
+def lower(spec, path: str, ctx) -> Graph:
+    g = ctx.input(spec.model, f"{path}.model")
+    blocks = [op for _, op in g.blocks()]
+    n = len(blocks)
+    if spec.groups is not None:
+        if n % spec.groups:
+            raise SpecError(f"{path}.groups: {spec.groups} does not divide the model's {n} layers")
+        size = n // spec.groups
+        positions = [(k + 1) * size - 1 for k in range(spec.groups)]
+    else:
+        positions = sorted(set(spec.positions or []))
+        bad = [p for p in positions if p >= n]
+        if bad:
+            raise SpecError(f"{path}.positions: {bad} out of range for a model of {n} layers (0..{n - 1})")
+    out: list[DecoderBlock] = []
+    after = set(positions)
+    for i, b in enumerate(blocks):
+        out.append(b)
+        if i in after:
+            out.extend(identity_copy(b) for _ in range(spec.per_group))
+    return rebuild(g, out, unused(g), train="new")

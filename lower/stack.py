@@ -1,0 +1,55 @@
+"""Lowering of `layers`, `stack` and `depth_upscale` (SOLAR): layer ranges of models stacked in order.
+
+The embeddings (and the tokenizer) come from the first slice's model, the final norm and head from the
+last's (mergekit's passthrough rule; a tied head stays tied to the embeddings). Layers no slice takes stay
+off the chain, so dead-weight elimination drops them and they are never read.
+"""
+from __future__ import annotations
+
+from compose.errors import SpecError
+from compose.ir.graph import Graph
+from compose.lower.common import rebuild, unused
+
+_MUST_MATCH = ("family", "hidden", "intermediate", "heads", "kv_heads", "head_dim", "vocab", "qkv_bias", "o_bias",
+               "mlp_bias", "rope")
+
+
+def take_layers(g: Graph, start: int, stop: int, path: str) -> Graph:
+    blocks = [op for _, op in g.blocks()]
+    if stop > len(blocks):
+        raise SpecError(f"{path}.stop: {stop} is past the model's {len(blocks)} layers")
+    return rebuild(g, blocks[start:stop], unused(g) + blocks[:start] + blocks[stop:])
+
+
+def stack(graphs: list[Graph], path: str) -> Graph:
+    first = graphs[0]
+    for i, g in enumerate(graphs[1:], 1):
+        for f in _MUST_MATCH:
+            a, b = getattr(first.config, f), getattr(g.config, f)
+            if a != b:
+                raise SpecError(f"{path}.slices[{i}]: {f} {b} does not match slices[0]'s {a} "
+                                "(stacked slices need one family and width)")
+    blocks = [op for g in graphs for _, op in g.blocks()]
+    live = set(blocks)
+    dropped = list(dict.fromkeys(b for g in graphs for b in unused(g) if b not in live))
+    train = "new" if any(g.state.train == "new" for g in graphs) else "all"
+    last = graphs[-1]
+    head = first.head if first.config.tie_embeddings else last.head
+    return Graph.decoder(first.config, first.embedding, blocks, last.final_norm, head, dropped,
+                         first.state.but(train=train))
+
+
+def lower_layers(spec, path: str, ctx) -> Graph:
+    return take_layers(ctx.input(spec.model, f"{path}.model"), spec.start, spec.stop, path)
+
+
+def lower_stack(spec, path: str, ctx) -> Graph:
+    return stack([ctx.input(s, f"{path}.slices[{i}]") for i, s in enumerate(spec.slices)], path)
+
+
+def lower_upscale(spec, path: str, ctx) -> Graph:
+    g = ctx.input(spec.model, f"{path}.model")
+    n = len(g.blocks())
+    if spec.drop >= n:
+        raise SpecError(f"{path}.drop: {spec.drop} must be less than the model's {n} layers")
+    return stack([take_layers(g, 0, n - spec.drop, path), take_layers(g, spec.drop, n, path)], path)
