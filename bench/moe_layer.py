@@ -42,13 +42,13 @@ def generated_module():
     Config (a dataclass), so one render serves any layer size."""
     from compose import load, moe
     from compose.codegen import render_modeling
-    from compose.lower import lower
+    from compose.pipeline import compile_graph
     spec = moe.upcycle(load("tiny:llama?hidden=64&intermediate=128&heads=4&kv_heads=2&layers=1"),
                        num_experts=8, top_k=2, noise=0.02)
     name = "modeling_compose_bench"
     with tempfile.TemporaryDirectory() as folder:  # once executed, the module no longer needs its file
         path = Path(folder) / "modeling_compose.py"
-        path.write_text(render_modeling(lower(spec)))
+        path.write_text(render_modeling(compile_graph(spec)))
         module_spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[name] = module  # dataclasses look their module up

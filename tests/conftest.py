@@ -14,15 +14,17 @@ def hf_config(family: str, layers: int = 8, hidden: int = 64, tie: bool = False,
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family]
-    extra = {"sliding_window": 16} if family == "mistral" else {}
-    extra.update(kw)
-    return cls(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-               tie_word_embeddings=tie, **extra)
+    args = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tie)
+    if family == "mistral":
+        args["sliding_window"] = 16
+    return cls(**{**args, **kw})
 
 
-def save_hf_model(folder: Path, family: str, seed: int = 0, shard: str | None = None, **cfg) -> Path:
-    """A randomly initialised model of transformers' own class, saved with save_pretrained."""
+def save_hf_model(folder: Path, family: str, seed: int = 0, shard: str | None = None, perturb_all: bool = False,
+                  **cfg) -> Path:
+    """A randomly initialised model of transformers' own class, saved with save_pretrained. `perturb_all`
+    nudges every weight (biases start at zero in transformers' init, which would hide a bias misread)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -32,6 +34,8 @@ def save_hf_model(folder: Path, family: str, seed: int = 0, shard: str | None = 
         for n, p in model.named_parameters():
             if n.endswith("norm.weight"):
                 p.add_(0.1 * torch.randn_like(p))
+            elif perturb_all:
+                p.add_(0.02 * torch.randn_like(p))
     kwargs = {"max_shard_size": shard} if shard else {}
     model.save_pretrained(folder, **kwargs)
     return folder

@@ -37,6 +37,12 @@ CASES = {
         "model = moe.from_experts(base=load('tiny:llama'), experts=[visual_expert(load('tiny:llama?seed=1'), "
         "vision_width=8), load('tiny:llama?seed=2')])",
         ["model.experts[0]", "visual experts cannot be composed further"]),
+    "no_class_holds_it": (  # refused by the target pass, naming each candidate's reason, before any write
+        "from compose import layers, stack\n"
+        "model = stack(layers(moe.upcycle(load('tiny:llama'), num_experts=2), 0, 4),"
+        " layers(moe.upcycle(load('tiny:llama'), num_experts=4), 4, 8))",
+        ["pass target", "no transformers class holds this model exactly", "MixtralForCausalLM", "Qwen2MoeForCausalLM",
+         "MoE layers differ"]),
     "zero_experts": (
         "model = moe.upcycle(load('tiny:llama'), num_experts=0)",
         ["moe.upcycle.num_experts", "greater than 0"]),

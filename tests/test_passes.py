@@ -115,3 +115,19 @@ def test_evaluator_ops_and_cse():
     # `s` and the repeated Noise are computed once and kept for their later uses; a Load is never kept,
     # so `a` is read by the Concat (for `s`), the first Noise and the Merge.
     assert reads == ["a", "a", "a"]
+
+
+def test_target_pass_records_the_class_and_shows_the_qwen2_moe_rewrites():
+    """The always-on shared expert goes behind a zero gate with its down projection doubled, as expressions
+    in the graph (so `compose inspect --after target` shows them); a dense graph is its own family's class."""
+    from compose import moe
+    from compose.ir import print_graph
+
+    g = lower(moe.fine_grained(load("tiny:llama?layers=2"), segments=2, routed=4, shared=1, top_k=2, preserve=True))
+    before = print_graph(g)
+    g = Target().run(g)
+    after = print_graph(g)
+    assert g.state.target.architecture == "Qwen2MoeForCausalLM"
+    assert "shared_expert_gate" not in before and "mlp.shared_expert_gate.weight <- zeros[1, 64]" in after
+    assert "mlp.shared_expert.down_proj.weight <- scale(%0:model.layers.0.mlp.down_proj.weight, 2.0)" in after
+    assert Target().run(lower(load("tiny:mistral"))).state.target.architecture == "MistralForCausalLM"

@@ -1,0 +1,206 @@
+"""Model families (compose.families): each one read from a checkpoint of transformers' own class and
+written back as that class, checked with transformers itself; the registry covers them all; no module
+outside families/ knows a family.
+
+Adding a family: its module under families/ and one entry in CASES below (and, when it has a tiny recipe,
+it is covered by test_tiny_recipe_is_the_transformers_layout automatically).
+"""
+from __future__ import annotations
+
+import ast
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from compose import build, families, load
+from compose.families import in_memory_name
+from compose.sources import open_source
+from conftest import VOCAB, load_hf, read_tensors, token_ids
+
+ROOT = Path(__file__).parents[1]
+PACKAGE = ("compose", "families", "lower", "ir", "passes", "backends", "codegen", "merges")
+"""The folders installed as the compose package (pyproject's package-dir)."""
+
+SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+CASES = {
+    # model_type: (transformers config class, its arguments)
+    "llama": ("LlamaConfig", dict(attention_bias=True, mlp_bias=True)),
+    "mistral": ("MistralConfig", dict(sliding_window=16)),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True, use_sliding_window=True, sliding_window=12,
+                                  max_window_layers=1)),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
+                                      rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                         shared_expert_intermediate_size=48, mlp_only_layers=[1], norm_topk_prob=False)),
+}
+
+
+def _source(folder: Path, model_type: str) -> Path:
+    """A model of transformers' own class for `model_type`, every weight perturbed, saved as it saves."""
+    import transformers
+
+    name, kwargs = CASES[model_type]
+    config = getattr(transformers, name)(**{**SMALL, **kwargs})
+    torch.manual_seed(7)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.add_((0.1 if n.endswith("norm.weight") else 0.02) * torch.randn_like(p))
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def round_trips(tmp_path_factory):
+    """model_type -> (source folder, compose's build of it unchanged)."""
+    root = tmp_path_factory.mktemp("families")
+    out = {}
+    for t in CASES:
+        src = _source(root / t, t)
+        out[t] = (src, build(load(str(src)), root / f"{t}_out", progress=False))
+    return out
+
+
+def test_every_family_has_a_test_entry():
+    assert set(CASES) == set(families.SOURCES)
+
+
+@pytest.mark.parametrize("model_type", sorted(CASES))
+def test_round_trip_through_transformers(round_trips, model_type):
+    """Read as the family, written back as its class: transformers loads the same class with the same
+    config (every field it reads), the same tensor names, and computes the same logits."""
+    src, out = round_trips[model_type]
+    a, b = load_hf(src), load_hf(out)
+    assert type(b) is type(a)
+    fields = {k for k in a.config.to_dict() if k not in ("transformers_version", "_name_or_path", "architectures",
+                                                          "dtype", "torch_dtype", "output_hidden_states")}
+    want, got = a.config.to_dict(), b.config.to_dict()
+    # Equal in what the model computes: head_dim None means hidden / heads (compose writes the number), and
+    # max_window_layers means nothing without sliding layers (layer_types says which layers slide).
+    want["head_dim"] = want.get("head_dim") or want["hidden_size"] // want["num_attention_heads"]
+    if not want.get("use_sliding_window"):
+        fields.discard("max_window_layers")
+    assert {k: got.get(k) for k in fields} == {k: want[k] for k in fields}
+    assert set(read_tensors(out)) == set(read_tensors(src))
+    ids = token_ids(batch=2, seq=40)
+    with torch.no_grad():
+        assert torch.equal(b(ids).logits, a(ids).logits)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
+def test_in_memory_names_are_transformers(round_trips, model_type):
+    """Checkpoint names map to the names transformers 5 gives the loaded (stacked) parameters."""
+    _, out = round_trips[model_type]
+    names = {in_memory_name(k) for k in read_tensors(out)}
+    assert names == {n for n, _ in load_hf(out).named_parameters()}
+
+
+@pytest.mark.parametrize("family", families.TINY)
+def test_tiny_recipe_is_the_transformers_layout(family):
+    """tiny:<family>'s config builds transformers' class, with exactly the tensors the source lists."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src = open_source(f"tiny:{family}?layers=2")
+    cfg = dict(src.config)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
+    assert type(model).__name__ == families.get(family).architecture
+    want = {n: tuple(p.shape) for n, p in model.state_dict().items() if not (cfg["tie_word_embeddings"]
+                                                                            and n == "lm_head.weight")}
+    assert {k: src.meta(k)[0] for k in src.keys()} == want
+
+
+def test_rope_and_sliding_fields_are_typed():
+    fam = families.get("qwen2")
+    c = {"model_type": "qwen2", **SMALL, "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2,
+         "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+         "rope_theta": 1e6, "initializer_range": 0.02, "auto_map": {"AutoModel": "evil.Model"}}
+    cfg = fam.arch_config(c, "here", "float32")
+    assert (cfg.rope.type, cfg.rope.theta, cfg.rope.factor, cfg.rope.original_max_positions) == ("yarn", 1e6, 4.0, 64)
+    assert [fam.window(c, i, "here") for i in range(3)] == [None, None, 8]
+    # Uninterpreted fields are carried; file fields (auto_map: code a source names) are not.
+    assert cfg.carried() == {"initializer_range": 0.02}
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"rope_parameters": {"rope_type": "su"}}, "rope_type 'su' is not supported"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}}, "needs low_freq_factor, high_freq_factor"),
+    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "beta": 1}}, "has beta, which compose does not know"),
+    ({"rope_parameters": {"rope_type": "linear", "factor": float("nan")}}, "factor: must be a finite number"),
+    ({"num_attention_heads": "4"}, "num_attention_heads must be an integer"),
+    ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads 3"),
+])
+def test_bad_config_fields_are_named(bad, match):
+    from compose.errors import SourceError
+
+    with pytest.raises(SourceError, match=match):
+        families.get("llama").arch_config({"model_type": "llama", **SMALL, **bad}, "cfg", "float32")
+
+
+# -- no family knowledge outside families/ ---------------------------------------------------------------
+
+def _package_files():
+    for folder in PACKAGE:
+        if folder == "families":
+            continue
+        yield from (p for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".j2"))
+
+
+def test_no_transformers_class_or_model_type_outside_families():
+    """Family knowledge lives in families/ only: no other module of the package names a family's
+    transformers classes (every class the family's transformers module exports) or its model_type."""
+    import importlib
+
+    import transformers
+
+    names = set()
+    for t in families.SOURCES:
+        module = importlib.import_module(f"transformers.models.{t}")
+        names |= {n for n in getattr(module, "__all__", dir(module)) if n[0].isupper()}
+        names.add(families.get(t).architecture)
+    assert {"LlamaForCausalLM", "Qwen2MoeConfig", "MixtralModel"} <= names
+    class_re = re.compile(r"\b(" + "|".join(sorted(map(re.escape, names), key=len, reverse=True)) + r")\b")
+    type_re = re.compile(r"""["'](""" + "|".join(map(re.escape, families.SOURCES)) + r""")["']""")
+    found = []
+    for path in _package_files():
+        text = path.read_text()
+        for m in list(class_re.finditer(text)) + list(type_re.finditer(text)):
+            found.append(f"{path.relative_to(ROOT)}: {m.group(0)}")
+    assert not found, found
+    assert transformers  # the check above is only as good as transformers' own list
+
+
+LAYERS = {"errors": set(), "ir": {"ir", "merges"}, "merges": {"merges"}, "families": {"ir", "families"},
+          "lower": {"ir", "families", "merges", "lower"}, "passes": {"ir", "families", "passes"},
+          "codegen": {"ir", "families", "codegen"}, "backends": {"ir", "families", "codegen", "backends"}}
+"""What each part of the package may import (besides compose.errors), down the pipeline: nothing below the
+front door (compose/) imports it."""
+
+
+def test_imports_run_down_the_pipeline():
+    bad = []
+    for folder in PACKAGE:
+        if folder == "compose":
+            continue
+        for path in (ROOT / folder).rglob("*.py"):
+            tree = ast.parse(path.read_text())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    mods = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and not node.level:
+                    # `from compose import families` imports compose.families
+                    mods = ([f"compose.{a.name}" for a in node.names] if node.module == "compose"
+                            else [node.module or ""])
+                else:
+                    mods = []
+                for mod in mods:
+                    parts = mod.split(".")
+                    if parts[0] != "compose":
+                        continue
+                    part = parts[1] if len(parts) > 1 else "compose"
+                    if part != "errors" and part not in LAYERS[folder]:
+                        bad.append(f"{path.relative_to(ROOT)} imports {mod}")
+    assert not bad, bad
