@@ -33,11 +33,6 @@ class Source:
         self.reads: Counter[str] = Counter()
 
     @property
-    def family(self):
-        """The family module that reads this checkpoint (compose.families)."""
-        return families.for_source(self.config, self.ref)
-
-    @property
     def num_layers(self) -> int:
         n = self.config.get("num_hidden_layers")
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:

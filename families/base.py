@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
@@ -65,13 +66,24 @@ COMMON_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_
 """The keys every family interprets."""
 
 
-def _int(c: dict, key: str, where: str, default=None, minimum: int = 1) -> int:
-    v = c.get(key, default)
+def int_field(c: dict, key: str, where: str, default=None, minimum: int = 1) -> int:
+    """An integer >= minimum (a bool, a string or a float is refused, naming the key); null is the default."""
+    v = c.get(key)
+    v = default if v is None else v
     if v is None:
         raise SourceError(f"{where}: config.json lacks {key}")
     if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
         raise SourceError(f"{where}: config.json {key} must be an integer >= {minimum}, got {v!r}")
     return v
+
+
+def number_field(c: dict, key: str, default: float, where: str) -> float:
+    """A non-negative finite number (a rate, a coefficient); null means the default."""
+    v = c.get(key, default)
+    v = default if v is None else v
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise SourceError(f"{where}: config.json {key} must be a non-negative number, got {v!r}")
+    return float(v)
 
 
 def _token_id(c: dict, key: str, where: str):
@@ -137,9 +149,9 @@ class Family:
         """The typed config of config.json `c` (`where` names the source in errors), written as `dtype`."""
         if c.get("quantization_config") is not None:
             raise SourceError(f"{where}: a quantized checkpoint (quantization_config); compose reads float weights")
-        heads = _int(c, "num_attention_heads", where)
-        hidden = _int(c, "hidden_size", where)
-        kv_heads = _int(c, "num_key_value_heads", where, default=heads)
+        heads = int_field(c, "num_attention_heads", where)
+        hidden = int_field(c, "hidden_size", where)
+        kv_heads = int_field(c, "num_key_value_heads", where, default=heads)
         if heads % kv_heads:
             raise SourceError(f"{where}: config.json num_attention_heads {heads} is not a multiple of "
                               f"num_key_value_heads {kv_heads}")
@@ -158,10 +170,10 @@ class Family:
         qkv_bias, o_bias, mlp_bias = self.biases(c, where)
         interpreted = set(FILE_KEYS) | set(COMMON_KEYS) | set(self.keys)
         return ArchConfig(
-            family=self.dense, vocab=_int(c, "vocab_size", where), hidden=hidden,
-            intermediate=_int(c, "intermediate_size", where), heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+            family=self.dense, vocab=int_field(c, "vocab_size", where), hidden=hidden,
+            intermediate=int_field(c, "intermediate_size", where), heads=heads, kv_heads=kv_heads, head_dim=head_dim,
             rms_eps=float(eps), rope=read_rope(c, self.default_theta, where),
-            max_positions=_int(c, "max_position_embeddings", where, default=self.default_max_positions),
+            max_positions=int_field(c, "max_position_embeddings", where, default=self.default_max_positions),
             tie_embeddings=tie, qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=mlp_bias, act=act, dtype=dtype,
             bos_token_id=_token_id(c, "bos_token_id", where), eos_token_id=_token_id(c, "eos_token_id", where),
             pad_token_id=_token_id(c, "pad_token_id", where),
@@ -257,7 +269,8 @@ class Family:
         out.update(
             architectures=[self.architecture], model_type=self.model_type, vocab_size=c.vocab, hidden_size=c.hidden,
             intermediate_size=c.intermediate, num_hidden_layers=len(g.blocks()), num_attention_heads=c.heads,
-            num_key_value_heads=c.kv_heads, head_dim=c.head_dim, hidden_act=c.act, max_position_embeddings=c.max_positions,
+            num_key_value_heads=c.kv_heads, head_dim=c.head_dim, hidden_act=c.act,
+            max_position_embeddings=c.max_positions,
             rms_norm_eps=c.rms_eps, rope_parameters=c.rope.to_json(), tie_word_embeddings=c.tie_embeddings,
             dtype=c.dtype, **c.token_ids())
         out.update(self.own_config(g))
@@ -286,7 +299,7 @@ class Family:
         cfg = self.arch_config(c, where, "float32")
         rec = _Recorder()
         embed = self.embedding(cfg, rec)
-        for i in range(_int(c, "num_hidden_layers", where)):
+        for i in range(int_field(c, "num_hidden_layers", where)):
             self.block(c, cfg, i, rec, Origin(where, i))
         self.final_norm(cfg, rec)
         self.head(cfg, rec, embed)
@@ -358,11 +371,11 @@ def qwen2_window(c: dict, i: int, where: str) -> int | None:
     `sliding_attention` one (layer_types, else layers from max_window_layers on)."""
     if not c.get("use_sliding_window"):
         return None
-    size = _int(c, "sliding_window", where)
+    size = int_field(c, "sliding_window", where)
     types = c.get("layer_types")
     if types is None:
-        return size if i >= _int(c, "max_window_layers", where, default=28, minimum=0) else None
-    n = _int(c, "num_hidden_layers", where)
+        return size if i >= int_field(c, "max_window_layers", where, default=28, minimum=0) else None
+    n = int_field(c, "num_hidden_layers", where)
     if not isinstance(types, list) or len(types) != n or not set(types) <= {"full_attention", "sliding_attention"}:
         raise SourceError(f"{where}: config.json layer_types must list full_attention or sliding_attention for each "
                           f"of the {n} layers")

@@ -23,7 +23,8 @@ def read_experts(reader: Reader, prefix: str, n: int, cfg: ArchConfig, width: in
         down = reader.load(prefix + "experts.down_proj", (n, h, width))
         return tuple(DenseFFN(weights=(("gate_proj.weight", Slice(Select(gate_up, e), 0, 0, width)),
                                        ("up_proj.weight", Slice(Select(gate_up, e), 0, width, 2 * width)),
-                                       ("down_proj.weight", Select(down, e))), hidden=h, intermediate=width, act=cfg.act)
+                                       ("down_proj.weight", Select(down, e))),
+                              hidden=h, intermediate=width, act=cfg.act)
                      for e in range(n))
     return tuple(_renamed(skeleton, reader, f"{prefix}experts.{e}.", names) for e in range(n))
 

@@ -7,10 +7,7 @@ may also hold them stacked under `mlp.experts.gate_up_proj` / `mlp.experts.down_
 """
 from __future__ import annotations
 
-import math
-
-from compose.errors import SourceError
-from compose.families.base import Family, _int, moe_blocks, refuse_unless_one_window
+from compose.families.base import Family, int_field, moe_blocks, number_field, refuse_unless_one_window
 from compose.families.experts import read_experts, refuse_mixed_layers
 from compose.ir.graph import Graph
 from compose.ir.nodes import DecoderBlock, MoE, Router
@@ -19,14 +16,6 @@ from compose.ir.weights import Expr
 EXPERT_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 """IR projection -> Mixtral's checkpoint name."""
 PREFIX = "block_sparse_moe"
-
-
-def _float(c: dict, key: str, default: float, where: str) -> float:
-    v = c.get(key, default)
-    v = default if v is None else v
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-        raise SourceError(f"{where}: config.json {key} must be a non-negative number, got {v!r}")
-    return float(v)
 
 
 class Mixtral(Family):
@@ -41,19 +30,19 @@ class Mixtral(Family):
     expert_names = EXPERT_NAMES
 
     def window(self, c, i, where):
-        return None if c.get("sliding_window") is None else _int(c, "sliding_window", where)
+        return None if c.get("sliding_window") is None else int_field(c, "sliding_window", where)
 
     def ffn(self, c, cfg, i, reader, prefix, where):
         base = f"model.layers.{i}."
         # Stacked or per-expert under `mlp.` (transformers 5, mergekit), else the legacy block_sparse_moe.
         p = base + ("mlp." if reader.has(base + "mlp.gate.weight") else f"{PREFIX}.")
-        n = _int(c, "num_local_experts", where)
-        top_k = _int(c, "num_experts_per_tok", where)
+        n = int_field(c, "num_local_experts", where)
+        top_k = int_field(c, "num_experts_per_tok", where)
         router = Router(weights=(("weight", reader.load(p + "gate.weight", (n, cfg.hidden))),), hidden=cfg.hidden,
                         experts=n, top_k=top_k, norm_topk_prob=True)
         return MoE(router=router, experts=read_experts(reader, p, n, cfg, cfg.intermediate, EXPERT_NAMES),
-                   jitter=_float(c, "router_jitter_noise", 0.0, where),
-                   aux_loss_coef=_float(c, "router_aux_loss_coef", 0.001, where))
+                   jitter=number_field(c, "router_jitter_noise", 0.0, where),
+                   aux_loss_coef=number_field(c, "router_aux_loss_coef", 0.001, where))
 
     def refuse(self, g: Graph) -> str | None:
         moes, blocks = moe_blocks(g), g.blocks()

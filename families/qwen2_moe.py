@@ -13,10 +13,9 @@ from __future__ import annotations
 import dataclasses
 
 from compose.errors import SourceError
-from compose.families.base import (Family, Features, _int, layer_types_config, moe_blocks, one_window_size,
-                                   qwen2_window)
+from compose.families.base import (Family, Features, int_field, layer_types_config, moe_blocks, number_field,
+                                   one_window_size, qwen2_window)
 from compose.families.experts import dense_layer, read_experts, refuse_mixed_layers
-from compose.families.mixtral import _float
 from compose.ir.graph import Graph
 from compose.ir.nodes import DenseFFN, MoE, Router
 from compose.ir.weights import Scale, Zeros
@@ -44,27 +43,27 @@ class Qwen2Moe(Family):
         if c.get("layer_types") is not None or not c.get("use_sliding_window"):
             return qwen2_window(c, i, where)
         # Qwen2-MoE's own default: every other layer below max_window_layers.
-        below = i < _int(c, "max_window_layers", where, default=28, minimum=0)
-        return _int(c, "sliding_window", where) if (i + 1) % 2 and below else None
+        below = i < int_field(c, "max_window_layers", where, default=28, minimum=0)
+        return int_field(c, "sliding_window", where) if (i + 1) % 2 and below else None
 
     def ffn(self, c, cfg, i, reader, prefix, where):
         only = c.get("mlp_only_layers") or []
-        step = _int(c, "decoder_sparse_step", where, default=1)
-        n = _int(c, "num_experts", where, minimum=0)
+        step = int_field(c, "decoder_sparse_step", where, default=1)
+        n = int_field(c, "num_experts", where, minimum=0)
         if i in only or n == 0 or (i + 1) % step:
             return dense_layer(reader, prefix, cfg, cfg.intermediate)
-        width = _int(c, "moe_intermediate_size", where)
+        width = int_field(c, "moe_intermediate_size", where)
         router = Router(weights=(("weight", reader.load(prefix + "gate.weight", (n, cfg.hidden))),),
-                        hidden=cfg.hidden, experts=n, top_k=_int(c, "num_experts_per_tok", where),
+                        hidden=cfg.hidden, experts=n, top_k=int_field(c, "num_experts_per_tok", where),
                         norm_topk_prob=bool(c.get("norm_topk_prob", False)))
         shared = gate = None
-        shared_width = _int(c, "shared_expert_intermediate_size", where, default=0, minimum=0)
+        shared_width = int_field(c, "shared_expert_intermediate_size", where, default=0, minimum=0)
         if shared_width:
             shared = dense_layer(reader, prefix + "shared_expert.", cfg, shared_width)
             gate = reader.load(prefix + "shared_expert_gate.weight", (1, cfg.hidden))
         return MoE(router=router, experts=read_experts(reader, prefix, n, cfg, width, self.expert_names), shared=shared,
-                   shared_gate=gate, jitter=_float(c, "router_jitter_noise", 0.0, where),
-                   aux_loss_coef=_float(c, "router_aux_loss_coef", 0.001, where))
+                   shared_gate=gate, jitter=number_field(c, "router_jitter_noise", 0.0, where),
+                   aux_loss_coef=number_field(c, "router_aux_loss_coef", 0.001, where))
 
     def refuse(self, g: Graph) -> str | None:
         if not moe_blocks(g):
@@ -92,7 +91,8 @@ class Qwen2Moe(Family):
             else:
                 shared = m.shared.with_weights(**{k: Scale(w, 2.0) for k, w in m.shared.params().items()
                                                   if k.startswith("down_proj.")})
-            ops[name] = dataclasses.replace(b, ffn=dataclasses.replace(m, shared=shared, shared_gate=Zeros((1, h), dtype)))
+            gated = dataclasses.replace(m, shared=shared, shared_gate=Zeros((1, h), dtype))
+            ops[name] = dataclasses.replace(b, ffn=gated)
         return g.replace(ops) if ops else g
 
     def own_config(self, g: Graph) -> dict:

@@ -40,8 +40,8 @@ def read_rope(c: dict, default_theta: float, where: str) -> Rope:
         raise SourceError(f"{where}: {field} must be an object, got {type(raw).__name__}")
     p = dict(raw)
     if any(isinstance(v, dict) for v in p.values()):
-        raise SourceError(f"{where}: {field} per layer type ({', '.join(k for k, v in p.items() if isinstance(v, dict))}) "
-                          "is not supported yet")
+        nested = ", ".join(k for k, v in p.items() if isinstance(v, dict))
+        raise SourceError(f"{where}: {field} per layer type ({nested}) is not supported yet")
     legacy_type = p.pop("type", None)
     rope_type = p.pop("rope_type", None) or legacy_type or "default"
     if rope_type not in ROPE_TYPES:

@@ -69,6 +69,23 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def traced_decode_step(module, model, ids, inputs=None):
+    """(the runtime's decode step traced by dynamo with fullgraph=True, the same step eager): a step that
+    reads a tensor on the host (as CUDA-graph capture forbids) fails to trace."""
+    from compose.backends import runtime
+
+    prefill, decode, counters = runtime._steps(module, model, ids, 4, inputs or {})
+    torch._dynamo.reset()
+    with torch.no_grad():
+        token = prefill(ids)[:, -1:].argmax(-1)
+        before = [c.clone() for c in counters]
+        expected = decode(token)
+        for c, b in zip(counters, before):
+            c.copy_(b)  # the same step again, traced
+        traced = torch.compile(decode, fullgraph=True, backend="eager", dynamic=False)(token)
+    return traced, expected
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """Tiny matrices gain nothing from intra-op threads, and on a busy 2-core machine their spinning

@@ -8,7 +8,6 @@ it is covered by test_tiny_recipe_is_the_transformers_layout automatically).
 from __future__ import annotations
 
 import ast
-import json
 import re
 from pathlib import Path
 

@@ -17,7 +17,7 @@ import torch
 from compose import build, expand_blocks, load
 from compose.backends import runtime
 from compose.backends.torch import load_module
-from conftest import load_hf, save_hf_model, token_ids
+from conftest import load_hf, save_hf_model, token_ids, traced_decode_step
 
 ORIGINAL = 32
 LONG = 64
@@ -179,17 +179,7 @@ def test_decode_step_past_the_boundary_traces_as_one_graph(models, case):
     """The rope choice (grown frequencies, long factors) is made on the device: a decode step past the
     boundary has no host read, so it traces whole (as CUDA-graph capture needs) and equals eager."""
     _, out = models[case]
-    module, model = runtime.load(out)
-    ids = token_ids(batch=2, seq=40, seed=9)
-    prefill, decode, counters = runtime._steps(module, model, ids, 4, {})
-    torch._dynamo.reset()
-    with torch.no_grad():
-        token = prefill(ids)[:, -1:].argmax(-1)
-        before = [c.clone() for c in counters]
-        expected = decode(token)
-        for c, b in zip(counters, before):
-            c.copy_(b)
-        traced = torch.compile(decode, fullgraph=True, backend="eager", dynamic=False)(token)
+    traced, expected = traced_decode_step(*runtime.load(out), token_ids(batch=2, seq=40, seed=9))
     assert torch.equal(traced, expected), case
 
 

@@ -8,7 +8,7 @@ import torch
 
 from compose import build, calm, load, moe, visual_expert
 from compose.backends import runtime
-from conftest import load_hf, save_hf_model, token_ids
+from conftest import load_hf, save_hf_model, token_ids, traced_decode_step
 
 
 @pytest.fixture(scope="module")
@@ -112,15 +112,7 @@ def test_decode_steps_trace_as_one_graph(builds):
     cases = [(n, *runtime.load(builds[n]), token_ids(batch=2, seq=5, seed=9), {}) for n in ("llama", "mistral")]
     cases += [("mixtral", module, model, token_ids(batch=2, seq=5, seed=9), {})] + _composite_cases(builds)
     for name, module, model, ids, inputs in cases:
-        prefill, decode, counters = runtime._steps(module, model, ids, 4, inputs)
-        torch._dynamo.reset()
-        with torch.no_grad():
-            token = prefill(ids)[:, -1:].argmax(-1)
-            before = [c.clone() for c in counters]
-            expected = decode(token)
-            for c, b in zip(counters, before):
-                c.copy_(b)  # the same step again, traced
-            traced = torch.compile(decode, fullgraph=True, backend="eager", dynamic=False)(token)
+        traced, expected = traced_decode_step(module, model, ids, inputs)
         assert torch.equal(traced, expected), name
 
 
