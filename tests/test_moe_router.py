@@ -33,7 +33,7 @@ def _build(tmp_path, folders, router):
 def _hidden(model, text: str, last: bool) -> torch.Tensor:
     with torch.no_grad():
         hs = model(_ids(text), output_hidden_states=True).hidden_states
-    h = torch.stack(hs[:4])[:, 0]  # the state entering each of the 4 layers: (layers, seq, hidden)
+    h = torch.stack(hs[:-1])[:, 0]  # the state entering each layer: (layers, seq, hidden)
     return h[:, -1] if last else h.mean(1)
 
 
@@ -61,7 +61,8 @@ def test_cheap_embed_router_rows(tmp_path, folders):
 
 
 def test_router_rows_from_a_composed_base(tmp_path, folders):
-    """A base that is not one folder (a SOLAR up-scale) is written out and run through transformers."""
+    """A base that is not one folder (a SOLAR up-scale) runs in transformers from the config and tensors its
+    family writes, in memory: the rows are those of transformers' model of that base as compose builds it."""
     from compose import depth_upscale
 
     base = depth_upscale(load(str(folders[0])), drop=1)  # 6 layers
@@ -69,6 +70,12 @@ def test_router_rows_from_a_composed_base(tmp_path, folders):
     out = build(moe.from_experts(base=base, experts=experts, router=moe.hidden_router(PROMPTS[:2])),
                 tmp_path / "o", progress=False)
     assert load_hf(out).config.num_hidden_layers == 6
+    got = read_tensors(out)
+    rows = torch.stack([got[f"model.layers.{i}.block_sparse_moe.gate.weight"] for i in range(6)])
+    written = load_hf(build(base, tmp_path / "base", progress=False))
+    for e, pos in enumerate(PROMPTS[:2]):
+        v = torch.stack([_hidden(written, p, True) for p in pos]).mean(0)
+        torch.testing.assert_close(rows[:, e], v / v.norm(dim=-1, keepdim=True), rtol=0, atol=1e-6)
 
 
 @pytest.mark.peer
