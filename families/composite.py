@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from compose.families.base import Family, Parts
 from compose.ir.graph import Graph
-from compose.ir.nodes import CrossAttention, DecoderBlock
+from compose.ir.nodes import Adapter, CrossAttention, DecoderBlock
 
 AUTO_MAP = {"AutoConfig": "modeling_compose_hf.ComposeConfig",
             "AutoModelForCausalLM": "modeling_compose_hf.ComposeHFForCausalLM"}
@@ -40,8 +40,8 @@ class Composite(Family):
         cross = [op for _, op in g.items() if isinstance(op, CrossAttention)]
         out += [(bool(op.trainable), {f"cross.{k}.{n}": e for n, e in op.params().items()})
                 for k, op in enumerate(cross)]
-        adapter = [(n, op) for n, op in g.items() if op is g.adapter]
-        out += [(bool(op.trainable), {f"{name}.{k}": e for k, e in op.params().items()}) for name, op in adapter]
+        out += [(bool(op.trainable), {f"{name}.{k}": e for k, e in op.params().items()})
+                for name, op in g.items() if isinstance(op, Adapter)]
         return out
 
     def config_json(self, g: Graph) -> dict:
