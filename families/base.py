@@ -356,6 +356,11 @@ def one_window_size(g: Graph, architecture: str) -> str | None:
     return None
 
 
+def model_window(c: dict, where: str) -> int | None:
+    """The one sliding window of every layer (Mistral, Mixtral): `sliding_window`, or none when null."""
+    return None if c.get("sliding_window") is None else int_field(c, "sliding_window", where)
+
+
 def layer_types_config(g: Graph) -> dict:
     """Qwen2's per-layer attention fields for `g`: layer_types from each block's window, and the
     use_sliding_window / sliding_window / max_window_layers that agree with them."""

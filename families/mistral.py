@@ -2,7 +2,7 @@
 none when it is null)."""
 from __future__ import annotations
 
-from compose.families.base import Family, int_field, refuse_unless_one_window
+from compose.families.base import Family, model_window, refuse_unless_one_window
 from compose.ir.graph import Graph
 
 
@@ -16,7 +16,7 @@ class Mistral(Family):
     tiny_options = {"tie": 0, "window": 16}
 
     def window(self, c, i, where):
-        return None if c.get("sliding_window") is None else int_field(c, "sliding_window", where)
+        return model_window(c, where)
 
     def biases_of(self, g: Graph):
         return False, False, False

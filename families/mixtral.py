@@ -7,7 +7,8 @@ may also hold them stacked under `mlp.experts.gate_up_proj` / `mlp.experts.down_
 """
 from __future__ import annotations
 
-from compose.families.base import Family, int_field, moe_blocks, number_field, refuse_unless_one_window
+from compose.families.base import (Family, int_field, model_window, moe_blocks, number_field,
+                                   refuse_unless_one_window)
 from compose.families.experts import read_experts, refuse_mixed_layers
 from compose.ir.graph import Graph
 from compose.ir.nodes import DecoderBlock, MoE, Router
@@ -30,7 +31,7 @@ class Mixtral(Family):
     expert_names = EXPERT_NAMES
 
     def window(self, c, i, where):
-        return None if c.get("sliding_window") is None else int_field(c, "sliding_window", where)
+        return model_window(c, where)
 
     def ffn(self, c, cfg, i, reader, prefix, where):
         base = f"model.layers.{i}."

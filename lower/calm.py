@@ -14,9 +14,10 @@ import math
 
 from compose.errors import SpecError
 from compose.ir.graph import CROSS, Graph
-from compose.ir.nodes import CrossAttention, DecoderBlock, MoE
+from compose.ir.nodes import CrossAttention, MoE
 from compose.ir.state import CalmLayout
 from compose.ir.weights import Load, Noise, Ones, Zeros, derive_seed
+from compose.lower.common import unused
 
 PREFIX = "augment"
 
@@ -43,7 +44,7 @@ def lower(spec, path: str, ctx) -> Graph:
 
     dtype = a.config.dtype
     after = {}
-    for k, (i, j) in enumerate(pairs):
+    for k, (i, _) in enumerate(pairs):
         after[i] = (f"xattn.{k}", _cross_attention(spec, a, b, heads, k, dtype))
 
     main = ["embed"]
@@ -58,8 +59,7 @@ def lower(spec, path: str, ctx) -> Graph:
     main += ["norm", "lm_head"]
     side = [f"{PREFIX}.embed"] + [f"{PREFIX}.layers.{j}" for j in range(len(blocks_b))]
     nodes += [(side[0], b.embedding)] + [(n, blk) for n, (_, blk) in zip(side[1:], blocks_b)]
-    unused = [op for n in a.dead() if isinstance(op := a.op(n), DecoderBlock)]
-    nodes += [(f"unused.{u}", op) for u, op in enumerate(unused)]
+    nodes += [(f"unused.{u}", op) for u, op in enumerate(unused(a))]
     edges = list(zip(main, main[1:])) + list(zip(side, side[1:]))
     edges += [(f"{PREFIX}.layers.{j}", f"xattn.{k}", CROSS) for k, (_, j) in enumerate(pairs)]
     state = a.state.but(train="cross", calm=CalmLayout(tuple(pairs), _ref(b)))
