@@ -14,6 +14,7 @@ from compose.errors import BuildError
 from compose.ir import Graph, Load
 from compose.ir.evaluate import Evaluator, torch_dtype
 from compose.ir.weights import Expr
+from compose.backends.finite import FiniteCheck
 from compose.backends.shards import Entry, parse_size, plan_shards, prefetch, shard_names, write_index, write_shard
 
 
@@ -45,12 +46,13 @@ def hf_config(g: Graph) -> dict:
 
 
 def write(g: Graph, out: Path, open_source, *, max_shard_size: str | int = "5GB", progress: bool = True,
-          workers: int = 2, device: str = "cpu") -> dict:
+          workers: int = 2, device: str = "cpu", allow_nonfinite: bool = False) -> dict:
     """Write weights and config into `out` (an existing empty folder); return what was written.
 
     `open_source` resolves a Load's source reference to the opened source (the front door's). `workers`
     tensors are computed ahead of the writer on threads; `device` is where merges compute (`cuda` for a
-    GPU); what is written always goes through the CPU.
+    GPU); what is written always goes through the CPU. Every tensor is checked finite (see `finite`):
+    a non-finite source tensor is an error unless `allow_nonfinite` (then a warning names them all).
     """
     import json
 
@@ -72,19 +74,25 @@ def write(g: Graph, out: Path, open_source, *, max_shard_size: str | int = "5GB"
     entries.sort(key=lambda e: -e.nbytes)
     shards = plan_shards(entries, parse_size(max_shard_size))
     files = shard_names(len(shards))
-    evaluate = Evaluator(named.values(), lambda e: open_source(e.source).tensor(e.key), device=device)
+    check = FiniteCheck(allow_nonfinite)
+    evaluate = Evaluator(named.values(), lambda e: check.source(e, open_source(e.source).tensor(e.key)),
+                         device=device)
+
+    def produce(e: Entry):
+        return check.output(e.name, named[e.name], evaluate(named[e.name]).to(device="cpu", dtype=tdtype))
+
     total = sum(e.nbytes for e in entries)
     sha: dict[str, str] = {}
     with tqdm(total=total, unit="B", unit_scale=True, desc="writing weights", disable=not progress,
               leave=False) as bar:
-        stream = prefetch(entries, lambda e: evaluate(named[e.name]).to(device="cpu", dtype=tdtype), workers,
-                          cost=lambda e: costs[e.name], budget=1.25 * max(costs.values()))
+        stream = prefetch(entries, produce, workers, cost=lambda e: costs[e.name], budget=1.25 * max(costs.values()))
         for fname, shard in zip(files, shards):
             sha[fname] = write_shard(out / fname, shard, stream, bar.update)
     if len(files) > 1:
         write_index(out / "model.safetensors.index.json",
                     {e.name: f for f, shard in zip(files, shards) for e in shard}, total)
     (out / "config.json").write_text(json.dumps(hf_config(g), indent=2, sort_keys=True) + "\n")
+    check.warn()
     copied = _copy_extra_files(g, out, open_source)
     return {"shards": sha, "files": sorted(files + copied + ["config.json"]), "total_bytes": total}
 

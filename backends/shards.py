@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 from compose.errors import BuildError
 
 ST_CODES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
-_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 
 
 @dataclass(frozen=True)
@@ -30,23 +30,27 @@ class Entry:
 
     @property
     def nbytes(self) -> int:
-        n = _BYTES[self.dtype]
+        n = BYTES[self.dtype]
         for d in self.shape:
             n *= d
         return n
 
 
-def parse_size(text: str | int) -> int:
+def parse_size(text: str | int, flag: str = "--max-shard-size") -> int:
     """`5GB` -> 5e9 bytes (Hugging Face's decimal units); `2GiB` binary; a bare number is bytes."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise BuildError(f"--max-shard-size: cannot read {text!r} (e.g. 5GB, 500MB, 2GiB)")
-    num, unit = float(m.group(1)), (m.group(2) or "B").upper()
-    base = 1024 if "I" in unit else 1000
-    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
-    return int(num * base**power)
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(text), re.IGNORECASE)
+        if not m:
+            raise BuildError(f"{flag}: cannot read {text!r} (e.g. 5GB, 500MB, 2GiB)")
+        num, unit = float(m.group(1)), (m.group(2) or "B").upper()
+        base = 1024 if "I" in unit else 1000
+        power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
+        value = int(num * base**power)
+    if value < 1:
+        raise BuildError(f"{flag}: must be at least 1 byte, got {text!r}")
+    return value
 
 
 def plan_shards(entries: list[Entry], max_bytes: int) -> list[list[Entry]]:

@@ -177,11 +177,33 @@ def _moe_attrs(graph: Graph, family: families.Family) -> dict:
 
 
 def render_files(graph: Graph) -> dict[str, str]:
-    """File name -> source of the generated module(s) for `graph`.
+    """File name -> source of the generated module(s) for `graph`, each checked to read back (see
+    `check_source`).
 
     One model: modeling_compose.py. CALM: the anchor's and the augmenting model's own modules (the same
     template as for one model), the CALM module joining them, and the transformers wrapper that
     config.json's auto_map names."""
+    return {name: check_source(name, source) for name, source in _render_files(graph).items()}
+
+
+def check_source(name: str, source: str) -> str:
+    """`source` if it is Python whose every literal reads back: a value Python cannot write as a literal
+    (repr(nan) is `nan`, a name) would make the module fail at import, or worse, name something else."""
+    import ast
+
+    try:
+        tree = ast.parse(source, filename=name)
+    except SyntaxError as e:
+        raise BuildError(f"generated {name} line {e.lineno} is not valid Python ({e.msg}); a bug in compose's "
+                         "templates") from None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and node.id in ("nan", "inf", "infinity"):
+            raise BuildError(f"generated {name} line {node.lineno}: a non-finite value ({node.id}) in a "
+                             "hyper-parameter; check the source's config.json")
+    return source
+
+
+def _render_files(graph: Graph) -> dict[str, str]:
     kind = graph.composite
     if kind is None:
         return {"modeling_compose.py": render_modeling(graph)}

@@ -45,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu", help="where merges compute: cpu (default) or cuda[:N]")
     b.add_argument("--dense-moe", action="store_true", help=DENSE_MOE_HELP)
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("--max-output-size", metavar="SIZE",
+                   help="refuse, before writing, a build larger than this, e.g. 20GB (always refused: more "
+                        "than the free disk space)")
+    b.add_argument("--allow-nonfinite", action="store_true",
+                   help="build even if source weights hold NaN or Inf (a warning names them); merges that "
+                        "make NaN or Inf from finite inputs are always errors")
     b.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     i = sub.add_parser("inspect", help="print the IR and a cost summary",
@@ -65,9 +71,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--dense-moe", action="store_true", help=DENSE_MOE_HELP)
     e.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
-    v = sub.add_parser("verify", help="check a build's ONNX graphs against PyTorch",
-                       description="Run OUT's ONNX graphs in onnxruntime and the generated PyTorch module on fresh "
-                                   "random inputs of two shapes; fail if a logit differs by more than 1e-4.")
+    v = sub.add_parser("verify", help="check a build's files and its ONNX graphs",
+                       description="Check every file of OUT against the sha256 compose.json records (before "
+                                   "anything is imported), then run OUT's ONNX graphs in onnxruntime and the "
+                                   "generated PyTorch module on fresh random inputs of two shapes; fail if a "
+                                   "logit differs by more than 1e-4 or is not finite.")
     v.add_argument("out", metavar="OUT")
     v.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
@@ -76,10 +84,11 @@ def _parser() -> argparse.ArgumentParser:
                                    "replayed as CUDA graphs on CUDA). Greedy unless --temperature > 0.")
     g.add_argument("out", metavar="OUT")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=32)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate, 1 to 65536 (default: 32)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy; > 0 samples")
+    g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (k >= 1)")
+    g.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of tokens whose "
+                                                                   "probability reaches p, 0 < p <= 1")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", choices=DTYPES, help="compute dtype (default: the checkpoint's)")
@@ -105,13 +114,13 @@ def cmd_build(a) -> int:
     formats = [f.strip() for f in a.format.split(",") if f.strip()]
     out = build(a.spec, a.out, formats=formats, dtype=a.dtype, max_shard_size=a.max_shard_size, force=a.force,
                 progress=not a.no_progress and sys.stderr.isatty(), workers=a.workers, device=a.device,
-                dense_moe=a.dense_moe)
+                dense_moe=a.dense_moe, max_output_size=a.max_output_size, allow_nonfinite=a.allow_nonfinite)
     print(f"built {out}")
     return 0
 
 
 def cmd_inspect(a) -> int:
-    from compose.errors import SpecError
+    from compose.errors import BuildError, SpecError
     from compose.ir import print_graph
     from compose.ir.dot import to_dot
     from compose.passes import REGISTRY
@@ -135,19 +144,23 @@ def cmd_inspect(a) -> int:
         print(print_graph(chosen), end="")
     print(_summary(g), end="")
     if a.dot:
-        with open(a.dot, "w") as f:
-            f.write(to_dot(chosen))
+        try:
+            with open(a.dot, "w") as f:
+                f.write(to_dot(chosen))
+        except OSError as e:
+            raise BuildError(f"--dot {a.dot}: cannot write ({e.strerror})") from None
     return 0
 
 
-def _built(out: str):
+def _built(out: str, *, weights: bool = False):
+    """A build folder whose recorded files are unchanged: code and configs always (they decide what is
+    imported and run), the weights too with `weights`."""
     from pathlib import Path
 
-    from compose.errors import BuildError
+    from compose.integrity import check
 
     folder = Path(out)
-    if not (folder / "compose.json").is_file():
-        raise BuildError(f"{folder}: not a compose build (no compose.json)")
+    check(folder, weights=weights)
     return folder
 
 
@@ -156,11 +169,11 @@ def cmd_export(a) -> int:
     import os
 
     from compose.backends import onnx
+    from compose.integrity import manifest_of, record_files
 
     folder = _built(a.out)
     record = onnx.export(folder, dense_moe=a.dense_moe)
-    manifest = json.loads((folder / "compose.json").read_text())
-    manifest["onnx"] = record
+    manifest = record_files(folder, {**manifest_of(folder), "onnx": record}, record["files"])
     tmp = folder / "compose.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, folder / "compose.json")
@@ -172,22 +185,49 @@ def cmd_export(a) -> int:
 def cmd_verify(a) -> int:
     from compose.backends import onnx
 
-    result = onnx.verify(_built(a.out))
+    folder = _built(a.out, weights=True)
+    print(f"{folder}: every file matches compose.json's sha256")
+    result = onnx.verify(folder)
     for name, diff in result.items():
         print(f"{name}: max |onnxruntime - torch| = {diff:.1e} (<= 1e-4)")
     return 0
 
 
-def cmd_generate(a) -> int:
-    import torch
+MAX_NEW_TOKENS = 65536
 
+
+def _check_generate_flags(a) -> None:
+    import math
+
+    from compose.errors import BuildError
+
+    if not 1 <= a.max_new_tokens <= MAX_NEW_TOKENS:
+        raise BuildError(f"--max-new-tokens: must be 1 to {MAX_NEW_TOKENS}, got {a.max_new_tokens}")
+    if not (math.isfinite(a.temperature) and a.temperature >= 0):
+        raise BuildError(f"--temperature: must be a finite number >= 0, got {a.temperature}")
+    if a.top_k is not None and a.top_k < 1:
+        raise BuildError(f"--top-k: must be at least 1, got {a.top_k}")
+    if a.top_p is not None and not 0 < a.top_p <= 1:  # also false for nan
+        raise BuildError(f"--top-p: must lie in (0, 1], got {a.top_p}")
+    if a.temperature == 0 and (a.top_k is not None or a.top_p is not None):
+        raise BuildError("--top-k/--top-p: apply to sampling; add --temperature > 0")
+
+
+def cmd_generate(a) -> int:
     from compose.backends import runtime
     from compose.lower.text import text_tokenizer
+    from compose.pipeline import check_device
 
+    _check_generate_flags(a)
+    check_device(a.device, "--device")
     folder = _built(a.out)
     module, model = runtime.load(folder, a.device, a.dtype)
     encode, decode = text_tokenizer(folder, model.model.config.vocab_size)
     ids = encode(a.prompt)[None].to(a.device)
+    limit = getattr(model.model.config, "max_positions", None)
+    if limit and ids.size(1) + a.max_new_tokens > limit:
+        print(f"compose: warning: the prompt's {ids.size(1)} tokens plus {a.max_new_tokens} new ones exceed the "
+              f"{limit} positions the model was trained on", file=sys.stderr)
     out = runtime.generate(module, model, ids, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
                            top_p=a.top_p, seed=a.seed, cuda_graph=False if a.no_cuda_graph else None)
     print(decode(out[0].tolist()))
@@ -208,11 +248,27 @@ def main(argv: list[str] | None = None) -> int:
     except ComposeError as e:
         if args.debug:
             raise
-        print(f"compose: error: {e}", file=sys.stderr)
+        print(f"compose: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("compose: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"compose: interrupted{f' ({e})' if str(e) else ''}", file=sys.stderr)
         return 130
+    except OSError as e:  # the machine said no (disk full, read-only, a path too long): the user's to fix
+        if args.debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"compose: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if args.debug:
+            raise
+        print(f"compose: internal error (a bug in compose; rerun with --debug for the traceback): "
+              f"{type(e).__name__}: {_one_line(e)}", file=sys.stderr)
+        return 70
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
 
 
 if __name__ == "__main__":

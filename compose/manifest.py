@@ -1,5 +1,5 @@
 """compose.json: what a build records beside the weights (the spec, the IR hash, provenance, trainable
-names, cost, the class written, the MoE layout, shard hashes)."""
+names, cost, the class written, the MoE layout, the sha256 of every file written)."""
 from __future__ import annotations
 
 from compose.families.base import moe_blocks
@@ -28,7 +28,7 @@ def moe_entry(g: Graph) -> dict | None:
 
 
 def manifest(g: Graph, *, version: str, spec: dict, formats: list[str], passes: list[str], tensors: dict,
-             trainable: list[str], shards: dict, onnx: dict | None, files: list[str]) -> dict:
+             trainable: list[str], shards: dict, onnx: dict | None, files: list[str], sha256: dict[str, str]) -> dict:
     out = {
         "compose_version": version,
         "spec": spec,
@@ -53,4 +53,5 @@ def manifest(g: Graph, *, version: str, spec: dict, formats: list[str], passes: 
     if onnx:
         out["onnx"] = onnx
     out["files"] = sorted(files + ["compose.json"])
+    out["sha256"] = sha256  # every file but compose.json itself, which holds them
     return out

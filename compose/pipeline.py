@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -11,6 +12,7 @@ from compose.errors import BuildError, SpecError
 from compose.spec import DTYPES, BuildSpec, parse_build_spec
 
 FORMATS = ("hf", "torch", "onnx")
+MAX_SPEC_BYTES = 16 << 20
 
 
 def load_spec(path: str | os.PathLike) -> BuildSpec:
@@ -18,9 +20,12 @@ def load_spec(path: str | os.PathLike) -> BuildSpec:
     p = Path(path)
     if not p.is_file():
         raise SpecError(f"{p}: no such spec file")
+    if p.stat().st_size > MAX_SPEC_BYTES:
+        raise SpecError(f"{p}: {p.stat().st_size} bytes is too large for a spec (at most {MAX_SPEC_BYTES})")
     if p.suffix == ".py":
         import runpy
 
+        cwd = os.getcwd()
         try:
             ns = runpy.run_path(str(p), run_name="__compose_spec__")
         except SpecError as e:
@@ -33,6 +38,8 @@ def load_spec(path: str | os.PathLike) -> BuildSpec:
                       or f.filename == str(p)]
             where = f" line {frames[-1].lineno}" if frames else ""
             raise SpecError(f"{p}{where}: {type(e).__name__}: {e}") from e
+        finally:
+            os.chdir(cwd)  # a spec that changes directory must not change where sources and outputs are
         if "model" not in ns:
             raise SpecError(f"{p}: defines no module-level `model`")
         return parse_build_spec({"model": ns["model"]}, str(p))
@@ -43,11 +50,16 @@ def load_spec(path: str | os.PathLike) -> BuildSpec:
             data = yaml.safe_load(p.read_text())
         except yaml.YAMLError as e:
             raise SpecError(f"{p}: not valid YAML/JSON ({str(e).splitlines()[0]})") from None
+        except RecursionError:
+            raise SpecError(f"{p}: nested too deeply to be a spec") from None
         from compose.mergekit_config import is_mergekit_config, translate
 
         if is_mergekit_config(data):
             data = {"model": translate(data, str(p))}
-        return parse_build_spec(data, str(p))
+        try:
+            return parse_build_spec(data, str(p))
+        except RecursionError:
+            raise SpecError(f"{p}: nested too deeply to be a spec") from None
     raise SpecError(f"{p}: unknown spec type {p.suffix!r} (use .py, .yaml, .yml or .json)")
 
 
@@ -85,30 +97,50 @@ def compile_graph(spec, *, dtype: str | None = None, passes: Iterable[str] | Non
 
 def build(spec, out: str | os.PathLike, *, formats: Iterable[str] = ("hf",), dtype: str | None = None,
           max_shard_size: str | int = "5GB", force: bool = False, progress: bool = True, workers: int | None = None,
-          device: str = "cpu", dense_moe: bool = False) -> Path:
-    """Build `spec` into the folder `out`. Written to a temporary folder and renamed into place: a failed
-    build leaves nothing behind, and an existing `out` is replaced only with `force`."""
-    from compose import __version__
-    from compose.backends import hf
-    from compose.manifest import manifest
-    from compose.passes.manager import DEFAULT_PIPELINE
-    from compose.sources import open_source
+          device: str = "cpu", dense_moe: bool = False, max_output_size: str | int | None = None,
+          allow_nonfinite: bool = False) -> Path:
+    """Build `spec` into the folder `out` under the output protocol (compose.output): locked, written to a
+    temporary folder and renamed into place; a failed build leaves nothing behind, and an existing `out`
+    is replaced only with `force`, and only if it is still what was there at the start."""
+    from compose.backends.shards import parse_size
+    from compose.output import OutputFolder, absolute
 
     formats = list(dict.fromkeys(formats))
     bad = [f for f in formats if f not in FORMATS]
     if bad:
         raise BuildError(f"--format: unknown format {bad[0]!r} (choose from {', '.join(FORMATS)})")
-    out = Path(out)
-    if out.exists() and not force:
-        raise BuildError(f"{out} already exists; pass --force to replace it")
     if workers is not None and workers < 1:
         raise BuildError(f"--workers: must be at least 1, got {workers}")
     workers = workers or min(4, os.cpu_count() or 1)
     if dense_moe and "onnx" not in formats:
         raise BuildError("--dense-moe: applies to the ONNX export; add onnx to --format")
-    _check_device(device)
-    spec = as_build_spec(spec)
-    g = compile_graph(spec, dtype=dtype, verify_each=True)
+    shard_bytes = parse_size(max_shard_size, "--max-shard-size")
+    limit = None if max_output_size is None else parse_size(max_output_size, "--max-output-size")
+    check_device(device)
+    out = absolute(out)  # before the spec runs: a spec that changes directory must not move the output
+    with OutputFolder(out, force) as folder:
+        spec = as_build_spec(spec)
+        g = compile_graph(spec, dtype=dtype, verify_each=True)
+        _check_not_a_source(out)
+        total = _check_size(g, formats, out, limit)
+        if progress:
+            print(f"compose: writing {_size(total)} to {out}", file=sys.stderr)
+        try:
+            _write(g, spec, folder.tmp, formats, shard_bytes, progress, workers, device, dense_moe, allow_nonfinite)
+        except OSError as e:
+            raise BuildError(f"{e.filename or out}: cannot write the build ({e.strerror or e})") from None
+        folder.commit()
+    return out
+
+
+def _write(g, spec, tmp: Path, formats, shard_bytes, progress, workers, device, dense_moe, allow_nonfinite):
+    from compose import __version__
+    from compose.backends import hf
+    from compose.integrity import hash_files
+    from compose.manifest import manifest
+    from compose.passes.manager import DEFAULT_PIPELINE
+    from compose.sources import open_source
+
     # A composite model (CALM, CogVLM) has no transformers class: its code is what config.json's auto_map
     # loads. ONNX is exported from the generated module, so it needs the code too. Rendered before any
     # weight is written, so a model the code cannot express is refused first.
@@ -117,36 +149,62 @@ def build(spec, out: str | os.PathLike, *, formats: Iterable[str] = ("hf",), dty
         from compose.backends import torch as torch_backend
 
         code = torch_backend.render(g)
+    # The hf checkpoint is what every format loads its weights from, so it is always written.
+    written = hf.write(g, tmp, open_source, max_shard_size=shard_bytes, progress=progress, workers=workers,
+                       device=device, allow_nonfinite=allow_nonfinite)
+    files = list(written["files"])
+    if code is not None:
+        files += torch_backend.write_files(code, tmp)
+    onnx_record = None
+    if "onnx" in formats:
+        from compose.backends import onnx
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.compose-tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        # The hf checkpoint is what every format loads its weights from, so it is always written.
-        written = hf.write(g, tmp, open_source, max_shard_size=max_shard_size, progress=progress, workers=workers,
-                           device=device)
-        files = list(written["files"])
-        if code is not None:
-            files += torch_backend.write_files(code, tmp)
-        onnx_record = None
-        if "onnx" in formats:
-            from compose.backends import onnx
-
-            onnx_record = onnx.export(tmp, dense_moe=dense_moe)
-            files += onnx_record["files"]
-        record = manifest(g, version=__version__, spec=spec.model_dump(mode="json"), formats=formats,
-                          passes=list(DEFAULT_PIPELINE), tensors=hf.tensors(g), trainable=hf.trainable_names(g),
-                          shards=written["shards"], onnx=onnx_record, files=files)
-        (tmp / "compose.json").write_text(json.dumps(record, indent=2) + "\n")
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        onnx_record = onnx.export(tmp, dense_moe=dense_moe)
+        files += onnx_record["files"]
+    record = manifest(g, version=__version__, spec=spec.model_dump(mode="json"), formats=formats,
+                      passes=list(DEFAULT_PIPELINE), tensors=hf.tensors(g), trainable=hf.trainable_names(g),
+                      shards=written["shards"], onnx=onnx_record, files=files,
+                      sha256=hash_files(tmp, files, known=written["shards"]))
+    (tmp / "compose.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
-def _check_device(device: str) -> None:
+def _check_not_a_source(out: Path) -> None:
+    """An output that is, lies inside or holds a source would overwrite the model it reads (with --force)."""
+    from compose.sources import opened_folders
+
+    for folder in opened_folders():
+        if out == folder or folder in out.parents or out in folder.parents:
+            raise BuildError(f"-o {out}: {'is' if out == folder else 'overlaps'} the source folder {folder}; "
+                             "choose an output outside every source")
+
+
+def _check_size(g, formats, out: Path, limit: int | None) -> int:
+    """The bytes the build will write; refused, before the first byte, when more than the free disk or
+    --max-output-size."""
+    from compose.backends import hf
+
+    from compose.backends.shards import BYTES
+
+    numel = sum(e.numel for e in hf.tensors(g).values())
+    total = numel * BYTES[g.config.dtype]
+    if "onnx" in formats:  # two graphs, each with its own float32 copy of the weights
+        total += 2 * numel * 4
+    free = shutil.disk_usage(out.parent).free
+    if limit is not None and total > limit:
+        raise BuildError(f"{out}: the build would write {_size(total)}, more than --max-output-size {_size(limit)}")
+    if total > free:
+        raise BuildError(f"{out}: the build would write {_size(total)}, and {out.parent} has {_size(free)} free")
+    return total
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def check_device(device: str, flag: str = "--device") -> None:
     if device == "cpu":
         return
     import torch
@@ -154,19 +212,11 @@ def _check_device(device: str) -> None:
     try:
         d = torch.device(device)
     except RuntimeError:
-        raise BuildError(f"--device: {device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise BuildError(f"--device: {device} asked for, but torch sees no CUDA device")
+        raise BuildError(f"{flag}: {device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
     if d.type not in ("cuda", "cpu"):
-        raise BuildError(f"--device: {device} is not supported (cpu or cuda)")
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.compose-old-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        raise BuildError(f"{flag}: {device} is not supported (cpu or cuda)")
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BuildError(f"{flag}: {device} asked for, but torch sees no CUDA device")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise BuildError(f"{flag}: {device} asked for, but torch sees {torch.cuda.device_count()} CUDA devices")

@@ -8,18 +8,22 @@ dropped layers are never read.
 from __future__ import annotations
 
 import json
+import math
 import os
-import struct
+import re
 from collections import Counter
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import parse_qsl
 
 from compose import families
 from compose.errors import SourceError
 from compose.ir.weights import derive_seed
+from compose.safetensors_header import (
+    TORCH_DTYPES,
+    open_regular,
+    read_safetensors_header,
+)
 
-_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
-              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
 
@@ -67,68 +71,41 @@ class Source:
 
 # -- local folders ---------------------------------------------------------------------------------------
 
-def read_safetensors_header(path: Path) -> tuple[dict, int]:
-    """The header of a safetensors file and where its data starts, checked enough to name the file
-    when it is corrupt (truncated, a header that lies about sizes, an unknown dtype)."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise ValueError("shorter than the 8-byte header length")
-            (n,) = struct.unpack("<Q", raw)
-            if n > size - 8 or n > 100_000_000:
-                raise ValueError(f"header length {n} exceeds the file size {size}")
-            header = json.loads(f.read(n))
-        end = 0
-        for k, v in header.items():
-            if k == "__metadata__":
-                continue
-            if v.get("dtype") not in _ST_DTYPES:
-                raise ValueError(f"tensor {k} has unknown dtype {v.get('dtype')}")
-            end = max(end, v["data_offsets"][1])
-        if 8 + n + end > size:
-            raise ValueError(f"tensor data runs past the end of the file ({8 + n + end} > {size} bytes)")
-        return header, 8 + n
-    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
-        raise SourceError(f"{path}: not a valid safetensors file ({e})") from None
+INDEX = "model.safetensors.index.json"
 
 
 class FolderSource(Source):
-    def __init__(self, folder: Path, ref: str | None = None):
+    """A Hugging Face model folder. Its weight files are the shards its index names, else every
+    `*.safetensors` in it; either way no tensor may be in two of them. The shards an index names must
+    resolve inside `root`: the folder itself, or for a hub id its cache folder (whose snapshots link
+    every file into the cache's blobs)."""
+
+    def __init__(self, folder: Path, ref: str | None = None, root: Path | None = None):
         super().__init__()
         self.folder = folder
         self.ref = ref or str(folder)
-        cfg = folder / "config.json"
-        if not cfg.is_file():
-            raise SourceError(f"{folder}: no config.json (expected a Hugging Face model folder)")
-        try:
-            self.config = json.loads(cfg.read_text())
-        except ValueError as e:
-            raise SourceError(f"{cfg}: invalid JSON ({e})") from None
+        self.config = _read_config(folder)
         self._where: dict[str, tuple[Path, int, int]] = {}
         self._meta = {}
-        for f in self._weight_files():
-            header, start = read_safetensors_header(f)
-            for k, v in header.items():
-                if k == "__metadata__":
-                    continue
-                begin, end = v["data_offsets"]
-                self._where[k] = (f, start + begin, end - begin)
-                self._meta[k] = (tuple(v["shape"]), _ST_DTYPES.get(v["dtype"], v["dtype"]))
+        index = folder / INDEX
+        if os.path.lexists(index):
+            self._read_indexed(index, (root or folder).resolve())
+        else:
+            for f in self._unindexed_files():
+                self._add(f)
 
-    def _weight_files(self) -> list[Path]:
-        index = self.folder / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (ValueError, KeyError) as e:
-                raise SourceError(f"{index}: invalid index ({e})") from None
-            files = [self.folder / n for n in names]
-            for f in files:
-                if not f.is_file():
-                    raise SourceError(f"{f}: shard listed in {index.name} is missing")
-            return files
+    def _read_indexed(self, index: Path, root: Path) -> None:
+        weight_map = _weight_map(index)
+        shards: dict[str, Path] = {}
+        for tensor, name in weight_map.items():
+            if name not in shards:
+                shards[name] = _shard_path(self.folder, root, index, tensor, name)
+        for f in sorted(set(shards.values())):
+            self._add(f)
+        for tensor, name in weight_map.items():
+            self._check_listed(index, tensor, name, shards[name])
+
+    def _unindexed_files(self) -> list[Path]:
         files = sorted(self.folder.glob("*.safetensors"))
         if files:
             return files
@@ -136,6 +113,30 @@ class FolderSource(Source):
             raise SourceError(f"{self.folder}: only pickled weights (.bin/.pt); compose reads safetensors "
                               "only (convert with `save_pretrained(..., safe_serialization=True)`)")
         raise SourceError(f"{self.folder}: no .safetensors weights")
+
+    def _add(self, f: Path) -> None:
+        """The tensors of weight file `f`, which must hold none that another file already did."""
+        header, start = read_safetensors_header(f)
+        for k, v in header.items():
+            if k == "__metadata__":
+                continue
+            if k in self._where:
+                raise SourceError(f"{self.folder}: tensor {k} is in both {self._name(self._where[k][0])} and "
+                                  f"{self._name(f)} (a model's weight files must not share tensors)")
+            begin, end = v["data_offsets"]
+            self._where[k] = (f, start + begin, end - begin)
+            self._meta[k] = (tuple(v["shape"]), TORCH_DTYPES[v["dtype"]])
+
+    def _check_listed(self, index: Path, tensor: str, name: str, shard: Path) -> None:
+        """The index lists `tensor` in shard `name`: it must be there, not missing or in another shard."""
+        if tensor not in self._where:
+            raise SourceError(f"{index}: tensor {tensor} is listed in {name}, which does not hold it")
+        held = self._where[tensor][0]
+        if held != shard:
+            raise SourceError(f"{index}: tensor {tensor} is listed in {name}, but it is in {self._name(held)}")
+
+    def _name(self, f: Path) -> str:
+        return str(f.relative_to(self.folder))
 
     def _read(self, key: str):
         # Each tensor gets its own private mapping of its bytes, dropped with the tensor: no copy and no
@@ -151,7 +152,7 @@ class FolderSource(Source):
             return torch.empty(shape, dtype=getattr(torch, dtype))
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
         try:
-            with open(f, "rb") as fh:
+            with open_regular(f) as fh:
                 mm = mmap.mmap(fh.fileno(), offset - start + nbytes, offset=start, access=mmap.ACCESS_COPY)
         except (OSError, ValueError) as e:
             raise SourceError(f"{f}: cannot read tensor {key} ({e})") from None
@@ -162,6 +163,60 @@ class FolderSource(Source):
             return flat.clone().view(getattr(torch, dtype)).reshape(shape)
 
 
+def _read_json(path: Path):
+    with open_regular(path) as f:
+        try:
+            return json.loads(f.read().decode("utf-8"))
+        except ValueError as e:  # UnicodeDecodeError included
+            raise SourceError(f"{path}: invalid JSON ({e})") from None
+        except RecursionError:
+            raise SourceError(f"{path}: invalid JSON (nested too deeply)") from None
+        except OSError as e:
+            raise SourceError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not os.path.lexists(path):
+        raise SourceError(f"{folder}: no config.json (expected a Hugging Face model folder)")
+    config = _read_json(path)
+    if not isinstance(config, dict):
+        raise SourceError(f"{path}: config.json is a JSON {type(config).__name__}, not an object")
+    return config
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The index's tensor name -> shard file name."""
+    data = _read_json(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise SourceError(f"{index}: invalid index (expected a JSON object whose weight_map is an object of "
+                          "tensor name -> shard file)")
+    for tensor, name in weight_map.items():
+        if not isinstance(name, str):
+            raise SourceError(f"{index}: invalid index (weight_map entry {tensor!r} is {name!r}, not a file name)")
+    return weight_map
+
+
+def _shard_path(folder: Path, root: Path, index: Path, tensor: str, name: str) -> Path:
+    """The shard `name` that the index lists `tensor` in: a relative path that stays inside `root`, also
+    once symlinks are followed (an index is data, and must not make compose read files elsewhere)."""
+    parts = PurePosixPath(name).parts
+    if not parts or PurePosixPath(name).is_absolute() or ".." in parts:
+        raise SourceError(f"{index}: weight_map entry {tensor!r} names {name!r}, not a file in the model folder")
+    path = folder / name
+    try:
+        inside = path.resolve().is_relative_to(root)
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise SourceError(f"{path}: cannot read ({e})") from None
+    if not inside:
+        raise SourceError(f"{index}: weight_map entry {tensor!r} names {name!r}, a link to "
+                          f"{path.resolve()}, outside the model folder")
+    if not os.path.lexists(path):
+        raise SourceError(f"{path}: shard listed in {index.name} is missing")
+    return path
+
+
 # -- hub ids ---------------------------------------------------------------------------------------------
 
 def _hub_folder(repo_id: str) -> Path:
@@ -170,19 +225,19 @@ def _hub_folder(repo_id: str) -> Path:
     patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
-    except Exception:
+    except Exception:  # noqa: BLE001 -- whatever the hub client raises, the answer is "not cached"
         if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
             raise SourceError(f"{repo_id}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set") from None
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 -- any failure of the download is reported by its type
         raise SourceError(f"{repo_id}: not a local folder, not in the Hugging Face cache, and the download "
                           f"failed ({type(e).__name__})") from None
 
 
 # -- built-in tiny models --------------------------------------------------------------------------------
 
-TINY_DEFAULTS = dict(seed=0, layers=8, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=512)
+TINY_DEFAULTS = {"seed": 0, "layers": 8, "hidden": 64, "intermediate": 128, "heads": 4, "kv_heads": 2, "vocab": 512}
 """The options every `tiny:<family>` takes; a family adds its own (compose.families: `tiny_options`)."""
 
 
@@ -213,6 +268,13 @@ class TinySource(Source):
         return 0.05 * x if key.endswith("bias") else 0.08 * x
 
 
+TINY_BOUNDS = {"seed": (0, None), "layers": (1, 1024), "hidden": (1, 65536), "intermediate": (1, 1 << 18),
+               "heads": (1, 1024), "kv_heads": (1, 1024), "vocab": (1, 1 << 21), "tie": (0, 1), "window": (0, 1 << 20)}
+"""The range (least, most; None: no most) of every `tiny:` option, the families' own included."""
+TINY_MAX_PARAMS = 20_000_000_000
+"""A tiny model is drawn in float32 in memory: past this many parameters it is a typo, refused at once."""
+
+
 def _parse_tiny(ref: str) -> TinySource:
     body = ref[len("tiny:"):]
     family, _, query = body.partition("?")
@@ -222,13 +284,33 @@ def _parse_tiny(ref: str) -> TinySource:
     for k, v in parse_qsl(query, keep_blank_values=True):
         if k not in opts:
             raise SourceError(f"{ref}: unknown option {k!r} (choose from {', '.join(sorted(opts))})")
-        try:
-            opts[k] = int(v)
-        except ValueError:
-            raise SourceError(f"{ref}: option {k} must be an integer, got {v!r}") from None
-    if opts["layers"] < 1 or opts["hidden"] % opts["heads"] or opts["heads"] % opts["kv_heads"]:
-        raise SourceError(f"{ref}: needs layers >= 1, hidden divisible by heads, heads by kv_heads")
-    return TinySource(family, opts)
+        opts[k] = _tiny_option(ref, k, v)
+    if opts["hidden"] % opts["heads"]:
+        raise SourceError(f"{ref}: hidden {opts['hidden']} is not a multiple of heads {opts['heads']}")
+    if opts["heads"] % opts["kv_heads"]:
+        raise SourceError(f"{ref}: heads {opts['heads']} is not a multiple of kv_heads {opts['kv_heads']}")
+    src = TinySource(family, opts)
+    params = sum(math.prod(shape) for shape, _ in src._meta.values())
+    if params > TINY_MAX_PARAMS:
+        raise SourceError(f"{ref}: {params:,} parameters, more than a tiny model's {TINY_MAX_PARAMS:,} "
+                          "(lower layers, hidden, intermediate or vocab)")
+    return src
+
+
+def _tiny_option(ref: str, k: str, v: str) -> int:
+    """Option `k`'s value `v`: a plain decimal integer within TINY_BOUNDS."""
+    if not re.fullmatch(r"-?[0-9]+", v):
+        raise SourceError(f"{ref}: option {k} must be an integer, got {v!r}")
+    n, (least, most) = int(v), TINY_BOUNDS[k]
+    if n < least or (most is not None and n > most):
+        raise SourceError(f"{ref}: option {k} must be {_range(least, most)}, got {n}")
+    return n
+
+
+def _range(least: int, most: int | None) -> str:
+    if most is None:
+        return f"at least {least}"
+    return "0 or 1" if (least, most) == (0, 1) else f"between {least} and {most}"
 
 
 # -- resolution ------------------------------------------------------------------------------------------
@@ -251,7 +333,8 @@ def open_source(ref: str) -> Source:
         elif ref.startswith((".", "/", "~")) or ref.count("/") != 1:
             raise SourceError(f"{ref}: no such folder")
         else:
-            src = FolderSource(_hub_folder(ref), ref=ref)
+            snapshot = _hub_folder(ref)
+            src = FolderSource(snapshot, ref=ref, root=snapshot.parent.parent)
     families.for_source(src.config, ref)
     _OPEN[src.ref] = _OPEN[ref] = src
     return src
@@ -260,3 +343,8 @@ def open_source(ref: str) -> Source:
 def clear_cache() -> None:
     """Forget opened sources (tests that rewrite a folder in place call this)."""
     _OPEN.clear()
+
+
+def opened_folders() -> list[Path]:
+    """The folders of every source opened so far (an output must not overwrite one)."""
+    return sorted({s.folder.resolve() for s in _OPEN.values() if s.folder is not None})

@@ -17,7 +17,7 @@ DType = Literal[DTYPES]  # type: ignore[valid-type]
 
 
 class _Node(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class LoadSpec(_Node):
@@ -248,14 +248,23 @@ class BuildSpec(_Node):
 
 def describe_validation_error(e: ValidationError, root: str) -> str:
     """One sentence naming the field: `model.groups: Input should be greater than 0`."""
-    err = e.errors()[0]
+    errors = e.errors()
+    # A value that fits no branch of a union fails once per branch; a non-finite number is the one to name.
+    err = next((x for x in errors if x["type"] == "finite_number"), errors[0])
     loc = ([root] if root else []) + [f"[{p}]" if isinstance(p, int) else str(p)
-                                      for p in err["loc"] if p not in _OP_TAGS]
+                                      for p in err["loc"] if p not in _OP_TAGS and not _union_branch(p)]
     path = ".".join(loc).replace(".[", "[") or "spec"
     msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "finite_number":
+        msg = f"must be a finite number, got {err['input']!r}"
     if err["type"] == "extra_forbidden":
         msg = "unknown field"
     return f"{path}: {msg}"
+
+
+def _union_branch(p) -> bool:
+    """pydantic's name for a branch of a union in an error's location (`float`, `dict[str,...]`)."""
+    return isinstance(p, str) and (p in ("bool", "int", "float", "str") or "[" in p)
 
 
 _OP_TAGS = {"load", "expand_blocks", "depth_upscale", "layers", "stack", "merge", "moe", "calm", "visual_expert"}

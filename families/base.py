@@ -10,6 +10,7 @@ needs. The IR's names are Hugging Face's local names for a dense block (`self_at
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -265,7 +266,8 @@ class Family:
     def config_json(self, g: Graph) -> dict:
         """config.json for `g` written as this class: the carried fields, then every typed one."""
         c = g.config
-        out = c.carried()
+        readable = self.readable_keys()
+        out = {k: v for k, v in c.carried().items() if k in readable}
         out.update(
             architectures=[self.architecture], model_type=self.model_type, vocab_size=c.vocab, hidden_size=c.hidden,
             intermediate_size=c.intermediate, num_hidden_layers=len(g.blocks()), num_attention_heads=c.heads,
@@ -279,6 +281,11 @@ class Family:
     def own_config(self, g: Graph) -> dict:
         """The family's own config.json fields for `g`."""
         return {}
+
+    def readable_keys(self) -> frozenset[str]:
+        """The config.json fields the written class reads: its transformers config class's arguments. A
+        source's other fields (another tool's settings, code references) are not carried into an output."""
+        return _config_arguments(self.model_type)
 
     # -- tiny built-in models ----------------------------------------------------------------------------
     def tiny_config(self, o: dict[str, int]) -> dict:
@@ -396,3 +403,13 @@ def refuse_all(candidates: list[Family], g: Graph) -> Family:
             return fam
         reasons.append(f"{fam.architecture}: {why}")
     raise BuildError("no transformers class holds this model exactly (" + "; ".join(reasons) + ")")
+
+
+@functools.cache
+def _config_arguments(model_type: str) -> frozenset[str]:
+    import inspect
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    names = set(inspect.signature(CONFIG_MAPPING[model_type].__init__).parameters)
+    return frozenset(names - {"self", "kwargs"} - set(FILE_KEYS))

@@ -103,7 +103,10 @@ def _merge(e: Merge, xs: list):
 
     dtype = torch_dtype(e.dtype)
     xs = [x.to(dtype) for x in xs]
-    out = get(e.method).fn(xs, e.base, seed=e.seed, name=e.name, **dict(e.params))
+    try:
+        out = get(e.method).fn(xs, e.base, seed=e.seed, name=e.name, **dict(e.params))
+    except ValueError as err:  # the method's own refusal of its parameters
+        raise IRError(f"tensor {e.name}: {e.method} ({e.settings()}): {err}") from None
     if tuple(out.shape) != tuple(e.shape):
         raise IRError(f"{e.method} returned shape {list(out.shape)} for {e.name}, expected {list(e.shape)}")
     return out

@@ -8,6 +8,7 @@ from compose.ir.graph import Graph
 from compose.ir.nodes import DecoderBlock
 from compose.ir.weights import Zeros
 from compose.lower.common import rebuild, unused
+from compose.lower.limits import check_layers
 
 
 def identity_copy(block: DecoderBlock) -> DecoderBlock:
@@ -31,6 +32,8 @@ def lower(spec, path: str, ctx) -> Graph:
         bad = [p for p in positions if p >= n]
         if bad:
             raise SpecError(f"{path}.positions: {bad} out of range for a model of {n} layers (0..{n - 1})")
+    check_layers(n + len(positions) * spec.per_group, f"{path}.per_group",
+                 f"{spec.per_group:,} identity blocks after each of {len(positions)} places")
     out: list[DecoderBlock] = []
     after = set(positions)
     for i, b in enumerate(blocks):

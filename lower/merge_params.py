@@ -8,6 +8,7 @@ wins, else the method's default. Every value is checked and the error names the 
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 from compose.errors import SpecError
@@ -45,6 +46,8 @@ def _check(p: Param, value, path: str):
                 raise SpecError(f"{path}: {p.name} must be a number, got {value!r}") from None
         else:
             raise SpecError(f"{path}: {p.name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise SpecError(f"{path}: {p.name} must be a finite number, got {value!r}")
     value = int(value) if kind is int else float(value)
     if p.name == "density" and not 0 < value <= 1:
         raise SpecError(f"{path}: density {value} is outside (0, 1]")

@@ -14,6 +14,7 @@ from compose.ir.nodes import DecoderBlock, DenseFFN, MoE, Router
 from compose.ir.state import MoELayout
 from compose.ir.weights import Concat, Const, Expr, Noise, Slice, Zeros, derive_seed
 from compose.lower.common import rebuild, unused
+from compose.lower.limits import check_experts
 
 
 def lower(spec, path: str, ctx) -> Graph:
@@ -26,8 +27,10 @@ def lower(spec, path: str, ctx) -> Graph:
         if b.ffn.bias:
             raise SpecError(f"{path}.model: MLPs with biases (mlp_bias) cannot become experts yet")
     layers = _moe_layers(spec, n, path)
+    count = {"upcycle": spec.num_experts, "from_experts": len(spec.experts or []), "fine_grained": spec.routed}[spec.kind]
+    field = {"upcycle": "num_experts", "from_experts": "experts", "fine_grained": "routed"}[spec.kind]
+    check_experts(count + spec.shared, len(layers), f"{path}.{field}")
     donors = _expert_graphs(spec, g, path, ctx) if spec.kind == "from_experts" else []
-    count = {"upcycle": spec.num_experts, "from_experts": len(donors), "fine_grained": spec.routed}[spec.kind]
     if spec.top_k > count:
         raise SpecError(f"{path}.top_k: {spec.top_k} is more than the {count} routed experts")
     if spec.kind == "fine_grained":

@@ -9,6 +9,7 @@ from __future__ import annotations
 from compose.errors import SpecError
 from compose.ir.graph import Graph
 from compose.lower.common import rebuild, unused
+from compose.lower.limits import check_layers
 
 _MUST_MATCH = ("family", "hidden", "intermediate", "heads", "kv_heads", "head_dim", "vocab", "qkv_bias", "o_bias",
                "mlp_bias", "rope")
@@ -44,7 +45,10 @@ def lower_layers(spec, path: str, ctx) -> Graph:
 
 
 def lower_stack(spec, path: str, ctx) -> Graph:
-    return stack([ctx.input(s, f"{path}.slices[{i}]") for i, s in enumerate(spec.slices)], path)
+    check_layers(len(spec.slices), f"{path}.slices", f"{len(spec.slices):,} slices")  # each has a layer at least
+    graphs = [ctx.input(s, f"{path}.slices[{i}]") for i, s in enumerate(spec.slices)]
+    check_layers(sum(len(g.blocks()) for g in graphs), f"{path}.slices", "the slices")
+    return stack(graphs, path)
 
 
 def lower_upscale(spec, path: str, ctx) -> Graph:
@@ -52,4 +56,5 @@ def lower_upscale(spec, path: str, ctx) -> Graph:
     n = len(g.blocks())
     if spec.drop >= n:
         raise SpecError(f"{path}.drop: {spec.drop} must be less than the model's {n} layers")
+    check_layers(2 * (n - spec.drop), f"{path}.drop", "two copies of the model")
     return stack([take_layers(g, 0, n - spec.drop, path), take_layers(g, spec.drop, n, path)], path)

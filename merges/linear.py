@@ -14,7 +14,11 @@ def linear(tensors, base, *, seed=None, name="", weight, normalize=True):
     for t, w in zip(tensors, weight):
         out.add_(t.to(dtype), alpha=float(w))
     if normalize:
-        out.div_(sum(float(w) for w in weight))
+        total = sum(float(w) for w in weight)
+        if total == 0:
+            raise ValueError(f"the weights {[float(w) for w in weight]} sum to 0 and cannot be normalized "
+                             "(set normalize: false or change them)")
+        out.div_(total)
     return out.to(first.dtype)
 
 

@@ -91,6 +91,7 @@ def test_failed_build_leaves_no_folder_even_when_writing_fails(tmp_path, monkeyp
     """A failure half-way through writing weights removes the temporary folder."""
     from compose import build, load
     from compose.backends import shards
+    from compose.errors import BuildError
 
     calls = {"n": 0}
     real = shards.write_shard
@@ -102,7 +103,7 @@ def test_failed_build_leaves_no_folder_even_when_writing_fails(tmp_path, monkeyp
         return real(*a, **k)
 
     monkeypatch.setattr("compose.backends.hf.write_shard", failing)
-    with pytest.raises(OSError):
+    with pytest.raises(BuildError, match="cannot write the build .disk full"):
         build(load("tiny:llama?layers=2"), tmp_path / "out", max_shard_size="50KB", progress=False)
     assert calls["n"] == 2
     assert list(tmp_path.iterdir()) == []
