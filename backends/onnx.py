@@ -32,6 +32,7 @@ class _WithPast(torch.nn.Module):
     def __init__(self, model, module):
         super().__init__()
         self.model, self.module = model, module
+        self.train(model.training)  # a new Module starts in training mode, and the exporter warns of it
 
     def forward(self, input_ids, *past):
         cache = self.module.KVCache()
@@ -87,11 +88,41 @@ def _export(model, inputs: dict, outputs: list[str], path: Path, k: str):
         try:
             program = torch.onnx.export(model, tuple(inputs.values()), dynamo=True, input_names=names,
                                         output_names=outputs, dynamic_shapes=shapes, verbose=False)
-        except Exception as e:  # name the IR node (the generated layer) the failure came from
+        except Exception as e:  # noqa: BLE001  (any exporter failure: name the IR node it came from)
             where = f" at node {_ir_node(open_nodes[-1])} ({open_nodes[-1]})" if open_nodes else ""
             raise BuildError(f"ONNX export failed{where}: {_first_line(e)}") from None
+    _strip_metadata(program.model)
+    # Past 2 GB of weights the exporter writes them beside the graph as `<name>.data` (a relative name in
+    # the graph); a smaller re-export would leave an old one behind, recorded and hashed as if current.
+    _data_file(path).unlink(missing_ok=True)
     program.save(str(path))
     return program
+
+
+def _data_file(graph: Path) -> Path:
+    return graph.with_name(f"{graph.name}.data")
+
+
+def _strip_metadata(model) -> None:
+    """Drop the exporter's provenance: stack traces with absolute source paths (the build's temporary
+    folder, site-packages), class names with the generated module's name, the export signature. None of
+    it is the function the graph computes, and with it two identical builds give different bytes."""
+    for item in (model, *model.functions.values()):
+        _clear(item)
+    for graph in (model.graph, *(f.graph for f in model.functions.values())):
+        for g in (graph, *graph.subgraphs()):
+            _clear(g)
+            for value in (*g.inputs, *g.initializers.values()):
+                _clear(value)
+            for node in g:  # graph outputs are node outputs (or inputs)
+                _clear(node)
+                for value in node.outputs:
+                    _clear(value)
+
+
+def _clear(item) -> None:
+    item.metadata_props.clear()
+    item.doc_string = None
 
 
 def _first_line(e: Exception) -> str:
@@ -147,13 +178,14 @@ def export(folder: Path, *, check: bool = True, dense_moe: bool = False) -> dict
         m.dispatch = "dense" if dense_moe else "loop"
     ex = _inputs(module, model, k, 2, 12, seed=0)
     program = _export(model, ex, ["logits"], folder / FILES[0], k)
-    files = [FILES[0]]
+    graphs = [FILES[0]]
     if k == "single":
         n = model.model.config.n_layer
         ex = _inputs(module, model, k, 2, 3, seed=0, past=5)
         present = [f"present.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
         _export(_WithPast(model, module), ex, ["logits", *present], folder / FILES[1], k)
-        files.append(FILES[1])
+        graphs.append(FILES[1])
+    files = [f for g in graphs for f in (g, _data_file(folder / g).name) if (folder / f).is_file()]
     opset = next((o.version for o in program.model_proto.opset_import if o.domain in ("", "ai.onnx")), None)
     record = {"files": files, "opset": opset, "exporter": f"torch.onnx dynamo (torch {torch.__version__})",
               "inputs": {"kind": k}}
@@ -166,8 +198,8 @@ def export(folder: Path, *, check: bool = True, dense_moe: bool = False) -> dict
 
 def verify(folder: Path, *, module=None, model=None) -> dict:
     """Run each exported graph in onnxruntime and PyTorch on fresh random inputs of two shapes; raise if
-    a logit differs by more than 1e-4. Returns the max abs differences."""
-    import numpy as np
+    an output differs by more than 1e-4 or either side computes NaN or Inf. Returns the max abs
+    differences."""
     import onnxruntime as ort
     folder = Path(folder)
     module = module or load_module(folder)
@@ -179,18 +211,45 @@ def verify(folder: Path, *, module=None, model=None) -> dict:
         if not path.is_file():
             continue
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        outputs = [o.name for o in session.get_outputs()]
         worst = 0.0
         for batch, seq, past, seed in ((1, 9, 0, 101), (3, 17, 4, 202)):
-            inputs = _inputs(module, model, k, batch, seq if name == FILES[0] else 2, seed,
-                             past=past if name == FILES[1] else None)
+            seq, past = (seq, None) if name == FILES[0] else (2, past)
+            inputs = _inputs(module, model, k, batch, seq, seed, past=past)
             got = session.run(None, {n: t.numpy() for n, t in inputs.items()})
             with torch.no_grad():
                 ref = (_WithPast(model, module) if name == FILES[1] else model)(*inputs.values())
             ref = ref if isinstance(ref, tuple) else (ref,)
-            worst = max(worst, max(float(np.abs(g - r.numpy()).max()) for g, r in zip(got, ref)))
-        if worst > TOLERANCE:
+            where = f"batch {batch}, sequence {seq}" + ("" if past is None else f", past {past}")
+            worst = max(worst, _difference(path, outputs, got, [r.numpy() for r in ref], where))
+        if not worst <= TOLERANCE:
             raise BuildError(f"{path}: onnxruntime differs from PyTorch by {worst:.2e} (> {TOLERANCE:g})")
         result[name] = worst
     if not result:
         raise BuildError(f"{folder}: no ONNX graphs to verify (export with `compose export {folder} --format onnx`)")
     return result
+
+
+def _difference(path: Path, names: list[str], got: list, ref: list, where: str) -> float:
+    """The largest abs difference over all outputs. Non-finite values raise here: a NaN compares false
+    with everything (max(0.0, nan) is 0.0, nan > tol is False), so no tolerance can judge it."""
+    import numpy as np
+
+    if len(got) != len(ref):
+        raise BuildError(f"{path}: onnxruntime gives {len(got)} outputs, PyTorch {len(ref)}")
+    worst = 0.0
+    for name, g, r in zip(names, got, ref):
+        bad = [f"{who}'s {name} has {_non_finite(t)}" for who, t in (("onnxruntime", g), ("PyTorch", r))
+               if not np.isfinite(t).all()]
+        if bad:
+            raise BuildError(f"{path}: non-finite output on inputs of {where}: {'; '.join(bad)}")
+        if g.shape != r.shape:  # broadcasting would compare the wrong elements
+            raise BuildError(f"{path}: {name} has shape {g.shape} in onnxruntime, {r.shape} in PyTorch")
+        worst = max(worst, float(np.abs(g.astype(np.float64) - r).max()))
+    return worst
+
+
+def _non_finite(t) -> str:
+    import numpy as np
+
+    return f"{int(np.isnan(t).sum())} NaN and {int(np.isinf(t).sum())} Inf of {t.size} values"

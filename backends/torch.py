@@ -6,6 +6,7 @@ It writes code only; the hf backend writes the checkpoint that `ComposeForCausal
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -36,11 +37,13 @@ def write(graph: Graph, out_dir: Path) -> list[str]:
 
 
 def load_module(folder: Path):
-    """The generated modeling_compose.py of a build, imported under a name unique to the folder."""
+    """The generated modeling_compose.py of a build, imported under a name made from the generated code
+    itself: the exporter writes the module's name into what it records, so a name from the folder or the
+    process (hash() of a str is salted per process) would make two identical builds differ."""
     path = Path(folder) / FILENAME
     if not path.is_file():
         raise BuildError(f"{folder}: no {FILENAME} (build with --format torch, or rebuild)")
-    name = f"compose_generated_{abs(hash(str(path.resolve())))}"
+    name = f"compose_generated_{_code_hash(Path(folder))}"
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
@@ -48,6 +51,16 @@ def load_module(folder: Path):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def _code_hash(folder: Path) -> str:
+    """A digest of every generated module in `folder` (a composite's main module imports its siblings by
+    path, so equal main files alone do not make equal modules)."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("modeling_compose*.py")):
+        code = path.read_bytes()
+        digest.update(f"{path.name}\0{len(code)}\0".encode() + code)
+    return digest.hexdigest()[:16]
 
 
 def kind(module) -> str:
