@@ -118,6 +118,8 @@ def build(spec, out: str | os.PathLike, *, formats: Iterable[str] = ("hf",), dty
     limit = None if max_output_size is None else parse_size(max_output_size, "--max-output-size")
     check_device(device)
     out = absolute(out)  # before the spec runs: a spec that changes directory must not move the output
+    if isinstance(spec, (str, os.PathLike)):
+        _check_not_inside(out, Path(spec).resolve(), "the spec file")
     with OutputFolder(out, force) as folder:
         spec = as_build_spec(spec)
         g = compile_graph(spec, dtype=dtype, verify_each=True)
@@ -173,9 +175,16 @@ def _check_not_a_source(out: Path) -> None:
     from compose.sources import opened_folders
 
     for folder in opened_folders():
-        if out == folder or folder in out.parents or out in folder.parents:
-            raise BuildError(f"-o {out}: {'is' if out == folder else 'overlaps'} the source folder {folder}; "
+        if out == folder or folder in out.parents:
+            raise BuildError(f"-o {out}: {'is' if out == folder else 'lies inside'} the source folder {folder}; "
                              "choose an output outside every source")
+        _check_not_inside(out, folder, "the source folder")
+
+
+def _check_not_inside(out: Path, path: Path, what: str) -> None:
+    """With --force, an output that holds `path` would delete it."""
+    if out in path.parents:
+        raise BuildError(f"-o {out}: holds {what} {path}; choose an output outside every input")
 
 
 def _check_size(g, formats, out: Path, limit: int | None) -> int:

@@ -13,6 +13,7 @@ MAX_LAYERS = 1024
 MAX_EXPERTS = 1024
 MAX_EXPERT_FFNS = 1 << 16
 """Experts summed over every MoE layer."""
+MAX_MERGE_INPUTS = 1024
 
 
 def check_layers(n: int, field: str, what: str) -> None:
@@ -26,3 +27,8 @@ def check_experts(per_layer: int, layers: int, field: str) -> None:
     if per_layer * layers > MAX_EXPERT_FFNS:
         raise SpecError(f"{field}: {per_layer:,} experts in each of {layers} layers make {per_layer * layers:,} "
                         f"expert FFNs, more than compose builds ({MAX_EXPERT_FFNS:,})")
+
+
+def check_merge_inputs(n: int, field: str) -> None:
+    if n > MAX_MERGE_INPUTS:
+        raise SpecError(f"{field}: {n:,} models is more than compose merges at once ({MAX_MERGE_INPUTS})")

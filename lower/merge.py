@@ -18,6 +18,7 @@ from compose.ir.graph import Graph
 from compose.ir.nodes import DecoderBlock, LMHead, Origin
 from compose.ir.state import State
 from compose.ir.weights import Expr, Merge, derive_seed
+from compose.lower.limits import check_merge_inputs
 from compose.lower.merge_params import Layer, check_filters, check_known, resolve
 from compose.merges.api import Method
 from compose.merges.registry import get
@@ -34,6 +35,7 @@ def lower(spec, path: str, ctx) -> Graph:
             inputs.append((f"{path}.base", spec.base, {}))
             base = len(inputs) - 1
     _check_contract(method, len(inputs), base, path)
+    check_merge_inputs(len(inputs), f"{path}.models")
     graphs = [ctx.input(m, p if p == f"{path}.base" else f"{p}.model") for p, m, _ in inputs]
     _check_structure(graphs, inputs)
 

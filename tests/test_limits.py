@@ -30,14 +30,15 @@ def one_line(r: subprocess.CompletedProcess) -> str:
     ("moe.upcycle(load('tiny:llama'), num_experts=100000)", "model.num_experts: 100,000 experts per layer"),
     ("moe.upcycle(load('tiny:llama?layers=512'), num_experts=512)", "make 262,144 expert FFNs"),
     ("stack(*[load('tiny:llama')] * 2000)", "model.slices: 2,000 slices make 2,000 layers"),
+    ("merge.merge('linear', [load('tiny:llama')] * 2000)", "model.models: 2,000 models is more than compose merges"),
 ])
 @pytest.mark.parametrize("command", ["inspect", "build"])
 def test_an_oversized_spec_is_refused_before_any_work(tmp_path, body, needle, command):
     spec = tmp_path / "s.py"
-    spec.write_text(f"from compose import load, expand_blocks, moe, stack\nmodel = {body}\n")
+    spec.write_text(f"from compose import load, expand_blocks, merge, moe, stack\nmodel = {body}\n")
     args = ["-o", str(tmp_path / "out")] if command == "build" else []
     line = one_line(cli(command, str(spec), *args, cwd=tmp_path, timeout=60))
-    assert needle in line and "more than compose builds" in line
+    assert needle in line and "more than compose" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.py"]
 
 

@@ -188,3 +188,13 @@ def test_what_a_kill_9_leaves_is_removed_by_the_next_build(tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"removed {stale}, left by an interrupted build" in r.stderr
     assert leftovers(tmp_path) == [] and (out / "config.json").is_file()
+
+
+def test_an_output_that_holds_the_spec_or_a_source_is_refused(tmp_path):
+    src = save_hf_model(tmp_path / "models" / "src", "llama", layers=2)
+    s = spec(tmp_path / "s.py", str(src))
+    line = one_error_line(cli("build", str(s), "-o", ".", "--force", cwd=tmp_path))
+    assert f"holds the spec file {s}" in line
+    line = one_error_line(cli("build", str(s), "-o", str(tmp_path / "models"), "--force", cwd=tmp_path))
+    assert f"holds the source folder {src}" in line
+    assert (src / "config.json").is_file() and s.is_file()
