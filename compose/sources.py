@@ -76,11 +76,9 @@ INDEX = "model.safetensors.index.json"
 
 class FolderSource(Source):
     """A Hugging Face model folder. Its weight files are the shards its index names, else every
-    `*.safetensors` in it; either way no tensor may be in two of them. The shards an index names must
-    resolve inside `root`: the folder itself, or for a hub id its cache folder (whose snapshots link
-    every file into the cache's blobs)."""
+    `*.safetensors` in it; either way no tensor may be in two of them."""
 
-    def __init__(self, folder: Path, ref: str | None = None, root: Path | None = None):
+    def __init__(self, folder: Path, ref: str | None = None):
         super().__init__()
         self.folder = folder
         self.ref = ref or str(folder)
@@ -89,13 +87,14 @@ class FolderSource(Source):
         self._meta = {}
         index = folder / INDEX
         if os.path.lexists(index):
-            self._read_indexed(index, (root or folder).resolve())
+            self._read_indexed(index)
         else:
             for f in self._unindexed_files():
                 self._add(f)
 
-    def _read_indexed(self, index: Path, root: Path) -> None:
+    def _read_indexed(self, index: Path) -> None:
         weight_map = _weight_map(index)
+        root = _root(self.folder)
         shards: dict[str, Path] = {}
         for tensor, name in weight_map.items():
             if name not in shards:
@@ -196,6 +195,16 @@ def _weight_map(index: Path) -> dict[str, str]:
         if not isinstance(name, str):
             raise SourceError(f"{index}: invalid index (weight_map entry {tensor!r} is {name!r}, not a file name)")
     return weight_map
+
+
+def _root(folder: Path) -> Path:
+    """The folder an index's shards must resolve inside: the model folder, or for a snapshot in the
+    Hugging Face cache (`models--org--name/snapshots/<revision>`) the repository's cache folder, since
+    the cache links every snapshot file to `../../blobs/<hash>`."""
+    folder = folder.resolve()
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.parent.parent
+    return folder
 
 
 def _shard_path(folder: Path, root: Path, index: Path, tensor: str, name: str) -> Path:
@@ -333,8 +342,7 @@ def open_source(ref: str) -> Source:
         elif ref.startswith((".", "/", "~")) or ref.count("/") != 1:
             raise SourceError(f"{ref}: no such folder")
         else:
-            snapshot = _hub_folder(ref)
-            src = FolderSource(snapshot, ref=ref, root=snapshot.parent.parent)
+            src = FolderSource(_hub_folder(ref), ref=ref)
     families.for_source(src.config, ref)
     _OPEN[src.ref] = _OPEN[ref] = src
     return src

@@ -30,8 +30,11 @@ def get(model_type: str) -> Family:
 def for_source(config: dict, where: str) -> Family:
     """The family that reads config.json `config`, or a SourceError naming what is supported."""
     t = config.get("model_type") if isinstance(config, dict) else None
+    if t is None:
+        raise SourceError(f"{where}: config.json has no model_type (supported: {', '.join(SOURCES)})")
     if t not in SOURCES:
-        raise SourceError(f"{where}: model_type {t!r} is not supported yet (supported: {', '.join(SOURCES)})")
+        raise SourceError(f"{where}: config.json model_type {t!r} is not supported yet (supported: "
+                          f"{', '.join(SOURCES)})")
     return REGISTRY[t]
 
 
