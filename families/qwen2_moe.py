@@ -48,6 +48,8 @@ class Qwen2Moe(Family):
 
     def ffn(self, c, cfg, i, reader, prefix, where):
         only = c.get("mlp_only_layers") or []
+        if not isinstance(only, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in only):
+            raise SourceError(f"{where}: config.json mlp_only_layers must be a list of layer indices, got {only!r}")
         step = int_field(c, "decoder_sparse_step", where, default=1)
         n = int_field(c, "num_experts", where, minimum=0)
         if i in only or n == 0 or (i + 1) % step:
