@@ -172,7 +172,14 @@ def cmd_export(a) -> int:
     from compose.integrity import manifest_of, record_files
 
     folder = _built(a.out)
-    record = onnx.export(folder, dense_moe=a.dense_moe)
+    before = {p.name for p in folder.iterdir()}
+    try:
+        record = onnx.export(folder, dense_moe=a.dense_moe)
+    except BaseException:  # a failed export leaves no graph behind that compose.json does not record
+        for p in folder.iterdir():
+            if p.name not in before:
+                p.unlink()
+        raise
     manifest = record_files(folder, {**manifest_of(folder), "onnx": record}, record["files"])
     tmp = folder / "compose.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")

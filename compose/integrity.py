@@ -12,6 +12,10 @@ from compose.errors import BuildError
 CODE_SUFFIXES = (".py", ".json", ".jinja")
 """Files whose contents decide what runs (code, configs naming classes): always checked before use."""
 
+RUN_PATTERNS = ("*.py", "*.onnx", "*.onnx.data")
+"""Files compose would import or run from a build folder: refused unless the build recorded them (an
+export that failed half-way, or a file dropped in by hand)."""
+
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
@@ -43,7 +47,7 @@ def manifest_of(folder: Path) -> dict:
 
 def check(folder: Path, *, weights: bool = True) -> dict:
     """Raise, naming the file, if a file compose.json records is missing or changed, or a file that would
-    be imported (*.py) is not recorded at all. `weights=False` skips the (large) safetensors and ONNX
+    be imported or run (RUN_PATTERNS) is not recorded at all. `weights=False` skips the (large) safetensors and ONNX
     files and checks only code and configs, which is what decides what runs. Returns compose.json."""
     record = manifest_of(folder)
     hashes = record.get("sha256")
@@ -60,10 +64,10 @@ def check(folder: Path, *, weights: bool = True) -> dict:
         if sha256_file(path) != hashes[name]:
             raise BuildError(f"{path}: changed since the build (its sha256 differs from compose.json's); "
                              "rebuild, or restore the file")
-    stray = sorted(p.name for p in folder.glob("*.py") if p.name not in hashes)
+    stray = sorted(p.name for pattern in RUN_PATTERNS for p in folder.glob(pattern) if p.name not in hashes)
     if stray:
-        raise BuildError(f"{folder / stray[0]}: Python file not written by the build; compose imports only "
-                         "files compose.json records")
+        raise BuildError(f"{folder / stray[0]}: not written by the build (compose.json does not record it); "
+                         "compose imports and runs only the code and graphs it wrote")
     return record
 
 

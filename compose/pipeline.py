@@ -191,7 +191,6 @@ def _check_size(g, formats, out: Path, limit: int | None) -> int:
     """The bytes the build will write; refused, before the first byte, when more than the free disk or
     --max-output-size."""
     from compose.backends import hf
-
     from compose.backends.shards import BYTES
 
     numel = sum(e.numel for e in hf.tensors(g).values())

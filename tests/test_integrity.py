@@ -56,11 +56,13 @@ def test_a_tampered_generated_module_is_never_imported(torch_build, tmp_path):
     assert not marker.exists()
 
 
-def test_a_python_file_the_build_did_not_write_is_refused(torch_build, tmp_path):
+@pytest.mark.parametrize("stray", ["extra.py", "model.onnx"])
+def test_code_or_a_graph_the_build_did_not_write_is_refused(torch_build, tmp_path, stray):
     folder = copy_of(torch_build, tmp_path)
-    (folder / "extra.py").write_text("print('hello')\n")
-    r = cli("generate", str(folder), "--prompt", "hi", "--max-new-tokens", "2", cwd=tmp_path)
-    assert r.returncode == 2 and "extra.py: Python file not written by the build" in r.stderr, r.stderr
+    (folder / stray).write_text("print('hello')\n")
+    command = ["verify", str(folder)] if stray.endswith(".onnx") else ["generate", str(folder), "--prompt", "hi"]
+    r = cli(*command, cwd=tmp_path)
+    assert r.returncode == 2 and f"{stray}: not written by the build" in r.stderr, r.stderr
 
 
 def test_verify_names_a_weight_file_with_a_flipped_bit(torch_build, tmp_path):
@@ -91,3 +93,22 @@ def test_a_poisoned_source_config_carries_nothing_into_the_output(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     assert type(model).__name__ == "LlamaForCausalLM"
     assert type(load_hf(out)).__name__ == "LlamaForCausalLM"
+
+
+def test_a_failed_export_leaves_no_graph_behind(torch_build, tmp_path, monkeypatch, capsys):
+    from compose.backends import onnx
+    from compose.cli import main
+    from compose.errors import BuildError
+    from compose.integrity import check
+
+    folder = copy_of(torch_build, tmp_path)
+
+    def half_written(model, inputs, outputs, path, k):
+        path.write_bytes(b"half a graph")
+        raise BuildError("ONNX export failed at node layers.1: a test's failure")
+
+    monkeypatch.setattr(onnx, "_export", half_written)
+    assert main(["export", str(folder)]) == 2
+    assert "ONNX export failed at node layers.1" in capsys.readouterr().err
+    assert not (folder / "model.onnx").exists()
+    check(folder)  # the folder is as the build left it: a later export or verify is not refused
