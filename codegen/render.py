@@ -66,7 +66,8 @@ def _shared_block_attrs(graph: Graph) -> dict:
     want = {"heads": c.heads, "kv_heads": c.kv_heads, "head_dim": c.head_dim, "hidden": c.hidden,
             "intermediate": c.intermediate, "act": c.act, "eps": c.rms_eps}
     first_name, first = blocks[0]
-    choice = {"qkv_bias": first.attn.qkv_bias, "o_bias": first.attn.o_bias, "mlp_bias": first.ffn.bias}
+    choice = {"qkv_bias": first.attn.qkv_bias, "o_bias": first.attn.o_bias, "mlp_bias": first.ffn.bias,
+              "qk_norm": first.attn.qk_norm}
     for name, b in blocks:
         # An MoE's experts have their own width (checked by the hf backend's choice of class).
         inter = b.ffn.intermediate if isinstance(b.ffn, DenseFFN) else c.intermediate
@@ -77,7 +78,8 @@ def _shared_block_attrs(graph: Graph) -> dict:
             if got[k] != want[k]:
                 raise BuildError(f"node {name}: {k}={got[k]} differs from the model's {k}={want[k]}; "
                                  "the torch backend emits one Block class shared by every layer")
-        mine = {"qkv_bias": b.attn.qkv_bias, "o_bias": b.attn.o_bias, "mlp_bias": b.ffn.bias}
+        mine = {"qkv_bias": b.attn.qkv_bias, "o_bias": b.attn.o_bias, "mlp_bias": b.ffn.bias,
+                "qk_norm": b.attn.qk_norm}
         for k in choice:
             if mine[k] != choice[k]:
                 raise BuildError(f"node {name}: {k}={mine[k]} differs from {first_name}'s {k}={choice[k]}; "
@@ -154,6 +156,7 @@ def render_modeling(graph: Graph) -> str:
         qkv_bias=choice["qkv_bias"],
         o_bias=choice["o_bias"],
         mlp_bias=choice["mlp_bias"],
+        qk_norm=choice["qk_norm"],
         act_doc=act_doc,
         act_call=act_call.format("self.gate_proj(x)"),
     )
@@ -245,7 +248,8 @@ def _render_cogvlm(graph: Graph) -> dict[str, str]:
     glue = _template("cogvlm.py.j2").render(family=c.family, n_layer=len(graph.blocks()), n_embd=c.hidden,
                                             vision_width=graph.adapter.vision_width, dtype=c.dtype,
                                             tied=graph.head.tied, n_rep=c.heads // c.kv_heads,
-                                            mixed_layers=_window_attrs(graph)["mixed_layers"])
+                                            mixed_layers=_window_attrs(graph)["mixed_layers"],
+                                            qk_norm=_shared_block_attrs(graph)["qk_norm"])
     wrapper = _template("hf_wrapper.py.j2").render(forward="cogvlm_forward", generate="cogvlm_generate",
                                                    extra_args=repr(("token_type_ids", "images")))
     return {"modeling_compose_language.py": render_modeling(language), "modeling_compose.py": glue,

@@ -121,6 +121,8 @@ class Family:
     """A dense family's mixture-of-experts families, in order of preference: the first that holds an MoE
     graph of this family writes it."""
     features: ClassVar[Features] = Features()
+    qk_norm: ClassVar[bool] = False
+    """Every attention normalises its query and key heads (`self_attn.q_norm`, `k_norm`)."""
     default_theta: ClassVar[float] = 10000.0
     """transformers' default rope theta for this family, when config.json gives none."""
     default_max_positions: ClassVar[int] = 2048
@@ -198,7 +200,8 @@ class Family:
         """Layer i of the checkpoint."""
         p = f"model.layers.{i}."
         attn = Attention(weights=(), hidden=cfg.hidden, heads=cfg.heads, kv_heads=cfg.kv_heads, head_dim=cfg.head_dim,
-                         qkv_bias=cfg.qkv_bias, o_bias=cfg.o_bias, window=self.window(c, i, origin.source))
+                         qkv_bias=cfg.qkv_bias, o_bias=cfg.o_bias, window=self.window(c, i, origin.source),
+                         qk_norm=self.qk_norm)
         return DecoderBlock(
             input_norm=fill(Norm(weights=(), dim=cfg.hidden, eps=cfg.rms_eps), reader, p + "input_layernorm."),
             attn=fill(attn, reader, p + "self_attn."),
@@ -224,6 +227,9 @@ class Family:
         """The attention checks every family makes: its biases and sliding windows."""
         qkv, o, mlp = self.biases_of(g)
         for name, b in g.blocks():
+            if b.attn.qk_norm != self.qk_norm:
+                return (f"node {name}: {'a' if b.attn.qk_norm else 'no'} q/k norm, but {self.architecture} has "
+                        f"{'one' if self.qk_norm else 'none'}")
             if (b.attn.qkv_bias, b.attn.o_bias) != (qkv, o):
                 return (f"node {name}: q/k/v bias {b.attn.qkv_bias} and o_proj bias {b.attn.o_bias}, but "
                         f"{self.architecture} has {qkv} and {o}")
@@ -396,6 +402,9 @@ def qwen2_window(c: dict, i: int, where: str) -> int | None:
 
 def refuse_all(candidates: list[Family], g: Graph) -> Family:
     """The first family that holds `g`, or a BuildError naming why each one cannot."""
+    if not candidates:
+        raise BuildError(f"no transformers class holds this model: compose writes no {g.config.family} model "
+                         "with mixture-of-experts layers yet")
     reasons = []
     for fam in candidates:
         why = fam.refuse(g)

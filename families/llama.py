@@ -7,7 +7,8 @@ from compose.families.base import Family
 from compose.ir.graph import Graph
 
 
-def _flag(c: dict, key: str, where: str) -> bool:
+def flag(c: dict, key: str, where: str) -> bool:
+    """A true/false config.json field (absent: false)."""
     v = c.get(key, False)
     if not isinstance(v, bool):
         raise SourceError(f"{where}: config.json {key} must be true or false, got {v!r}")
@@ -23,8 +24,8 @@ class Llama(Family):
     tiny_options = {"tie": 0}
 
     def biases(self, c, where):
-        attention = _flag(c, "attention_bias", where)
-        return attention, attention, _flag(c, "mlp_bias", where)
+        attention = flag(c, "attention_bias", where)
+        return attention, attention, flag(c, "mlp_bias", where)
 
     def biases_of(self, g: Graph):
         c = g.config

@@ -47,9 +47,7 @@ class Qwen2Moe(Family):
         return int_field(c, "sliding_window", where) if (i + 1) % 2 and below else None
 
     def ffn(self, c, cfg, i, reader, prefix, where):
-        only = c.get("mlp_only_layers") or []
-        if not isinstance(only, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in only):
-            raise SourceError(f"{where}: config.json mlp_only_layers must be a list of layer indices, got {only!r}")
+        only = mlp_only_layers(c, where)
         step = int_field(c, "decoder_sparse_step", where, default=1)
         n = int_field(c, "num_experts", where, minimum=0)
         if i in only or n == 0 or (i + 1) % step:
@@ -109,6 +107,14 @@ class Qwen2Moe(Family):
                 "mlp_only_layers": [i for i in range(n) if i not in moe_layers], "qkv_bias": g.config.qkv_bias,
                 "router_aux_loss_coef": m.aux_loss_coef, "router_jitter_noise": m.jitter,
                 "output_router_logits": False, **layer_types_config(g)}
+
+
+def mlp_only_layers(c: dict, where: str) -> list[int]:
+    """The layers kept dense (`mlp_only_layers`; null: none)."""
+    only = c.get("mlp_only_layers") or []
+    if not isinstance(only, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in only):
+        raise SourceError(f"{where}: config.json mlp_only_layers must be a list of layer indices, got {only!r}")
+    return only
 
 
 FAMILY = Qwen2Moe()

@@ -104,6 +104,8 @@ class Attention(_Leaf):
     qkv_bias: bool = False
     o_bias: bool = False
     window: int | None = None
+    qk_norm: bool = False
+    """An RMSNorm over each query and each key head (of head_dim) before rope (Qwen3, Gemma 3)."""
 
     def expected(self) -> dict[str, Shape]:
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
@@ -117,6 +119,8 @@ class Attention(_Leaf):
             e.update({"q_proj.bias": (q,), "k_proj.bias": (kv,), "v_proj.bias": (kv,)})
         if self.o_bias:
             e["o_proj.bias"] = (self.hidden,)
+        if self.qk_norm:
+            e.update({"q_norm.weight": (self.head_dim,), "k_norm.weight": (self.head_dim,)})
         return e
 
     def verify_(self, name: str) -> None:

@@ -12,10 +12,15 @@ from compose.lower.limits import check_layers
 
 
 def identity_copy(block: DecoderBlock) -> DecoderBlock:
-    """LLaMA-Pro's new block: a copy whose output projections are zero, so it adds exactly 0."""
-    zero = {k: Zeros(e.shape, e.dtype) for k, e in block.params().items()
-            if k.startswith(("self_attn.o_proj.", "mlp.down_proj."))}
+    """LLaMA-Pro's new block: a copy whose output projections are zero, so it adds exactly 0. In an MoE
+    block that is every expert's down projection (and the shared expert's): whichever experts the router
+    picks, each adds 0."""
+    zero = {k: Zeros(e.shape, e.dtype) for k, e in block.params().items() if _output_projection(k)}
     return dataclasses.replace(block.with_weights(**zero), origin=dataclasses.replace(block.origin, new=True))
+
+
+def _output_projection(name: str) -> bool:
+    return name.startswith("self_attn.o_proj.") or (name.startswith("mlp.") and name.split(".")[-2] == "down_proj")
 
 
 def lower(spec, path: str, ctx) -> Graph:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from compose import families
 from compose.errors import SpecError
 from compose.ir.graph import Graph
 from compose.ir.nodes import DecoderBlock, DenseFFN, MoE, Router
@@ -26,6 +27,8 @@ def lower(spec, path: str, ctx) -> Graph:
             raise SpecError(f"{path}.model: layer {i} is already a mixture of experts; {spec.kind} takes dense models")
         if b.ffn.bias:
             raise SpecError(f"{path}.model: MLPs with biases (mlp_bias) cannot become experts yet")
+    if not families.get(g.config.family).moe_targets:
+        raise SpecError(f"{path}.model: compose has no mixture-of-experts class for {g.config.family} models yet")
     layers = _moe_layers(spec, n, path)
     count = {"upcycle": spec.num_experts, "from_experts": len(spec.experts or []), "fine_grained": spec.routed}[spec.kind]
     field = {"upcycle": "num_experts", "from_experts": "experts", "fine_grained": "routed"}[spec.kind]

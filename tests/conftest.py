@@ -11,13 +11,15 @@ VOCAB = 512
 
 
 def hf_config(family: str, layers: int = 8, hidden: int = 64, tie: bool = False, **kw):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family]
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
     args = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tie)
     if family == "mistral":
         args["sliding_window"] = 16
+    if family == "qwen3":
+        args["head_dim"] = 2 * hidden // 4  # Qwen3's head_dim is its own field, not hidden / heads
     return cls(**{**args, **kw})
 
 
@@ -98,10 +100,12 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def hf_models(tmp_path_factory):
-    """Source folders, one per family; qwen2 ties its embeddings, llama is sharded into several files."""
+    """Source folders, one per family; qwen2 and qwen3 tie their embeddings, llama is sharded into several
+    files."""
     root = tmp_path_factory.mktemp("sources")
     return {
         "llama": save_hf_model(root / "llama", "llama", seed=1, shard="100KB"),
         "mistral": save_hf_model(root / "mistral", "mistral", seed=2),
         "qwen2": save_hf_model(root / "qwen2", "qwen2", seed=3, tie=True),
+        "qwen3": save_hf_model(root / "qwen3", "qwen3", seed=4, tie=True),
     }

@@ -184,3 +184,14 @@ def test_dot_draws_both_chains_and_the_cross_edges(tmp_path):
     assert '"augment.layers.2" -> "xattn.1" [style=dashed, color=blue, label="cross"]' in dot
     assert '"layers.0" -> "xattn.0";' in dot and '"xattn.0" -> "layers.1";' in dot
     assert '"augment.embed" -> "augment.layers.0";' in dot
+
+
+def test_a_qwen3_anchor_augmented_by_a_llama_is_the_anchor_at_init(tmp_path, hf_models):
+    """Families mix where the math allows: Qwen3's q/k-normed attention reads a Llama's hidden states."""
+    anchor = hf_models["qwen3"]
+    out = build(calm(anchor=load(str(anchor)), augment=load(str(hf_models["llama"])), every=4), tmp_path / "out",
+                progress=False)
+    ids = token_ids(seq=30)
+    with torch.no_grad():
+        got = _module(out)(ids)
+    torch.testing.assert_close(got, logits(load_hf(anchor), ids), rtol=0, atol=1e-5)

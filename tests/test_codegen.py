@@ -19,10 +19,11 @@ from compose.ir import Graph
 from compose.pipeline import lower_spec as lower
 from conftest import load_hf, logits, save_hf_model, token_ids
 
-FAMILIES = ["llama", "mistral", "qwen2"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
 # llama is sharded (exercises the index), mistral has a window of 16 (sequences of 40 cross it),
-# qwen2 has q/k/v biases and ties its head to the embedding.
-SOURCES = {"llama": {"shard": "100KB"}, "mistral": {}, "qwen2": {"tie": True}}
+# qwen2 has q/k/v biases and ties its head to the embedding, qwen3 normalises q and k per head and has a
+# head_dim that is not hidden / heads.
+SOURCES = {"llama": {"shard": "100KB"}, "mistral": {}, "qwen2": {"tie": True}, "qwen3": {"tie": True}}
 
 
 def graph_of(folder: Path) -> Graph:
@@ -89,7 +90,7 @@ def test_parameter_names_are_transformers_names(generated):
         ours = dict(compose_model(generated, family).named_parameters())
         ref = dict(load_hf(folder).named_parameters())  # named_parameters lists a tied matrix once
         assert set(ours) == set(ref), family
-        assert ("lm_head.weight" in ours) == (family != "qwen2")
+        assert ("lm_head.weight" in ours) == (family not in ("qwen2", "qwen3"))
 
 
 def test_sliding_window_is_exercised(generated, monkeypatch):

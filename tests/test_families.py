@@ -31,10 +31,15 @@ CASES = {
     "mistral": ("MistralConfig", dict(sliding_window=16)),
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True, use_sliding_window=True, sliding_window=12,
                                   max_window_layers=1)),
+    "qwen3": ("Qwen3Config", dict(head_dim=32, tie_word_embeddings=True, use_sliding_window=True, sliding_window=12,
+                                  max_window_layers=1)),
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
                                       rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
     "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                          shared_expert_intermediate_size=48, mlp_only_layers=[1], norm_topk_prob=False)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                         mlp_only_layers=[1], norm_topk_prob=True, use_sliding_window=True,
+                                         sliding_window=12)),
 }
 
 
@@ -90,7 +95,7 @@ def test_round_trip_through_transformers(round_trips, model_type):
         assert torch.equal(b(ids).logits, a(ids).logits)
 
 
-@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "qwen3_moe"])
 def test_in_memory_names_are_transformers(round_trips, model_type):
     """Checkpoint names map to the names transformers 5 gives the loaded (stacked) parameters."""
     _, out = round_trips[model_type]
@@ -99,16 +104,16 @@ def test_in_memory_names_are_transformers(round_trips, model_type):
 
 
 @pytest.mark.parametrize("family", families.TINY)
-def test_tiny_recipe_is_the_transformers_layout(family):
-    """tiny:<family>'s config builds transformers' class, with exactly the tensors the source lists."""
+def test_tiny_recipe_is_the_transformers_layout(family, tmp_path):
+    """tiny:<family>'s config builds transformers' class, whose checkpoint (as save_pretrained writes it:
+    per-expert names for an MoE) holds exactly the tensors the source lists."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     src = open_source(f"tiny:{family}?layers=2")
-    cfg = dict(src.config)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**dict(src.config)))
     assert type(model).__name__ == families.get(family).architecture
-    want = {n: tuple(p.shape) for n, p in model.state_dict().items() if not (cfg["tie_word_embeddings"]
-                                                                            and n == "lm_head.weight")}
+    model.save_pretrained(tmp_path)
+    want = {n: tuple(t.shape) for n, t in read_tensors(tmp_path).items()}
     assert {k: src.meta(k)[0] for k in src.keys()} == want
 
 

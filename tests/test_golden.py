@@ -25,6 +25,7 @@ GOLDEN = Path(__file__).parent / "golden"
     ("deepseek_moe", ["--after", "target"]),
     ("calm", []),
     ("cogvlm", []),
+    ("qwen3_llama_pro", []),
 ])
 def test_inspect_matches_golden(name, args, capsys):
     assert main(["inspect", str(ROOT / "specs" / f"{name}.py"), *args]) == 0

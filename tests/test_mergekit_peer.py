@@ -18,20 +18,29 @@ from conftest import read_tensors, save_hf_model
 pytestmark = pytest.mark.peer
 
 
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
+def _zoo(root: Path, family: str) -> Path:
     """A base model and three fine-tunes of it (base + small noise), so task vectors mean something."""
     pytest.importorskip("mergekit")
     from safetensors.torch import load_file, save_file
 
-    root = tmp_path_factory.mktemp("zoo")
-    base = save_hf_model(root / "base", "llama", seed=0, layers=4)
+    base = save_hf_model(root / "base", family, seed=0, layers=4)
     for i, name in enumerate(["a", "b", "c"], 1):
         shutil.copytree(base, root / name)
         g = torch.Generator().manual_seed(100 + i)
         tensors = {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in load_file(base / "model.safetensors").items()}
         save_file(tensors, root / name / "model.safetensors", metadata={"format": "pt"})
     return root
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    return _zoo(tmp_path_factory.mktemp("zoo"), "llama")
+
+
+@pytest.fixture(scope="module")
+def qwen3_zoo(tmp_path_factory):
+    """Qwen3: q/k norms (merged like every other tensor) and a head_dim of its own."""
+    return _zoo(tmp_path_factory.mktemp("zoo_qwen3"), "qwen3")
 
 
 def run_mergekit(config: dict, out: Path) -> None:
@@ -130,6 +139,15 @@ def _absolute(config: dict, root: Path) -> dict:
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_same_tensors_as_mergekit(zoo, tmp_path, name):
     config = _absolute(CONFIGS[name], zoo)
+    run_mergekit(config, tmp_path / "mergekit")
+    (tmp_path / "merge.yml").write_text(yaml.safe_dump(config))
+    assert main(["build", str(tmp_path / "merge.yml"), "-o", str(tmp_path / "compose")]) == 0
+    assert_same(tmp_path / "compose", tmp_path / "mergekit")
+
+
+@pytest.mark.parametrize("name", ["ties", "slerp", "task_arithmetic", "dare_linear_density_1"])
+def test_same_tensors_as_mergekit_for_qwen3(qwen3_zoo, tmp_path, name):
+    config = _absolute(CONFIGS[name], qwen3_zoo)
     run_mergekit(config, tmp_path / "mergekit")
     (tmp_path / "merge.yml").write_text(yaml.safe_dump(config))
     assert main(["build", str(tmp_path / "merge.yml"), "-o", str(tmp_path / "compose")]) == 0

@@ -10,12 +10,12 @@ from compose import build, load, moe
 from conftest import load_hf, logits, manifest, read_tensors, save_hf_model, token_ids
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
 def test_upcycle_matches_the_dense_model(tmp_path, hf_models, family):
     src = hf_models[family]
     out = build(moe.upcycle(load(str(src)), num_experts=8, top_k=2), tmp_path / "out", progress=False)
     dense, sparse = load_hf(src), load_hf(out)
-    want = "Qwen2MoeForCausalLM" if family == "qwen2" else "MixtralForCausalLM"
+    want = {"qwen2": "Qwen2MoeForCausalLM", "qwen3": "Qwen3MoeForCausalLM"}.get(family, "MixtralForCausalLM")
     assert type(sparse).__name__ == want
     ids = token_ids(seq=40)
     torch.testing.assert_close(logits(sparse, ids), logits(dense, ids), rtol=0, atol=1e-5)
@@ -179,3 +179,45 @@ def test_manifest_records_experts_routing_and_active_parameters(tmp_path, hf_mod
     assert info["params"] == model.num_parameters()  # what the checkpoint holds, counted by transformers
     ids = token_ids()
     torch.testing.assert_close(logits(model, ids), logits(load_hf(hf_models["llama"]), ids), rtol=0, atol=1e-5)
+
+
+def test_qwen3_moe_from_a_qwen3_keeps_dense_layers_and_refuses_shared_experts(tmp_path, hf_models):
+    """Qwen3-MoE has dense layers between (mlp_only_layers) but no shared expert: a DeepSeekMoE with shared
+    experts has no exact Qwen3 class, and is refused by name rather than written approximately."""
+    from compose.errors import BuildError
+
+    src = hf_models["qwen3"]
+    spec = moe.fine_grained(load(str(src)), segments=2, routed=4, top_k=2, first_k_dense=1)
+    out = build(spec, tmp_path / "out", progress=False)
+    model = load_hf(out)
+    assert type(model).__name__ == "Qwen3MoeForCausalLM" and model.config.mlp_only_layers == [0]
+    assert (model.config.num_experts, model.config.moe_intermediate_size) == (4, 64)
+    got, want = read_tensors(out), read_tensors(src)
+    assert torch.equal(got["model.layers.0.mlp.up_proj.weight"], want["model.layers.0.mlp.up_proj.weight"])
+    for e in range(4):  # expert e is segment e % 2 of the dense FFN
+        rows = slice(64 * (e % 2), 64 * (e % 2 + 1))
+        assert torch.equal(got[f"model.layers.3.mlp.experts.{e}.up_proj.weight"],
+                           want["model.layers.3.mlp.up_proj.weight"][rows])
+        assert torch.equal(got[f"model.layers.3.mlp.experts.{e}.down_proj.weight"],
+                           want["model.layers.3.mlp.down_proj.weight"][:, rows])
+    with pytest.raises(BuildError, match="Qwen3MoeForCausalLM: layer 0 has shared experts, and "
+                                         "Qwen3MoeForCausalLM has none"):
+        build(moe.fine_grained(load(str(src)), segments=2, routed=4, shared=1, top_k=2), tmp_path / "shared",
+              progress=False)
+
+
+def test_a_qwen3_moe_source_is_expanded_merged_and_upcycled_again(tmp_path, hf_models):
+    """A build's output is another spec's input: Qwen3 -> Qwen3-MoE, then LLaMA-Pro on it, then a merge
+    of it with itself (the same function), each loaded by transformers' own class."""
+    from compose import expand_blocks, merge
+
+    first = build(moe.upcycle(load(str(hf_models["qwen3"])), num_experts=4, top_k=2, noise=0.01), tmp_path / "moe",
+                  progress=False)
+    pro = build(expand_blocks(load(str(first)), groups=2), tmp_path / "pro", progress=False)
+    mixed = build(merge.linear([load(str(first)), load(str(first))], weights=[0.5, 0.5]), tmp_path / "merged",
+                  progress=False)
+    ids = token_ids(seq=24)
+    want = logits(load_hf(first), ids)
+    assert type(load_hf(pro)).__name__ == "Qwen3MoeForCausalLM"
+    assert torch.equal(logits(load_hf(pro), ids), want)
+    torch.testing.assert_close(logits(load_hf(mixed), ids), want, rtol=0, atol=1e-5)

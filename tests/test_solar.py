@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from compose import build, depth_upscale, layers, load, stack
@@ -28,9 +29,10 @@ def test_depth_upscale_8_layers_drop_2(tmp_path, hf_models):
     assert [l["source_layer"] for l in manifest(out)["layers"]] == order
 
 
-def test_upscaled_logits_equal_transformers_with_its_layers_restacked(tmp_path, hf_models):
+@pytest.mark.parametrize("family", ["mistral", "qwen3"])
+def test_upscaled_logits_equal_transformers_with_its_layers_restacked(tmp_path, hf_models, family):
     """Reference: transformers' own model with its decoder layers re-stacked in SOLAR's order."""
-    src = hf_models["mistral"]
+    src = hf_models[family]
     out = build(depth_upscale(load(str(src)), drop=2), tmp_path / "solar", progress=False)
     ref = load_hf(src)
     order = list(range(0, 6)) + list(range(2, 8))
@@ -38,6 +40,8 @@ def test_upscaled_logits_equal_transformers_with_its_layers_restacked(tmp_path, 
     for i, layer in enumerate(ref.model.layers):
         layer.self_attn.layer_idx = i
     ref.config.num_hidden_layers = 12
+    if getattr(ref.config, "layer_types", None):  # each layer keeps its own kind of attention
+        ref.config.layer_types = [ref.config.layer_types[i] for i in order]
     ids = token_ids(seq=24)
     assert torch.equal(logits(ref, ids), logits(load_hf(out), ids))
 
@@ -76,3 +80,13 @@ def test_methods_compose_upscale_then_expand(tmp_path, hf_models):
     again = build(expand_blocks(load(str(solar)), groups=3), tmp_path / "again", progress=False)
     assert read_tensors(again).keys() == read_tensors(pro).keys()
     assert all(torch.equal(read_tensors(again)[k], v) for k, v in read_tensors(pro).items())
+
+
+def test_layers_of_different_families_are_not_stacked(tmp_path, hf_models):
+    """Qwen3 normalises q and k per head and Llama does not: one model cannot hold both kinds of layer."""
+    from compose.errors import SpecError
+    from compose.pipeline import compile_graph
+
+    spec = stack(layers(load(str(hf_models["qwen3"])), 0, 4), layers(load(str(hf_models["llama"])), 4, 8))
+    with pytest.raises(SpecError, match=r"model.slices\[1\].*family llama.*qwen3|model.slices\[1\].*qwen3.*llama"):
+        compile_graph(spec)
