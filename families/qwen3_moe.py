@@ -13,6 +13,7 @@ from compose.families.base import Family, Features, int_field, moe_blocks, numbe
 from compose.families.experts import dense_layer, read_experts, refuse_mixed_layers
 from compose.families.llama import flag
 from compose.families.qwen2_moe import mlp_only_layers
+from compose.families.qwen3 import Qwen3
 from compose.ir.graph import Graph
 from compose.ir.nodes import MoE, Router
 
@@ -30,12 +31,8 @@ class Qwen3Moe(Family):
             "num_experts_per_tok", "num_experts", "num_local_experts", "norm_topk_prob", "mlp_only_layers", "router_aux_loss_coef",
             "output_router_logits")
 
-    def biases(self, c, where):
-        attention = flag(c, "attention_bias", where)
-        return attention, attention, False
-
-    def biases_of(self, g: Graph):
-        return g.config.qkv_bias, g.config.qkv_bias, False
+    biases = Qwen3.biases  # Qwen3's attention
+    biases_of = Qwen3.biases_of
 
     def window(self, c, i, where):
         return int_field(c, "sliding_window", where) if flag(c, "use_sliding_window", where) else None

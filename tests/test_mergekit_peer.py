@@ -136,18 +136,13 @@ def _absolute(config: dict, root: Path) -> dict:
     return fix(config)
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_same_tensors_as_mergekit(zoo, tmp_path, name):
-    config = _absolute(CONFIGS[name], zoo)
-    run_mergekit(config, tmp_path / "mergekit")
-    (tmp_path / "merge.yml").write_text(yaml.safe_dump(config))
-    assert main(["build", str(tmp_path / "merge.yml"), "-o", str(tmp_path / "compose")]) == 0
-    assert_same(tmp_path / "compose", tmp_path / "mergekit")
+QWEN3 = ["ties", "slerp", "task_arithmetic", "dare_linear_density_1"]
+"""Qwen3's q/k norms and its own head_dim, through the main methods."""
 
 
-@pytest.mark.parametrize("name", ["ties", "slerp", "task_arithmetic", "dare_linear_density_1"])
-def test_same_tensors_as_mergekit_for_qwen3(qwen3_zoo, tmp_path, name):
-    config = _absolute(CONFIGS[name], qwen3_zoo)
+@pytest.mark.parametrize("family,name", [("llama", n) for n in sorted(CONFIGS)] + [("qwen3", n) for n in QWEN3])
+def test_same_tensors_as_mergekit(request, tmp_path, family, name):
+    config = _absolute(CONFIGS[name], request.getfixturevalue("zoo" if family == "llama" else "qwen3_zoo"))
     run_mergekit(config, tmp_path / "mergekit")
     (tmp_path / "merge.yml").write_text(yaml.safe_dump(config))
     assert main(["build", str(tmp_path / "merge.yml"), "-o", str(tmp_path / "compose")]) == 0
