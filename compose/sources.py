@@ -277,7 +277,7 @@ class TinySource(Source):
         return 0.05 * x if key.endswith("bias") else 0.08 * x
 
 
-TINY_BOUNDS = {"seed": (0, None), "layers": (1, 1024), "hidden": (1, 65536), "intermediate": (1, 1 << 18),
+TINY_BOUNDS = {"seed": (0, 2**63 - 1), "layers": (1, 1024), "hidden": (1, 65536), "intermediate": (1, 1 << 18),
                "heads": (1, 1024), "kv_heads": (1, 1024), "vocab": (1, 1 << 21), "tie": (0, 1), "window": (0, 1 << 20),
                "experts": (2, 1024)}
 """The range (least, most; None: no most) of every `tiny:` option, the families' own included."""
@@ -309,8 +309,8 @@ def _parse_tiny(ref: str) -> TinySource:
 
 def _tiny_option(ref: str, k: str, v: str) -> int:
     """Option `k`'s value `v`: a plain decimal integer within TINY_BOUNDS."""
-    if not re.fullmatch(r"-?[0-9]+", v):
-        raise SourceError(f"{ref}: option {k} must be an integer, got {v!r}")
+    if not re.fullmatch(r"-?[0-9]{1,20}", v):
+        raise SourceError(f"{ref}: option {k} must be an integer of at most 20 digits, got {v[:40]!r}")
     n, (least, most) = int(v), TINY_BOUNDS[k]
     if n < least or (most is not None and n > most):
         raise SourceError(f"{ref}: option {k} must be {_range(least, most)}, got {n}")
