@@ -67,7 +67,7 @@ def _shared_block_attrs(graph: Graph) -> dict:
             "intermediate": c.intermediate, "act": c.act, "eps": c.rms_eps}
     first_name, first = blocks[0]
     choice = {"qkv_bias": first.attn.qkv_bias, "o_bias": first.attn.o_bias, "mlp_bias": first.ffn.bias,
-              "qk_norm": first.attn.qk_norm}
+              "qk_norm": first.attn.qk_norm, "fused": first.attn.fused}
     for name, b in blocks:
         # An MoE's experts have their own width (checked by the hf backend's choice of class).
         inter = b.ffn.intermediate if isinstance(b.ffn, DenseFFN) else c.intermediate
@@ -79,7 +79,10 @@ def _shared_block_attrs(graph: Graph) -> dict:
                 raise BuildError(f"node {name}: {k}={got[k]} differs from the model's {k}={want[k]}; "
                                  "the torch backend emits one Block class shared by every layer")
         mine = {"qkv_bias": b.attn.qkv_bias, "o_bias": b.attn.o_bias, "mlp_bias": b.ffn.bias,
-                "qk_norm": b.attn.qk_norm}
+                "qk_norm": b.attn.qk_norm, "fused": b.attn.fused}
+        if isinstance(b.ffn, DenseFFN) and b.ffn.fused != b.attn.fused:
+            raise BuildError(f"node {name}: fused attention and separate MLP projections (or the reverse); the "
+                             "torch backend fuses both or neither")
         for k in choice:
             if mine[k] != choice[k]:
                 raise BuildError(f"node {name}: {k}={mine[k]} differs from {first_name}'s {k}={choice[k]}; "
@@ -157,6 +160,8 @@ def render_modeling(graph: Graph) -> str:
         o_bias=choice["o_bias"],
         mlp_bias=choice["mlp_bias"],
         qk_norm=choice["qk_norm"],
+        fused=choice["fused"],
+        fused_act_call=act_call.format("gate"),
         act_doc=act_doc,
         act_call=act_call.format("self.gate_proj(x)"),
     )

@@ -123,6 +123,8 @@ class Family:
     features: ClassVar[Features] = Features()
     qk_norm: ClassVar[bool] = False
     """Every attention normalises its query and key heads (`self_attn.q_norm`, `k_norm`)."""
+    fused: ClassVar[bool] = False
+    """q/k/v and gate/up are one matrix each (`qkv_proj`, `gate_up_proj`), in the checkpoint and the IR."""
     default_theta: ClassVar[float] = 10000.0
     """transformers' default rope theta for this family, when config.json gives none."""
     default_max_positions: ClassVar[int] = 2048
@@ -201,7 +203,7 @@ class Family:
         p = f"model.layers.{i}."
         attn = Attention(weights=(), hidden=cfg.hidden, heads=cfg.heads, kv_heads=cfg.kv_heads, head_dim=cfg.head_dim,
                          qkv_bias=cfg.qkv_bias, o_bias=cfg.o_bias, window=self.window(c, i, origin.source),
-                         qk_norm=self.qk_norm)
+                         qk_norm=self.qk_norm, fused=self.fused)
         return DecoderBlock(
             input_norm=fill(Norm(weights=(), dim=cfg.hidden, eps=cfg.rms_eps), reader, p + "input_layernorm."),
             attn=fill(attn, reader, p + "self_attn."),
@@ -213,7 +215,7 @@ class Family:
     def ffn(self, c: dict, cfg: ArchConfig, i: int, reader: Reader, prefix: str, where: str) -> DenseFFN | MoE:
         """Layer i's feed-forward part, under `prefix` (`model.layers.3.mlp.`)."""
         return fill(DenseFFN(weights=(), hidden=cfg.hidden, intermediate=cfg.intermediate, act=cfg.act,
-                             bias=cfg.mlp_bias), reader, prefix)
+                             bias=cfg.mlp_bias, fused=self.fused), reader, prefix)
 
     # -- IR -> checkpoint --------------------------------------------------------------------------------
     def refuse(self, g: Graph) -> str | None:
@@ -227,6 +229,9 @@ class Family:
         """The attention checks every family makes: its biases and sliding windows."""
         qkv, o, mlp = self.biases_of(g)
         for name, b in g.blocks():
+            if b.attn.fused != self.fused or (isinstance(b.ffn, DenseFFN) and b.ffn.fused != self.fused):
+                return (f"node {name}: {'fused' if b.attn.fused else 'separate'} projections, but {self.architecture} "
+                        f"has {'fused' if self.fused else 'separate'} ones")
             if b.attn.qk_norm != self.qk_norm:
                 return (f"node {name}: {'a' if b.attn.qk_norm else 'no'} q/k norm, but {self.architecture} has "
                         f"{'one' if self.qk_norm else 'none'}")

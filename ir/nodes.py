@@ -106,17 +106,22 @@ class Attention(_Leaf):
     window: int | None = None
     qk_norm: bool = False
     """An RMSNorm over each query and each key head (of head_dim) before rope (Qwen3, Gemma 3)."""
+    fused: bool = False
+    """q, k and v as one matrix `qkv_proj`, stacked by rows (Phi-3): one tensor to every method, as in
+    the checkpoint (a merge's norms and magnitude ranks are over the whole matrix, as mergekit's are)."""
 
     def expected(self) -> dict[str, Shape]:
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        e: dict[str, Shape] = {
-            "q_proj.weight": (q, self.hidden),
-            "k_proj.weight": (kv, self.hidden),
-            "v_proj.weight": (kv, self.hidden),
-            "o_proj.weight": (self.hidden, q),
-        }
-        if self.qkv_bias:
-            e.update({"q_proj.bias": (q,), "k_proj.bias": (kv,), "v_proj.bias": (kv,)})
+        if self.fused:
+            e: dict[str, Shape] = {"qkv_proj.weight": (q + 2 * kv, self.hidden)}
+            if self.qkv_bias:
+                e["qkv_proj.bias"] = (q + 2 * kv,)
+        else:
+            e = {"q_proj.weight": (q, self.hidden), "k_proj.weight": (kv, self.hidden),
+                 "v_proj.weight": (kv, self.hidden)}
+            if self.qkv_bias:
+                e.update({"q_proj.bias": (q,), "k_proj.bias": (kv,), "v_proj.bias": (kv,)})
+        e["o_proj.weight"] = (self.hidden, q)
         if self.o_bias:
             e["o_proj.bias"] = (self.hidden,)
         if self.qk_norm:
@@ -140,16 +145,17 @@ class DenseFFN(_Leaf):
     intermediate: int
     act: str = "silu"
     bias: bool = False
+    fused: bool = False
+    """gate and up as one matrix `gate_up_proj`, gate's rows first (Phi-3)."""
 
     def expected(self) -> dict[str, Shape]:
-        e: dict[str, Shape] = {
-            "gate_proj.weight": (self.intermediate, self.hidden),
-            "up_proj.weight": (self.intermediate, self.hidden),
-            "down_proj.weight": (self.hidden, self.intermediate),
-        }
+        i, h = self.intermediate, self.hidden
+        e: dict[str, Shape] = ({"gate_up_proj.weight": (2 * i, h)} if self.fused
+                               else {"gate_proj.weight": (i, h), "up_proj.weight": (i, h)})
+        e["down_proj.weight"] = (h, i)
         if self.bias:
-            e.update({"gate_proj.bias": (self.intermediate,), "up_proj.bias": (self.intermediate,),
-                      "down_proj.bias": (self.hidden,)})
+            e.update({"gate_up_proj.bias": (2 * i,)} if self.fused else {"gate_proj.bias": (i,), "up_proj.bias": (i,)})
+            e["down_proj.bias"] = (h,)
         return e
 
 

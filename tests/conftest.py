@@ -11,15 +11,18 @@ VOCAB = 512
 
 
 def hf_config(family: str, layers: int = 8, hidden: int = 64, tie: bool = False, **kw):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
+           "phi3": Phi3Config}[family]
     args = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tie)
     if family == "mistral":
         args["sliding_window"] = 16
     if family == "qwen3":
         args["head_dim"] = 2 * hidden // 4  # Qwen3's head_dim is its own field, not hidden / heads
+    if family == "phi3":
+        args.update(pad_token_id=0, sliding_window=16)  # Phi3Config's default pad id is past VOCAB
     return cls(**{**args, **kw})
 
 
@@ -108,4 +111,5 @@ def hf_models(tmp_path_factory):
         "mistral": save_hf_model(root / "mistral", "mistral", seed=2),
         "qwen2": save_hf_model(root / "qwen2", "qwen2", seed=3, tie=True),
         "qwen3": save_hf_model(root / "qwen3", "qwen3", seed=4, tie=True),
+        "phi3": save_hf_model(root / "phi3", "phi3", seed=5),
     }

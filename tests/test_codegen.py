@@ -19,11 +19,11 @@ from compose.ir import Graph
 from compose.pipeline import lower_spec as lower
 from conftest import load_hf, logits, save_hf_model, token_ids
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3"]
 # llama is sharded (exercises the index), mistral has a window of 16 (sequences of 40 cross it),
 # qwen2 has q/k/v biases and ties its head to the embedding, qwen3 normalises q and k per head and has a
-# head_dim that is not hidden / heads.
-SOURCES = {"llama": {"shard": "100KB"}, "mistral": {}, "qwen2": {"tie": True}, "qwen3": {"tie": True}}
+# head_dim that is not hidden / heads, phi3 fuses q/k/v and gate/up.
+SOURCES = {"llama": {"shard": "100KB"}, "mistral": {}, "qwen2": {"tie": True}, "qwen3": {"tie": True}, "phi3": {}}
 
 
 def graph_of(folder: Path) -> Graph:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from compose import build, families, load
+from compose import build, families, load, moe, visual_expert
 from compose.families import in_memory_name
 from compose.sources import open_source
 from conftest import VOCAB, load_hf, read_tensors, token_ids
@@ -33,6 +33,7 @@ CASES = {
                                   max_window_layers=1)),
     "qwen3": ("Qwen3Config", dict(head_dim=32, tie_word_embeddings=True, use_sliding_window=True, sliding_window=12,
                                   max_window_layers=1)),
+    "phi3": ("Phi3Config", dict(sliding_window=12, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
                                       rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
     "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
@@ -208,3 +209,17 @@ def test_imports_run_down_the_pipeline():
                     if part != "errors" and part not in LAYERS[folder]:
                         bad.append(f"{path.relative_to(ROOT)} imports {mod}")
     assert not bad, bad
+
+
+@pytest.mark.parametrize("spec,match", [
+    (lambda: moe.upcycle(load("tiny:phi3?layers=2"), num_experts=4),
+     "model.model: compose has no mixture-of-experts class for phi3 models yet"),
+    (lambda: visual_expert(load("tiny:phi3?layers=2"), vision_width=8),
+     r"model.model: visual experts for fused q/k/v projections \(phi3\) are not supported yet"),
+])
+def test_what_a_family_cannot_do_yet_is_refused_by_name(spec, match):
+    from compose.errors import SpecError
+    from compose.pipeline import compile_graph
+
+    with pytest.raises(SpecError, match=match):
+        compile_graph(spec())

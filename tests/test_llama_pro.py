@@ -11,7 +11,7 @@ from compose import build, expand_blocks, load
 from conftest import load_hf, logits, manifest, read_tensors, token_ids
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "phi3"])
 def test_expansion_is_bit_identical_in_transformers(tmp_path, hf_models, family):
     src = hf_models[family]
     out = build(expand_blocks(load(str(src)), groups=4, per_group=1), tmp_path / "out", progress=False)

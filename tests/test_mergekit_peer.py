@@ -38,6 +38,11 @@ def zoo(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def phi3_zoo(tmp_path_factory):
+    return _zoo(tmp_path_factory.mktemp("zoo_phi3"), "phi3")
+
+
+@pytest.fixture(scope="module")
 def qwen3_zoo(tmp_path_factory):
     """Qwen3: q/k norms (merged like every other tensor) and a head_dim of its own."""
     return _zoo(tmp_path_factory.mktemp("zoo_qwen3"), "qwen3")
@@ -136,13 +141,15 @@ def _absolute(config: dict, root: Path) -> dict:
     return fix(config)
 
 
-QWEN3 = ["ties", "slerp", "task_arithmetic", "dare_linear_density_1"]
-"""Qwen3's q/k norms and its own head_dim, through the main methods."""
+MAIN = ["ties", "slerp", "task_arithmetic", "dare_linear_density_1"]
+"""The main methods, for the other families: Qwen3's q/k norms and own head_dim, Phi-3's fused q/k/v and
+gate/up (each merged as one tensor, as mergekit does)."""
 
 
-@pytest.mark.parametrize("family,name", [("llama", n) for n in sorted(CONFIGS)] + [("qwen3", n) for n in QWEN3])
+@pytest.mark.parametrize("family,name", [("llama", n) for n in sorted(CONFIGS)]
+                         + [(f, n) for f in ("qwen3", "phi3") for n in MAIN])
 def test_same_tensors_as_mergekit(request, tmp_path, family, name):
-    config = _absolute(CONFIGS[name], request.getfixturevalue("zoo" if family == "llama" else "qwen3_zoo"))
+    config = _absolute(CONFIGS[name], request.getfixturevalue({"llama": "zoo"}.get(family, f"{family}_zoo")))
     run_mergekit(config, tmp_path / "mergekit")
     (tmp_path / "merge.yml").write_text(yaml.safe_dump(config))
     assert main(["build", str(tmp_path / "merge.yml"), "-o", str(tmp_path / "compose")]) == 0

@@ -20,6 +20,7 @@ SPECS = {
     "expanded": lambda: expand_blocks(load(TINY), groups=1),
     "qwen3": lambda: expand_blocks(load("tiny:qwen3?layers=2"), groups=1),  # q/k norms, head_dim of its own
     "qwen3_moe": lambda: moe.upcycle(load("tiny:qwen3?layers=2"), num_experts=4, top_k=2, noise=0.02),
+    "phi3": lambda: expand_blocks(load("tiny:phi3?layers=2"), groups=1),  # fused q/k/v and gate/up
     "merged_mistral": lambda: merge.linear([load("tiny:mistral?layers=2&window=4"),
                                             load("tiny:mistral?layers=2&window=4&seed=1")], weights=[0.5, 0.5]),
     "mixtral": lambda: moe.upcycle(load(TINY), num_experts=4, top_k=2, noise=0.02),

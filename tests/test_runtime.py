@@ -17,10 +17,12 @@ def builds(tmp_path_factory):
     llama = save_hf_model(root / "llama", "llama", seed=5, layers=3)
     mistral = save_hf_model(root / "mistral", "mistral", seed=6, layers=3)  # window 16
     qwen3 = save_hf_model(root / "qwen3", "qwen3", seed=7, layers=3)
+    phi3 = save_hf_model(root / "phi3", "phi3", seed=8, layers=3)  # window 16, fused projections
     out = {
         "llama": build(load(str(llama)), root / "o_llama", formats=["hf", "torch"], progress=False),
         "mistral": build(load(str(mistral)), root / "o_mistral", formats=["hf", "torch"], progress=False),
         "qwen3": build(load(str(qwen3)), root / "o_qwen3", formats=["hf", "torch"], progress=False),
+        "phi3": build(load(str(phi3)), root / "o_phi3", formats=["hf", "torch"], progress=False),
         "mixtral": build(moe.upcycle(load(str(llama)), num_experts=4, top_k=2, noise=0.05), root / "o_mix",
                          formats=["hf", "torch"], progress=False),
         "calm": build(calm(anchor=load("tiny:llama?layers=2"), augment=load("tiny:qwen2?layers=2"), every=1),
@@ -30,7 +32,7 @@ def builds(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "qwen3", "mixtral"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen3", "phi3", "mixtral"])
 def test_static_cache_greedy_equals_transformers_generate(builds, name):
     module, model = runtime.load(builds[name])
     ids = token_ids(batch=2, seq=7, seed=3)
