@@ -38,6 +38,16 @@ def zoo(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def mistral_zoo(tmp_path_factory):
+    return _zoo(tmp_path_factory.mktemp("zoo_mistral"), "mistral")
+
+
+@pytest.fixture(scope="module")
+def qwen2_zoo(tmp_path_factory):
+    return _zoo(tmp_path_factory.mktemp("zoo_qwen2"), "qwen2")
+
+
+@pytest.fixture(scope="module")
 def phi3_zoo(tmp_path_factory):
     return _zoo(tmp_path_factory.mktemp("zoo_phi3"), "phi3")
 
@@ -142,12 +152,12 @@ def _absolute(config: dict, root: Path) -> dict:
 
 
 MAIN = ["ties", "slerp", "task_arithmetic", "dare_linear_density_1"]
-"""The main methods, for the other families: Qwen3's q/k norms and own head_dim, Phi-3's fused q/k/v and
-gate/up (each merged as one tensor, as mergekit does)."""
+"""The main methods, for the other families: Mistral's window, Qwen2's q/k/v biases, Qwen3's q/k norms and
+own head_dim, Phi-3's fused q/k/v and gate/up (each merged as one tensor, as mergekit does)."""
 
 
 @pytest.mark.parametrize("family,name", [("llama", n) for n in sorted(CONFIGS)]
-                         + [(f, n) for f in ("qwen3", "phi3") for n in MAIN])
+                         + [(f, n) for f in ("mistral", "qwen2", "qwen3", "phi3") for n in MAIN])
 def test_same_tensors_as_mergekit(request, tmp_path, family, name):
     config = _absolute(CONFIGS[name], request.getfixturevalue({"llama": "zoo"}.get(family, f"{family}_zoo")))
     run_mergekit(config, tmp_path / "mergekit")

@@ -18,11 +18,13 @@ def builds(tmp_path_factory):
     mistral = save_hf_model(root / "mistral", "mistral", seed=6, layers=3)  # window 16
     qwen3 = save_hf_model(root / "qwen3", "qwen3", seed=7, layers=3)
     phi3 = save_hf_model(root / "phi3", "phi3", seed=8, layers=3)  # window 16, fused projections
+    qwen2 = save_hf_model(root / "qwen2", "qwen2", seed=9, layers=3, tie=True)  # q/k/v biases
     out = {
         "llama": build(load(str(llama)), root / "o_llama", formats=["hf", "torch"], progress=False),
         "mistral": build(load(str(mistral)), root / "o_mistral", formats=["hf", "torch"], progress=False),
         "qwen3": build(load(str(qwen3)), root / "o_qwen3", formats=["hf", "torch"], progress=False),
         "phi3": build(load(str(phi3)), root / "o_phi3", formats=["hf", "torch"], progress=False),
+        "qwen2": build(load(str(qwen2)), root / "o_qwen2", formats=["hf", "torch"], progress=False),
         "mixtral": build(moe.upcycle(load(str(llama)), num_experts=4, top_k=2, noise=0.05), root / "o_mix",
                          formats=["hf", "torch"], progress=False),
         "calm": build(calm(anchor=load("tiny:llama?layers=2"), augment=load("tiny:qwen2?layers=2"), every=1),
@@ -32,7 +34,7 @@ def builds(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "qwen3", "phi3", "mixtral"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral"])
 def test_static_cache_greedy_equals_transformers_generate(builds, name):
     module, model = runtime.load(builds[name])
     ids = token_ids(batch=2, seq=7, seed=3)

@@ -29,7 +29,7 @@ def test_depth_upscale_8_layers_drop_2(tmp_path, hf_models):
     assert [l["source_layer"] for l in manifest(out)["layers"]] == order
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen3", "phi3"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "phi3"])
 def test_upscaled_logits_equal_transformers_with_its_layers_restacked(tmp_path, hf_models, family):
     """Reference: transformers' own model with its decoder layers re-stacked in SOLAR's order."""
     src = hf_models[family]
