@@ -33,29 +33,21 @@ def _zoo(root: Path, family: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return _zoo(tmp_path_factory.mktemp("zoo"), "llama")
+def zoos(tmp_path_factory):
+    """family -> its zoo, each made on first use."""
+    made: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in made:
+            made[family] = _zoo(tmp_path_factory.mktemp(f"zoo_{family}"), family)
+        return made[family]
+
+    return get
 
 
 @pytest.fixture(scope="module")
-def mistral_zoo(tmp_path_factory):
-    return _zoo(tmp_path_factory.mktemp("zoo_mistral"), "mistral")
-
-
-@pytest.fixture(scope="module")
-def qwen2_zoo(tmp_path_factory):
-    return _zoo(tmp_path_factory.mktemp("zoo_qwen2"), "qwen2")
-
-
-@pytest.fixture(scope="module")
-def phi3_zoo(tmp_path_factory):
-    return _zoo(tmp_path_factory.mktemp("zoo_phi3"), "phi3")
-
-
-@pytest.fixture(scope="module")
-def qwen3_zoo(tmp_path_factory):
-    """Qwen3: q/k norms (merged like every other tensor) and a head_dim of its own."""
-    return _zoo(tmp_path_factory.mktemp("zoo_qwen3"), "qwen3")
+def zoo(zoos):
+    return zoos("llama")
 
 
 def run_mergekit(config: dict, out: Path) -> None:
@@ -158,8 +150,8 @@ own head_dim, Phi-3's fused q/k/v and gate/up (each merged as one tensor, as mer
 
 @pytest.mark.parametrize("family,name", [("llama", n) for n in sorted(CONFIGS)]
                          + [(f, n) for f in ("mistral", "qwen2", "qwen3", "phi3") for n in MAIN])
-def test_same_tensors_as_mergekit(request, tmp_path, family, name):
-    config = _absolute(CONFIGS[name], request.getfixturevalue({"llama": "zoo"}.get(family, f"{family}_zoo")))
+def test_same_tensors_as_mergekit(zoos, tmp_path, family, name):
+    config = _absolute(CONFIGS[name], zoos(family))
     run_mergekit(config, tmp_path / "mergekit")
     (tmp_path / "merge.yml").write_text(yaml.safe_dump(config))
     assert main(["build", str(tmp_path / "merge.yml"), "-o", str(tmp_path / "compose")]) == 0
