@@ -134,6 +134,8 @@ def render_modeling(graph: Graph) -> str:
     if c.heads % c.kv_heads:
         raise BuildError(f"{c.heads} attention heads are not a multiple of {c.kv_heads} kv heads")
     choice = _shared_block_attrs(graph)
+    if choice["fused"] and choice["qk_norm"]:  # the template normalises q and k of separate projections only
+        raise BuildError("the torch backend has no q/k norms over a fused qkv_proj yet")
     rope = rope_attrs(c)
     act_doc, act_call = ACTIVATIONS[c.act]
     return _template("modeling.py.j2").render(

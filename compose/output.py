@@ -68,7 +68,6 @@ class OutputFolder:
         self.created: list[Path] = []
         self.lock_fd: int | None = None
         self.before: tuple | None = None
-        self.removed: list[Path] = []
         self._signals: dict = {}
 
     def __enter__(self) -> "OutputFolder":
@@ -79,7 +78,7 @@ class OutputFolder:
             self.before = _identity(self.out)
             if self.before is not None and not self.force:
                 raise BuildError(f"{self.out} already exists; pass --force to replace it")
-            self.removed = self._remove_stale()
+            self._remove_stale()
             self.tmp.mkdir()
         except BaseException:
             self._cleanup()
@@ -128,15 +127,13 @@ class OutputFolder:
                 return
             os.close(fd)
 
-    def _remove_stale(self) -> list[Path]:
-        """Temporary and old folders of earlier builds to this folder: with the lock held, no live build
-        owns them (a kill -9 or a power cut left them)."""
+    def _remove_stale(self) -> None:
+        """Remove the temporary and old folders of earlier builds to this folder: with the lock held, no
+        live build owns them (a kill -9 or a power cut left them)."""
         pattern = re.compile(rf"\.{re.escape(self.out.name)}\.compose-(tmp|old)-\d+")
-        stale = [p for p in self.out.parent.iterdir() if pattern.fullmatch(p.name)]
-        for p in stale:
+        for p in [p for p in self.out.parent.iterdir() if pattern.fullmatch(p.name)]:
             _remove(p)
             print(f"compose: removed {p}, left by an interrupted build", file=sys.stderr)
-        return stale
 
     def _trap_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():

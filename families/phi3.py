@@ -22,9 +22,6 @@ class Phi3(Family):
     keys = ("sliding_window", "resid_pdrop", "embd_pdrop")
     tiny_options = {"tie": 0}
 
-    def biases(self, c, where):
-        return False, False, False
-
     def biases_of(self, g: Graph):
         return False, False, False
 
