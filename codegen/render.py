@@ -32,7 +32,7 @@ ACTIVATIONS = {
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 # The family features (compose.families.base.Features) the templates implement.
-SUPPORTED_FEATURES = {"norm": ("rms",), "mlp": ("gated",), "attention": ("rope",)}
+SUPPORTED_FEATURES = {"norm": ("rms", "offset_rms"), "mlp": ("gated",), "attention": ("rope",)}
 
 ROPE_DOCS = {
     "default": "theta ** (-2i / head_dim)",
@@ -67,7 +67,7 @@ def _shared_block_attrs(graph: Graph) -> dict:
             "intermediate": c.intermediate, "act": c.act, "eps": c.rms_eps}
     first_name, first = blocks[0]
     choice = {"qkv_bias": first.attn.qkv_bias, "o_bias": first.attn.o_bias, "mlp_bias": first.ffn.bias,
-              "qk_norm": first.attn.qk_norm, "fused": first.attn.fused}
+              "qk_norm": first.attn.qk_norm, "fused": first.attn.fused, "sandwich": first.sandwich}
     for name, b in blocks:
         # An MoE's experts have their own width (checked by the hf backend's choice of class).
         inter = b.ffn.intermediate if isinstance(b.ffn, DenseFFN) else c.intermediate
@@ -79,7 +79,7 @@ def _shared_block_attrs(graph: Graph) -> dict:
                 raise BuildError(f"node {name}: {k}={got[k]} differs from the model's {k}={want[k]}; "
                                  "the torch backend emits one Block class shared by every layer")
         mine = {"qkv_bias": b.attn.qkv_bias, "o_bias": b.attn.o_bias, "mlp_bias": b.ffn.bias,
-                "qk_norm": b.attn.qk_norm, "fused": b.attn.fused}
+                "qk_norm": b.attn.qk_norm, "fused": b.attn.fused, "sandwich": b.sandwich}
         if isinstance(b.ffn, DenseFFN) and b.ffn.fused != b.attn.fused:
             raise BuildError(f"node {name}: fused attention and separate MLP projections (or the reverse); the "
                              "torch backend fuses both or neither")
@@ -122,6 +122,27 @@ def _window_attrs(graph: Graph) -> dict:
             "layer_types": tuple("full_attention" if w is None else "sliding_attention" for w in windows)}
 
 
+def _rope_attrs(graph: Graph) -> dict:
+    """The rope the template bakes in, and a second, local one for sliding layers when it differs
+    (Gemma 3): the template then makes cos/sin per layer type. When every layer slides (or none does)
+    there is one rope, the one those layers use."""
+    c = graph.config
+    local = c.local_rope if c.local_rope not in (None, c.rope) else None
+    sliding = [b.attn.window is not None for _, b in graph.blocks()]
+    if local is None or not any(sliding):
+        return {**rope_attrs(c), "local_rope_theta": None}
+    if all(sliding):
+        return {**rope_attrs(dataclasses.replace(c, rope=local)), "local_rope_theta": None}
+    if local.type != "default" or local.partial_rotary_factor not in (None, 1.0):
+        raise BuildError(f"the torch backend's sliding layers take a default rope; local rope {local.describe()} "
+                         "is not supported yet")
+    return {**rope_attrs(c), "local_rope_theta": repr(local.theta)}
+
+
+def _number(v: float | None) -> str | None:
+    return None if v is None else repr(float(v))
+
+
 def render_modeling(graph: Graph) -> str:
     """The source of modeling_compose.py for `graph` (a verified decoder-only Graph)."""
     c = graph.config
@@ -136,7 +157,7 @@ def render_modeling(graph: Graph) -> str:
     choice = _shared_block_attrs(graph)
     if choice["fused"] and choice["qk_norm"]:  # the template normalises q and k of separate projections only
         raise BuildError("the torch backend has no q/k norms over a fused qkv_proj yet")
-    rope = rope_attrs(c)
+    rope = _rope_attrs(graph)
     act_doc, act_call = ACTIVATIONS[c.act]
     return _template("modeling.py.j2").render(
         **_moe_attrs(graph, family),
@@ -163,6 +184,12 @@ def render_modeling(graph: Graph) -> str:
         mlp_bias=choice["mlp_bias"],
         qk_norm=choice["qk_norm"],
         fused=choice["fused"],
+        sandwich=choice["sandwich"],
+        offset_norm=family.features.norm == "offset_rms",
+        embed_scale=family.features.embed_scale,
+        query_scale=_number(c.query_scale),
+        attn_softcap=_number(c.attn_softcap),
+        final_softcap=_number(c.final_softcap),
         fused_act_call=act_call.format("gate"),
         act_doc=act_doc,
         act_call=act_call.format("self.gate_proj(x)"),

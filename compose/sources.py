@@ -258,11 +258,13 @@ class TinySource(Source):
         super().__init__()
         self.opts = opts
         # Canonical: only the options that differ from the defaults, so `tiny:llama?layers=8` is `tiny:llama`.
-        fam = families.get(family)
+        fam = families.get(families.TINY[family])
         defaults = dict(TINY_DEFAULTS, **fam.tiny_options)
         query = "&".join(f"{k}={opts[k]}" for k in sorted(opts) if opts[k] != defaults[k])
         self.ref = f"tiny:{family}" + (f"?{query}" if query else "")
         self.config = fam.tiny_config(opts)
+        # Gemma's norms scale by 1 + weight: a gain near 1 is a weight near 0.
+        self._unit_gain = 0.0 if fam.features.norm == "offset_rms" else 1.0
         self._meta = {k: (s, "float32") for k, s in fam.checkpoint_shapes(self.config, self.ref).items()}
 
     def _read(self, key: str):
@@ -273,7 +275,7 @@ class TinySource(Source):
         x = torch.randn(shape, generator=g, dtype=torch.float32)
         # Norm gains near 1 (not exactly 1, so a norm taken from the wrong layer shows in the logits).
         if key.endswith("norm.weight"):
-            return 1.0 + 0.1 * x
+            return self._unit_gain + 0.1 * x
         return 0.05 * x if key.endswith("bias") else 0.08 * x
 
 
@@ -290,7 +292,7 @@ def _parse_tiny(ref: str) -> TinySource:
     family, _, query = body.partition("?")
     if family not in families.TINY:
         raise SourceError(f"{ref}: unknown tiny family {family!r} (choose from {', '.join(families.TINY)})")
-    opts = dict(TINY_DEFAULTS, **families.get(family).tiny_options)
+    opts = dict(TINY_DEFAULTS, **families.get(families.TINY[family]).tiny_options)
     for k, v in parse_qsl(query, keep_blank_values=True):
         if k not in opts:
             raise SourceError(f"{ref}: unknown option {k!r} (choose from {', '.join(sorted(opts))})")

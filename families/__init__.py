@@ -11,15 +11,16 @@ entry in tests/test_families.py. No module outside this package names a model_ty
 from __future__ import annotations
 
 from compose.errors import SourceError
-from compose.families import composite, llama, mistral, mixtral, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe
+from compose.families import (composite, gemma2, gemma3, llama, mistral, mixtral, phi3, qwen2, qwen2_moe, qwen3,
+                              qwen3_moe)
 from compose.families.base import Family, Features, Reader
 
-MODULES = (llama, mistral, qwen2, qwen3, phi3, mixtral, qwen2_moe, qwen3_moe, composite)
+MODULES = (llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3, mixtral, qwen2_moe, qwen3_moe, composite)
 REGISTRY: dict[str, Family] = {m.FAMILY.model_type: m.FAMILY for m in MODULES}
 SOURCES = tuple(t for t, f in REGISTRY.items() if f is not composite.FAMILY)
 """The model_types compose reads checkpoints of (everything it writes, composites aside)."""
-TINY = tuple(t for t, f in REGISTRY.items() if f.tiny_options is not None)
-"""The families with a built-in tiny model (`tiny:<family>`)."""
+TINY: dict[str, str] = {f.tiny_name or t: t for t, f in REGISTRY.items() if f.tiny_options is not None}
+"""The built-in tiny models (`tiny:<name>`): name -> model_type (`gemma3` -> `gemma3_text`)."""
 COMPOSITE = composite.FAMILY.model_type
 
 

@@ -44,7 +44,10 @@ class Features:
     renderer refuses a value its templates do not implement, by name."""
 
     norm: str = "rms"
-    """`rms`: weight * x / rms(x), in float32 and cast back before the gain (Llama's RMSNorm)."""
+    """`rms`: weight * x / rms(x), in float32 and cast back before the gain (Llama's RMSNorm);
+    `offset_rms`: x / rms(x) * (1 + weight), all in float32 and cast back at the end (Gemma's)."""
+    embed_scale: bool = False
+    """Embeddings multiplied by sqrt(hidden), that number first rounded to the model's dtype (Gemma)."""
     mlp: str = "gated"
     """`gated`: down(act(gate(x)) * up(x))."""
     attention: str = "rope"
@@ -125,11 +128,18 @@ class Family:
     """Every attention normalises its query and key heads (`self_attn.q_norm`, `k_norm`)."""
     fused: ClassVar[bool] = False
     """q/k/v and gate/up are one matrix each (`qkv_proj`, `gate_up_proj`), in the checkpoint and the IR."""
+    sandwich: ClassVar[bool] = False
+    """Every block also normalises its attention's and its FFN's outputs (Gemma 2 and 3)."""
+    act_key: ClassVar[str] = "hidden_act"
+    """The config.json field of the MLP's activation."""
+    default_act: ClassVar[str] = "silu"
     default_theta: ClassVar[float] = 10000.0
     """transformers' default rope theta for this family, when config.json gives none."""
     default_max_positions: ClassVar[int] = 2048
     keys: ClassVar[tuple[str, ...]] = ()
     """The family's own config.json keys, on top of COMMON_KEYS: interpreted, so not carried."""
+    tiny_name: ClassVar[str | None] = None
+    """`tiny:<name>` of the built-in tiny model, when it is not the model_type."""
     tiny_options: ClassVar[dict[str, int] | None] = None
     """The options `tiny:<family>` takes beyond the common ones, with their defaults (None: no tiny recipe)."""
     expert_prefix: ClassVar[str | None] = None
@@ -166,9 +176,9 @@ class Family:
         eps = c.get("rms_norm_eps", 1e-6)
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
             raise SourceError(f"{where}: config.json rms_norm_eps must be a number in (0, 1), got {eps!r}")
-        act = c.get("hidden_act", "silu")
+        act = c.get(self.act_key) or self.default_act
         if not isinstance(act, str):
-            raise SourceError(f"{where}: config.json hidden_act must be a name, got {act!r}")
+            raise SourceError(f"{where}: config.json {self.act_key} must be a name, got {act!r}")
         tie = c.get("tie_word_embeddings", False)
         if not isinstance(tie, bool):
             raise SourceError(f"{where}: config.json tie_word_embeddings must be true or false, got {tie!r}")
@@ -177,13 +187,21 @@ class Family:
         return ArchConfig(
             family=self.dense, vocab=int_field(c, "vocab_size", where), hidden=hidden,
             intermediate=int_field(c, "intermediate_size", where), heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-            rms_eps=float(eps), rope=read_rope(c, self.default_theta, where),
+            rms_eps=float(eps), rope=self.rope(c, where),
             max_positions=int_field(c, "max_position_embeddings", where, default=self.default_max_positions),
             tie_embeddings=tie, qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=mlp_bias, act=act, dtype=dtype,
             bos_token_id=_token_id(c, "bos_token_id", where), eos_token_id=_token_id(c, "eos_token_id", where),
             pad_token_id=_token_id(c, "pad_token_id", where),
             extra=tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in c.items() if k not in interpreted)),
+            **self.attention_config(c, where),
         )
+
+    def attention_config(self, c: dict, where: str) -> dict:
+        """The family's own ArchConfig attention fields (query_scale, soft-caps, local_rope), read from `c`."""
+        return {}
+
+    def rope(self, c: dict, where: str):
+        return read_rope(c, self.default_theta, where)
 
     # -- source -> IR ------------------------------------------------------------------------------------
     def embedding(self, cfg: ArchConfig, reader: Reader) -> Embedding:
@@ -201,13 +219,23 @@ class Family:
     def block(self, c: dict, cfg: ArchConfig, i: int, reader: Reader, origin: Origin) -> DecoderBlock:
         """Layer i of the checkpoint."""
         p = f"model.layers.{i}."
+
+        def norm(name: str) -> Norm:
+            return fill(Norm(weights=(), dim=cfg.hidden, eps=cfg.rms_eps), reader, p + name + ".")
+
         attn = Attention(weights=(), hidden=cfg.hidden, heads=cfg.heads, kv_heads=cfg.kv_heads, head_dim=cfg.head_dim,
                          qkv_bias=cfg.qkv_bias, o_bias=cfg.o_bias, window=self.window(c, i, origin.source),
                          qk_norm=self.qk_norm, fused=self.fused)
+        if self.sandwich:  # Gemma's names: its post_attention_layernorm normalises the attention's output
+            return DecoderBlock(input_norm=norm("input_layernorm"), attn=fill(attn, reader, p + "self_attn."),
+                                attn_out_norm=norm("post_attention_layernorm"),
+                                post_norm=norm("pre_feedforward_layernorm"),
+                                ffn=self.ffn(c, cfg, i, reader, p + "mlp.", origin.source),
+                                ffn_out_norm=norm("post_feedforward_layernorm"), origin=origin)
         return DecoderBlock(
-            input_norm=fill(Norm(weights=(), dim=cfg.hidden, eps=cfg.rms_eps), reader, p + "input_layernorm."),
+            input_norm=norm("input_layernorm"),
             attn=fill(attn, reader, p + "self_attn."),
-            post_norm=fill(Norm(weights=(), dim=cfg.hidden, eps=cfg.rms_eps), reader, p + "post_attention_layernorm."),
+            post_norm=norm("post_attention_layernorm"),
             ffn=self.ffn(c, cfg, i, reader, p + "mlp.", origin.source),
             origin=origin,
         )
@@ -232,6 +260,9 @@ class Family:
             if b.attn.fused != self.fused or (isinstance(b.ffn, DenseFFN) and b.ffn.fused != self.fused):
                 return (f"node {name}: {'fused' if b.attn.fused else 'separate'} projections, but {self.architecture} "
                         f"has {'fused' if self.fused else 'separate'} ones")
+            if b.sandwich != self.sandwich:
+                return (f"node {name}: {'' if b.sandwich else 'no '}output norms on its sublayers, but "
+                        f"{self.architecture} has {'them' if self.sandwich else 'none'}")
             if b.attn.qk_norm != self.qk_norm:
                 return (f"node {name}: {'a' if b.attn.qk_norm else 'no'} q/k norm, but {self.architecture} has "
                         f"{'one' if self.qk_norm else 'none'}")
@@ -282,7 +313,7 @@ class Family:
         out.update(
             architectures=[self.architecture], model_type=self.model_type, vocab_size=c.vocab, hidden_size=c.hidden,
             intermediate_size=c.intermediate, num_hidden_layers=len(g.blocks()), num_attention_heads=c.heads,
-            num_key_value_heads=c.kv_heads, head_dim=c.head_dim, hidden_act=c.act,
+            num_key_value_heads=c.kv_heads, head_dim=c.head_dim, **{self.act_key: c.act},
             max_position_embeddings=c.max_positions,
             rms_norm_eps=c.rms_eps, rope_parameters=c.rope.to_json(), tie_word_embeddings=c.tie_embeddings,
             dtype=c.dtype, **c.token_ids())

@@ -94,6 +94,15 @@ class ArchConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    query_scale: float | None = None
+    """Attention scores are scaled by query_scale ** -0.5 (Gemma's query_pre_attn_scalar); None: head_dim."""
+    attn_softcap: float | None = None
+    """Attention scores soft-capped as cap * tanh(score / cap) before the mask (Gemma 2); None: not capped."""
+    final_softcap: float | None = None
+    """Logits soft-capped as cap * tanh(logit / cap) (Gemma 2 and 3); None: not capped."""
+    local_rope: Rope | None = None
+    """The rope of sliding-window layers when it differs from the others' (Gemma 3's local base
+    frequency); None: every layer has `rope`."""
     extra: tuple[tuple[str, str], ...] = ()
     """config.json fields compose does not interpret, as sorted (key, JSON text) pairs: carried into the
     output's config.json as they are, never read back."""
@@ -110,6 +119,10 @@ class ArchConfig:
 
     def describe(self) -> str:
         rope = "" if self.rope.type == "default" else f" rope={self.rope.describe()}"
+        if self.local_rope is not None:
+            rope += f" local_rope={self.local_rope.describe()}"
+        extra = "".join(f" {k}={getattr(self, k)}" for k in ("query_scale", "attn_softcap", "final_softcap")
+                        if getattr(self, k) is not None)
         return (f"family={self.family} hidden={self.hidden} intermediate={self.intermediate} "
                 f"heads={self.heads} kv_heads={self.kv_heads} head_dim={self.head_dim} vocab={self.vocab} "
-                f"tied={self.tie_embeddings} dtype={self.dtype}{rope}")
+                f"tied={self.tie_embeddings} dtype={self.dtype}{rope}{extra}")

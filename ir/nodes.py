@@ -32,7 +32,8 @@ class Op:
 
     def attrs(self) -> str:
         """The op's hyper-parameters as `k=v` text for the printer."""
-        skip = {"weights", "trainable", "identity", "origin", "attn", "ffn", "input_norm", "post_norm", "vision"}
+        skip = {"weights", "trainable", "identity", "origin", "attn", "ffn", "input_norm", "post_norm", "vision",
+                "attn_out_norm", "ffn_out_norm"}
         return ", ".join(
             f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self) if f.name not in skip
         )
@@ -350,14 +351,23 @@ class Origin:
 
 @dataclass(frozen=True, kw_only=True)
 class DecoderBlock(Op):
-    """Pre-norm transformer block: h += attn(norm1(h)); h += ffn(norm2(h))."""
+    """Pre-norm transformer block: h += attn(norm1(h)); h += ffn(norm2(h)). With the sandwich norms
+    (Gemma 2 and 3), each sublayer's output is normalised too before it joins the residual:
+    h += attn_out_norm(attn(norm1(h))); h += ffn_out_norm(ffn(norm2(h))).
+
+    Weight names are the layout's own Hugging Face names: `post_attention_layernorm` is the FFN's input
+    norm in a plain block (Llama's name) and the attention's output norm in a sandwich block, whose FFN
+    input norm is `pre_feedforward_layernorm` (Gemma's names)."""
 
     kind: ClassVar[str] = "DecoderBlock"
     attn: Attention
     ffn: DenseFFN | MoE
     input_norm: Norm
     post_norm: Norm
+    """The FFN's input norm."""
     origin: Origin
+    attn_out_norm: Norm | None = None
+    ffn_out_norm: Norm | None = None
     identity: bool | None = None
     """Set by the function-preservation pass: True when the block provably adds exactly 0 at init."""
     vision: VisionExpert | None = None
@@ -370,9 +380,24 @@ class DecoderBlock(Op):
         ("ffn", "mlp."),
         ("vision", "vision_expert."),
     )
+    _SANDWICH_PARTS: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("input_norm", "input_layernorm."),
+        ("attn", "self_attn."),
+        ("attn_out_norm", "post_attention_layernorm."),
+        ("post_norm", "pre_feedforward_layernorm."),
+        ("ffn", "mlp."),
+        ("ffn_out_norm", "post_feedforward_layernorm."),
+        ("vision", "vision_expert."),
+    )
+
+    @property
+    def sandwich(self) -> bool:
+        """Both sublayers' outputs are normalised (Gemma 2 and 3)."""
+        return self.attn_out_norm is not None
 
     def _parts(self):
-        return [(part, prefix) for part, prefix in self._PARTS if getattr(self, part) is not None]
+        parts = self._SANDWICH_PARTS if self.sandwich else self._PARTS
+        return [(part, prefix) for part, prefix in parts if getattr(self, part) is not None]
 
     def params(self) -> dict[str, Expr]:
         out: dict[str, Expr] = {}
@@ -391,7 +416,10 @@ class DecoderBlock(Op):
         return self.attn.hidden
 
     def verify_(self, name: str) -> None:
-        widths = {self.attn.hidden, self.ffn.hidden, self.input_norm.dim, self.post_norm.dim}
+        if (self.attn_out_norm is None) != (self.ffn_out_norm is None):
+            raise IRError(f"node {name}: a sandwich block needs both output norms (attention and FFN)")
+        widths = {self.attn.hidden, self.ffn.hidden, self.input_norm.dim, self.post_norm.dim} | {
+            n.dim for n in (self.attn_out_norm, self.ffn_out_norm) if n is not None}
         if len(widths) != 1:
             raise IRError(f"node {name}: parts disagree on the hidden width ({sorted(widths)})")
         self.attn.verify_(name)

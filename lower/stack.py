@@ -12,7 +12,8 @@ from compose.lower.common import rebuild, unused
 from compose.lower.limits import check_layers
 
 _MUST_MATCH = ("family", "hidden", "intermediate", "heads", "kv_heads", "head_dim", "vocab", "qkv_bias", "o_bias",
-               "mlp_bias", "rope")
+               "mlp_bias", "rope", "local_rope",
+               "query_scale", "attn_softcap", "final_softcap")
 
 
 def take_layers(g: Graph, start: int, stop: int, path: str) -> Graph:

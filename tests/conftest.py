@@ -11,10 +11,11 @@ VOCAB = 512
 
 
 def hf_config(family: str, layers: int = 8, hidden: int = 64, tie: bool = False, **kw):
-    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+    from transformers import (Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config,
+                              Qwen3Config)
 
     cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
-           "phi3": Phi3Config}[family]
+           "phi3": Phi3Config, "gemma2": Gemma2Config, "gemma3": Gemma3TextConfig}[family]
     args = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tie)
     if family == "mistral":
@@ -23,6 +24,17 @@ def hf_config(family: str, layers: int = 8, hidden: int = 64, tie: bool = False,
         args["head_dim"] = 2 * hidden // 4  # Qwen3's head_dim is its own field, not hidden / heads
     if family == "phi3":
         args.update(pad_token_id=0, sliding_window=16)  # Phi3Config's default pad id is past VOCAB
+    if family in ("gemma2", "gemma3"):
+        # A head_dim and a query_pre_attn_scalar of their own, caps low enough to bend these small logits and
+        # scores, a window of 16 that sequences of 40 cross, sliding and global layers.
+        args.update(head_dim=32, query_pre_attn_scalar=24, sliding_window=16, final_logit_softcapping=2.0,
+                    layer_types=["sliding_attention" if i % 3 != 2 else "full_attention"
+                                 for i in range(kw.get("num_hidden_layers", layers))])
+    if family == "gemma2":
+        args["attn_logit_softcapping"] = 0.05
+    if family == "gemma3":  # Gemma 3's two ropes: a scaled global one, a local one with its own theta
+        args["rope_parameters"] = {"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                                   "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
     return cls(**{**args, **kw})
 
 

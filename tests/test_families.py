@@ -34,6 +34,17 @@ CASES = {
     "qwen3": ("Qwen3Config", dict(head_dim=32, tie_word_embeddings=True, use_sliding_window=True, sliding_window=12,
                                   max_window_layers=1)),
     "phi3": ("Phi3Config", dict(sliding_window=12, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # Gemma: 1 + w norms, sandwich norms, soft-caps, sliding and global layers, tied head; Gemma 3 adds q/k
+    # norms and a local rope. query_pre_attn_scalar differs from head_dim so a scale mistake shows.
+    "gemma2": ("Gemma2Config", dict(head_dim=32, query_pre_attn_scalar=24, sliding_window=12, tie_word_embeddings=True,
+                                    layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+    "gemma3_text": ("Gemma3TextConfig", dict(head_dim=32, query_pre_attn_scalar=24, sliding_window=12,
+                                             final_logit_softcapping=20.0, tie_word_embeddings=True,
+                                             layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                                             rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                                                 "rope_theta": 1e6},
+                                                              "sliding_attention": {"rope_type": "default",
+                                                                                    "rope_theta": 1e4}})),
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
                                       rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
     "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
@@ -112,7 +123,7 @@ def test_tiny_recipe_is_the_transformers_layout(family, tmp_path):
 
     src = open_source(f"tiny:{family}?layers=2")
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**dict(src.config)))
-    assert type(model).__name__ == families.get(family).architecture
+    assert type(model).__name__ == families.get(families.TINY[family]).architecture
     model.save_pretrained(tmp_path)
     want = {n: tuple(t.shape) for n, t in read_tensors(tmp_path).items()}
     assert {k: src.meta(k)[0] for k in src.keys()} == want
@@ -163,7 +174,8 @@ def test_no_transformers_class_or_model_type_outside_families():
 
     names = set()
     for t in families.SOURCES:
-        module = importlib.import_module(f"transformers.models.{t}")
+        arch = families.get(t).architecture  # its package (gemma3_text's classes live in models.gemma3)
+        module = importlib.import_module(getattr(transformers, arch).__module__.rpartition(".")[0])
         names |= {n for n in getattr(module, "__all__", dir(module)) if n[0].isupper()}
         names.add(families.get(t).architecture)
     assert {"LlamaForCausalLM", "Qwen2MoeConfig", "MixtralModel"} <= names

@@ -392,7 +392,7 @@ def test_tiny_options_out_of_range_are_named(ref, reason):
 
 def test_every_family_tiny_option_has_bounds():
     for t in families.TINY:
-        assert set(TINY_DEFAULTS) | set(families.get(t).tiny_options) <= set(TINY_BOUNDS), t
+        assert set(TINY_DEFAULTS) | set(families.get(families.TINY[t]).tiny_options) <= set(TINY_BOUNDS), t
 
 
 # -- as a user hits it: the CLI ----------------------------------------------------------------------------
