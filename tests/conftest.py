@@ -115,8 +115,8 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def hf_models(tmp_path_factory):
-    """Source folders, one per family; qwen2 and qwen3 tie their embeddings, llama is sharded into several
-    files."""
+    """Source folders, one per family; qwen2, qwen3 and the Gemmas tie their embeddings, llama is sharded
+    into several files."""
     root = tmp_path_factory.mktemp("sources")
     return {
         "llama": save_hf_model(root / "llama", "llama", seed=1, shard="100KB"),
@@ -124,4 +124,6 @@ def hf_models(tmp_path_factory):
         "qwen2": save_hf_model(root / "qwen2", "qwen2", seed=3, tie=True),
         "qwen3": save_hf_model(root / "qwen3", "qwen3", seed=4, tie=True),
         "phi3": save_hf_model(root / "phi3", "phi3", seed=5),
+        "gemma2": save_hf_model(root / "gemma2", "gemma2", seed=6, tie=True),
+        "gemma3": save_hf_model(root / "gemma3", "gemma3", seed=7, tie=True),
     }

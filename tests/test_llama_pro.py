@@ -11,7 +11,7 @@ from compose import build, expand_blocks, load
 from conftest import load_hf, logits, manifest, read_tensors, token_ids
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"])
 def test_expansion_is_bit_identical_in_transformers(tmp_path, hf_models, family):
     src = hf_models[family]
     out = build(expand_blocks(load(str(src)), groups=4, per_group=1), tmp_path / "out", progress=False)
@@ -19,11 +19,15 @@ def test_expansion_is_bit_identical_in_transformers(tmp_path, hf_models, family)
     base, expanded = load_hf(src), load_hf(out)
     assert type(expanded) is type(base)
     assert expanded.config.num_hidden_layers == 12
-    ids = token_ids(seq=40)  # longer than mistral's sliding window of 16
+    ids = token_ids(seq=40)  # longer than the sliding windows of 16
+    # Gemma normalises each sublayer's output too: the zero output of an identity block normalises to 0.
     assert torch.equal(logits(base, ids), logits(expanded, ids))
+    if getattr(base.config, "layer_types", None):  # each copy slides (or not) as the layer it copies
+        t = base.config.layer_types
+        assert expanded.config.layer_types == [x for i in range(0, 8, 2) for x in (t[i], t[i + 1], t[i + 1])]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma3"])
 def test_new_blocks_placement_weights_and_trainable_names(tmp_path, hf_models, family):
     src = hf_models[family]
     out = build(expand_blocks(load(str(src)), groups=4, per_group=1), tmp_path / "out", progress=False)

@@ -145,11 +145,12 @@ def _absolute(config: dict, root: Path) -> dict:
 
 MAIN = ["ties", "slerp", "task_arithmetic", "dare_linear_density_1"]
 """The main methods, for the other families: Mistral's window, Qwen2's q/k/v biases, Qwen3's q/k norms and
-own head_dim, Phi-3's fused q/k/v and gate/up (each merged as one tensor, as mergekit does)."""
+own head_dim, Phi-3's fused q/k/v and gate/up (each merged as one tensor, as mergekit does), Gemma's four
+norms per block (Gemma 3's q/k norms too)."""
 
 
 @pytest.mark.parametrize("family,name", [("llama", n) for n in sorted(CONFIGS)]
-                         + [(f, n) for f in ("mistral", "qwen2", "qwen3", "phi3") for n in MAIN])
+                         + [(f, n) for f in ("mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3") for n in MAIN])
 def test_same_tensors_as_mergekit(zoos, tmp_path, family, name):
     config = _absolute(CONFIGS[name], zoos(family))
     run_mergekit(config, tmp_path / "mergekit")

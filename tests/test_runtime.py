@@ -19,7 +19,12 @@ def builds(tmp_path_factory):
     qwen3 = save_hf_model(root / "qwen3", "qwen3", seed=7, layers=3)
     phi3 = save_hf_model(root / "phi3", "phi3", seed=8, layers=3)  # window 16, fused projections
     qwen2 = save_hf_model(root / "qwen2", "qwen2", seed=9, layers=3, tie=True)  # q/k/v biases
+    # Gemma: window 16, sliding and global layers, soft-caps; Gemma 3 with a rope of each kind.
+    gemma2 = save_hf_model(root / "gemma2", "gemma2", seed=10, layers=3, tie=True)
+    gemma3 = save_hf_model(root / "gemma3", "gemma3", seed=11, layers=3, tie=True)
     out = {
+        "gemma2": build(load(str(gemma2)), root / "o_gemma2", formats=["hf", "torch"], progress=False),
+        "gemma3": build(load(str(gemma3)), root / "o_gemma3", formats=["hf", "torch"], progress=False),
         "llama": build(load(str(llama)), root / "o_llama", formats=["hf", "torch"], progress=False),
         "mistral": build(load(str(mistral)), root / "o_mistral", formats=["hf", "torch"], progress=False),
         "qwen3": build(load(str(qwen3)), root / "o_qwen3", formats=["hf", "torch"], progress=False),
@@ -34,7 +39,7 @@ def builds(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "mixtral"])
 def test_static_cache_greedy_equals_transformers_generate(builds, name):
     module, model = runtime.load(builds[name])
     ids = token_ids(batch=2, seq=7, seed=3)

@@ -29,7 +29,7 @@ def test_depth_upscale_8_layers_drop_2(tmp_path, hf_models):
     assert [l["source_layer"] for l in manifest(out)["layers"]] == order
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "phi3"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"])
 def test_upscaled_logits_equal_transformers_with_its_layers_restacked(tmp_path, hf_models, family):
     """Reference: transformers' own model with its decoder layers re-stacked in SOLAR's order."""
     src = hf_models[family]
@@ -43,7 +43,9 @@ def test_upscaled_logits_equal_transformers_with_its_layers_restacked(tmp_path, 
     if getattr(ref.config, "layer_types", None):  # each layer keeps its own kind of attention
         ref.config.layer_types = [ref.config.layer_types[i] for i in order]
     ids = token_ids(seq=24)
-    assert torch.equal(logits(ref, ids), logits(load_hf(out), ids))
+    built = load_hf(out)
+    assert getattr(built.config, "layer_types", None) == getattr(ref.config, "layer_types", None)
+    assert torch.equal(logits(ref, ids), logits(built, ids))
 
 
 def test_stack_of_two_models_reads_only_the_layers_it_uses(tmp_path):
