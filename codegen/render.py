@@ -265,7 +265,7 @@ def _render_files(graph: Graph) -> dict[str, str]:
         anchor_family=graph.config.family, anchor_layers=len(anchor.blocks()), anchor_width=graph.config.hidden,
         augment_family=side_cfg.family, augment_layers=len(side), augment_width=h,
         pairs=tuple(graph.state.calm.pairs), heads=cross[0].heads, dtype=graph.config.dtype,
-        tied=graph.head.tied)
+        tied=graph.head.tied, final_softcap=graph.config.final_softcap is not None)
     wrapper = _template("hf_wrapper.py.j2").render(forward="calm_forward", generate="calm_generate",
                                                    extra_args=repr(("augment_ids",)))
     return {"modeling_compose_anchor.py": render_modeling(anchor),
@@ -279,11 +279,14 @@ def _render_cogvlm(graph: Graph) -> dict[str, str]:
                              [dataclasses.replace(b, vision=None) for _, b in graph.blocks()], graph.final_norm,
                              graph.head)
     c = graph.config
+    block = _shared_block_attrs(graph)
     glue = _template("cogvlm.py.j2").render(family=c.family, n_layer=len(graph.blocks()), n_embd=c.hidden,
                                             vision_width=graph.adapter.vision_width, dtype=c.dtype,
                                             tied=graph.head.tied, n_rep=c.heads // c.kv_heads,
                                             mixed_layers=_window_attrs(graph)["mixed_layers"],
-                                            qk_norm=_shared_block_attrs(graph)["qk_norm"])
+                                            qk_norm=block["qk_norm"], sandwich=block["sandwich"],
+                                            local_rope=_rope_attrs(graph)["local_rope_theta"] is not None,
+                                            final_softcap=c.final_softcap is not None)
     wrapper = _template("hf_wrapper.py.j2").render(forward="cogvlm_forward", generate="cogvlm_generate",
                                                    extra_args=repr(("token_type_ids", "images")))
     return {"modeling_compose_language.py": render_modeling(language), "modeling_compose.py": glue,

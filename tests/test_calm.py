@@ -186,10 +186,10 @@ def test_dot_draws_both_chains_and_the_cross_edges(tmp_path):
     assert '"augment.embed" -> "augment.layers.0";' in dot
 
 
-@pytest.mark.parametrize("family", ["qwen3", "phi3"])
+@pytest.mark.parametrize("family", ["qwen3", "phi3", "gemma2", "gemma3"])
 def test_an_anchor_of_another_family_augmented_by_a_llama_is_the_anchor_at_init(tmp_path, hf_models, family):
-    """Families mix where the math allows: Qwen3's q/k-normed attention, or Phi-3's fused projections,
-    read a Llama's hidden states."""
+    """Families mix where the math allows: Qwen3's q/k-normed attention, Phi-3's fused projections, or
+    Gemma's soft-capped, sandwich-normed layers read a Llama's hidden states."""
     anchor = hf_models[family]
     out = build(calm(anchor=load(str(anchor)), augment=load(str(hf_models["llama"])), every=4), tmp_path / "out",
                 progress=False)
@@ -197,3 +197,19 @@ def test_an_anchor_of_another_family_augmented_by_a_llama_is_the_anchor_at_init(
     with torch.no_grad():
         got = _module(out)(ids)
     torch.testing.assert_close(got, logits(load_hf(anchor), ids), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_a_gemma_augmenting_model_gives_transformers_hidden_states(tmp_path, hf_models, family):
+    """What the cross-attention reads from a Gemma augmenting model (its scaled embedding, 1 + w norms,
+    soft-capped sliding and global layers) is each layer's output as transformers computes it."""
+    src = hf_models[family]
+    out = build(calm(anchor=load(str(hf_models["llama"])), augment=load(str(src)), every=1), tmp_path / "out",
+                progress=False)
+    ids = token_ids(seq=30)  # past the window of 16
+    with torch.no_grad():
+        got = _module(out).augment(ids)
+        want = load_hf(src)(ids, output_hidden_states=True).hidden_states[1:]
+    assert len(got) == 8
+    for i, (g, w) in enumerate(zip(got, want[:-1])):  # the last one transformers gives is after the final norm
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-5, msg=lambda m: f"layer {i}: {m}")
