@@ -52,8 +52,8 @@ def _longrope(cfg: ArchConfig, dim: int) -> dict:
         attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
     for name in ("short_factor", "long_factor"):
         if len(getattr(r, name)) != dim // 2:
-            raise BuildError(f"rope_parameters.{name} has {len(getattr(r, name))} values; head_dim {dim} needs "
-                             f"{dim // 2}")
+            raise BuildError(f"rope_parameters.{name} has {len(getattr(r, name))} values; {dim} rotating "
+                             f"dimensions need {dim // 2}")
     return {"rope_attention_factor": attention_factor, "rope_original": original,
             "rope_short_factor": r.short_factor, "rope_long_factor": r.long_factor}
 
@@ -61,13 +61,14 @@ def _longrope(cfg: ArchConfig, dim: int) -> dict:
 def rope_attrs(cfg: ArchConfig) -> dict:
     """The template variables of cfg's rope: its type and the literals that type needs."""
     r = cfg.rope
-    if r.partial_rotary_factor not in (None, 1.0):
-        raise BuildError(f"the torch backend rotates whole heads; partial_rotary_factor {r.partial_rotary_factor} "
-                         "is not supported yet")
-    dim = cfg.head_dim
-    if dim % 2:
-        raise BuildError(f"rotary positions need an even head_dim, got {dim}")
-    out = {"rope_type": r.type, "rope_theta": r.theta, "rope_attention_factor": 1.0}
+    partial = r.partial_rotary_factor not in (None, 1.0)
+    # transformers rotates the first int(head_dim * factor) dimensions and computes the frequencies over them.
+    dim = int(cfg.head_dim * r.partial_rotary_factor) if partial else cfg.head_dim
+    if dim % 2 or not 0 < dim <= cfg.head_dim:
+        raise BuildError(f"rotary positions need an even number of rotating dimensions, got {dim} (head_dim "
+                         f"{cfg.head_dim}, partial_rotary_factor {r.partial_rotary_factor})")
+    out = {"rope_type": r.type, "rope_theta": r.theta, "rope_attention_factor": 1.0,
+           "rotary_dim": dim if partial else None}
     if r.type in ("linear", "dynamic"):
         out["rope_factor"] = r.factor
         out["rope_max_positions"] = cfg.max_positions

@@ -1,6 +1,7 @@
-"""Phi-3 and Phi-3.5 (dense): Mistral's block with fused projections. `self_attn.qkv_proj` holds q, k and
-v stacked by rows, and `mlp.gate_up_proj` holds gate then up. There are no biases, one model-wide
-`sliding_window`, and `longrope` (short and long factors) in the long-context models.
+"""Phi-3, Phi-3.5 and Phi-4-mini (dense): Mistral's block with fused projections. `self_attn.qkv_proj` holds
+q, k and v stacked by rows, and `mlp.gate_up_proj` holds gate then up. There are no biases and one
+model-wide `sliding_window`. The long-context models have `longrope` (short and long factors), and
+Phi-4-mini rotates only 3/4 of each head (`partial_rotary_factor`).
 
 The IR keeps the fused matrices fused (`Attention.fused`, `DenseFFN.fused`). A merge then sees each as one
 tensor, as mergekit does: slerp's norms and TIES/DARE's magnitude ranks are over the whole matrix, and
@@ -32,7 +33,14 @@ class Phi3(Family):
         return refuse_unless_one_window(g, self.architecture)
 
     def own_config(self, g: Graph) -> dict:
-        return {"sliding_window": g.blocks()[0][1].attn.window}
+        # Phi3Config reads these two at the top level (its defaults, 4096 and 1.0, would win over
+        # rope_parameters'): longrope switches factors past the original context, Phi-4-mini rotates 3/4.
+        rope = g.config.rope
+        out = {"sliding_window": g.blocks()[0][1].attn.window,
+               "partial_rotary_factor": 1.0 if rope.partial_rotary_factor is None else rope.partial_rotary_factor}
+        if rope.original_max_positions is not None:
+            out["original_max_position_embeddings"] = rope.original_max_positions
+        return out
 
     def tiny_config(self, o):
         # Phi3Config's default pad id (32000) lies past a tiny vocabulary: the last id pads.

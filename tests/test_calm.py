@@ -186,9 +186,10 @@ def test_dot_draws_both_chains_and_the_cross_edges(tmp_path):
     assert '"augment.embed" -> "augment.layers.0";' in dot
 
 
-@pytest.mark.parametrize("family", ["qwen3", "phi3", "gemma2", "gemma3"])
+@pytest.mark.parametrize("family", ["mistral", "qwen3", "phi3", "gemma2", "gemma3"])
 def test_an_anchor_of_another_family_augmented_by_a_llama_is_the_anchor_at_init(tmp_path, hf_models, family):
-    """Families mix where the math allows: Qwen3's q/k-normed attention, Phi-3's fused projections, or
+    """Families mix where the math allows: Mistral's sliding window, Qwen3's q/k-normed attention, Phi-3's
+    fused projections, or
     Gemma's soft-capped, sandwich-normed layers read a Llama's hidden states."""
     anchor = hf_models[family]
     out = build(calm(anchor=load(str(anchor)), augment=load(str(hf_models["llama"])), every=4), tmp_path / "out",

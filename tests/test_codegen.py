@@ -226,10 +226,56 @@ def test_no_repeat_when_every_head_has_its_own_kv(tmp_path):
 
 # -- errors ----------------------------------------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def phi4_mini(tmp_path_factory):
+    """Phi-4-mini's attention at tiny size: 3/4 of each head rotates, longrope's short and long factors
+    (one per rotating pair) switch past original_max_position_embeddings=32, a tied head."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    factors = [1.0 + 0.3 * i for i in range(6)]  # head_dim 16: 12 rotating dimensions, 6 pairs
+    cfg = Phi3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=256, original_max_position_embeddings=32,
+                     partial_rotary_factor=0.75, tie_word_embeddings=True, pad_token_id=0, eos_token_id=2,
+                     rope_scaling={"rope_type": "longrope", "short_factor": factors,
+                                   "long_factor": [4 * f for f in factors]})
+    torch.manual_seed(3)
+    folder = tmp_path_factory.mktemp("phi4_mini") / "src"
+    Phi3ForCausalLM(cfg).save_pretrained(folder)
+    out = build(load(str(folder)), folder.parent / "out", formats=("hf", "torch"), progress=False)
+    return folder, out
+
+
+@pytest.mark.parametrize("seq", [20, 40])  # within the original context, then past it (the long factors)
+def test_partial_rotary_and_longrope_match_transformers(phi4_mini, seq):
+    src, out = phi4_mini
+    ref, built = load_hf(src), load_hf(out)
+    assert built.config.rope_parameters["partial_rotary_factor"] == 0.75
+    ids = token_ids(seq=seq)
+    want = logits(ref, ids)
+    assert torch.equal(logits(built, ids), want)
+    module = import_module(out / "modeling_compose.py")
+    assert module.Config.rotary_dim == 12
+    with torch.no_grad():
+        got = module.ComposeForCausalLM.from_pretrained(out)(ids)
+    assert (got - want).abs().max().item() <= 1e-5
+
+
+def test_partial_rotary_is_exercised(phi4_mini, monkeypatch):
+    """Rotating whole heads instead gives other logits: the test above would catch a dropped factor."""
+    _, out = phi4_mini
+    module = import_module(out / "modeling_compose.py")
+    model = module.ComposeForCausalLM.from_pretrained(out)
+    ids = token_ids(seq=20)
+    with torch.no_grad():
+        want = model(ids)
+        monkeypatch.setattr(module, "apply_rope", lambda x, cos, sin: x)
+        assert (model(ids) - want).abs().max().item() > 1e-3
+
+
 def test_unsupported_rope_is_a_clear_error(generated):
     g = graph_of(generated["llama"][0])
-    rope = dataclasses.replace(g.config.rope, partial_rotary_factor=0.5)
-    with pytest.raises(BuildError, match="partial_rotary_factor 0.5 is not supported yet"):
+    rope = dataclasses.replace(g.config.rope, partial_rotary_factor=0.4375)  # 7 of head_dim 16
+    with pytest.raises(BuildError, match="need an even number of rotating dimensions, got 7"):
         render_modeling(g.with_config(rope=rope))
 
 

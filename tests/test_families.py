@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from compose import build, families, load, moe, visual_expert
+from compose import build, families, layers, load, merge, moe, stack, visual_expert
 from compose.families import in_memory_name
 from compose.sources import open_source
 from conftest import VOCAB, load_hf, read_tensors, token_ids
@@ -102,6 +102,29 @@ def test_round_trip_through_transformers(round_trips, model_type):
         fields.discard("max_window_layers")
     assert {k: got.get(k) for k in fields} == {k: want[k] for k in fields}
     assert set(read_tensors(out)) == set(read_tensors(src))
+    ids = token_ids(batch=2, seq=40)
+    with torch.no_grad():
+        assert torch.equal(b(ids).logits, a(ids).logits)
+
+
+def test_qwen3_moe_sparse_step_keeps_dense_layers_in_between(tmp_path):
+    """decoder_sparse_step=2: only every second layer is MoE (mlp_only_layers adds a dense one). compose
+    writes the same layers as decoder_sparse_step 1 and mlp_only_layers, which transformers reads alike."""
+    import transformers
+
+    name, kwargs = CASES["qwen3_moe"]
+    config = transformers.Qwen3MoeConfig(**{**SMALL, **kwargs, "num_hidden_layers": 5, "decoder_sparse_step": 2,
+                                            "mlp_only_layers": [3]})
+    torch.manual_seed(8)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "src")
+    out = build(load(str(tmp_path / "src")), tmp_path / "out", progress=False)
+    a, b = load_hf(tmp_path / "src"), load_hf(out)
+    moe_layers = [i for i, layer in enumerate(b.model.layers) if hasattr(layer.mlp, "experts")]
+    assert moe_layers == [i for i, layer in enumerate(a.model.layers) if hasattr(layer.mlp, "experts")] == [1]
     ids = token_ids(batch=2, seq=40)
     with torch.no_grad():
         assert torch.equal(b(ids).logits, a(ids).logits)
@@ -228,6 +251,13 @@ def test_imports_run_down_the_pipeline():
      "model.model: compose has no mixture-of-experts class for phi3 models yet"),
     (lambda: visual_expert(load("tiny:phi3?layers=2"), vision_width=8),
      r"model.model: visual experts for fused q/k/v projections \(phi3\) are not supported yet"),
+    (lambda: moe.upcycle(load("tiny:gemma2?layers=2"), num_experts=4),
+     "model.model: compose has no mixture-of-experts class for gemma2 models yet"),
+    # Where the math does not allow mixing families: one error naming both.
+    (lambda: stack(layers(load("tiny:qwen3?layers=2"), 0, 2), layers(load("tiny:gemma3?layers=2"), 0, 2)),
+     r"model.slices\[1\]: family gemma3_text does not match slices\[0\]'s qwen3"),
+    (lambda: merge.linear([load("tiny:gemma2?layers=2"), load("tiny:gemma3?layers=2")], weights=[0.5, 0.5]),
+     "a gemma3_text model cannot merge with .*'s gemma2"),
 ])
 def test_what_a_family_cannot_do_yet_is_refused_by_name(spec, match):
     from compose.errors import SpecError

@@ -32,6 +32,11 @@ def builds(tmp_path_factory):
         "qwen2": build(load(str(qwen2)), root / "o_qwen2", formats=["hf", "torch"], progress=False),
         "mixtral": build(moe.upcycle(load(str(llama)), num_experts=4, top_k=2, noise=0.05), root / "o_mix",
                          formats=["hf", "torch"], progress=False),
+        "qwen2_moe": build(moe.fine_grained(load(str(qwen2)), segments=2, routed=4, shared=1, top_k=2, noise=0.05,
+                                            first_k_dense=1), root / "o_qwen2_moe", formats=["hf", "torch"],
+                           progress=False),
+        "qwen3_moe": build(moe.upcycle(load(str(qwen3)), num_experts=4, top_k=2, noise=0.05), root / "o_qwen3_moe",
+                           formats=["hf", "torch"], progress=False),
         "calm": build(calm(anchor=load("tiny:llama?layers=2"), augment=load("tiny:qwen2?layers=2"), every=1),
                       root / "o_calm", progress=False),
         "cogvlm": build(visual_expert(load("tiny:llama?layers=2"), vision_width=8), root / "o_vlm", progress=False),
@@ -39,7 +44,8 @@ def builds(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "mixtral"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "mixtral",
+                                  "qwen2_moe", "qwen3_moe"])
 def test_static_cache_greedy_equals_transformers_generate(builds, name):
     module, model = runtime.load(builds[name])
     ids = token_ids(batch=2, seq=7, seed=3)

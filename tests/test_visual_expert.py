@@ -13,7 +13,7 @@ from test_errors import assert_clean_failure, write
 WIDTH = 96
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral", "qwen3", "gemma2", "gemma3"])
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"])
 def vlm(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"vlm_{request.param}")
     base = save_hf_model(root / "base", request.param, seed=4, layers=4)
