@@ -118,7 +118,7 @@ class ArchConfig:
         return {k: v for k, v in ids.items() if v is not None}
 
     def describe(self) -> str:
-        rope = "" if self.rope.type == "default" else f" rope={self.rope.describe()}"
+        rope = "" if self.rope.type == "default" and self.local_rope is None else f" rope={self.rope.describe()}"
         if self.local_rope is not None:
             rope += f" local_rope={self.local_rope.describe()}"
         extra = "".join(f" {k}={getattr(self, k)}" for k in ("query_scale", "attn_softcap", "final_softcap")

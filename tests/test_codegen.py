@@ -87,6 +87,23 @@ def test_bfloat16_load_matches_transformers(generated, family):
         torch.testing.assert_close(ours(ids), ref(ids).logits)
 
 
+def test_gemma_embedding_scale_is_rounded_to_the_model_dtype(tmp_path):
+    """Width 72: sqrt(72) is not a bfloat16 number. transformers rounds it to bf16 before the product, so
+    must the generated module, bit for bit."""
+    folder = save_hf_model(tmp_path / "src", "gemma2", layers=1, hidden=72, tie=True)
+    assert torch_backend.write(graph_of(folder), folder) == ["modeling_compose.py"]
+    module = import_module(folder / "modeling_compose.py")
+    ours = module.ComposeForCausalLM.from_pretrained(folder, dtype="bfloat16")
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    ids = token_ids()
+    with torch.no_grad():
+        want = ref.model.embed_tokens(ids)
+        assert torch.equal(module.embed(ours.model.embed_tokens, ids), want)
+        assert not torch.equal(ours.model.embed_tokens(ids) * 72 ** 0.5, want)  # unrounded, it differs
+
+
 def test_parameter_names_are_transformers_names(generated):
     for family in FAMILIES:
         folder, _ = generated[family]

@@ -26,6 +26,7 @@ GOLDEN = Path(__file__).parent / "golden"
     ("calm", []),
     ("cogvlm", []),
     ("qwen3_llama_pro", []),
+    ("gemma3_solar", []),
 ])
 def test_inspect_matches_golden(name, args, capsys):
     assert main(["inspect", str(ROOT / "specs" / f"{name}.py"), *args]) == 0
