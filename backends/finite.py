@@ -29,12 +29,23 @@ class FiniteCheck:
 
     def source(self, e: Load, t):
         if not _finite(t):
-            if not self.allow:
-                raise SourceError(f"{e.source}: tensor {e.key} holds NaN or Inf values (a broken checkpoint?); "
-                                  "pass --allow-nonfinite to build anyway")
-            with self.lock:
-                self.bad_sources.add((e.source, e.key))
+            self.nonfinite_source(e)
         return t
+
+    def nonfinite_source(self, e: Load) -> None:
+        """Source tensor `e` holds NaN or Inf: an error, or (allowed) recorded for the warning."""
+        if not self.allow:
+            raise SourceError(f"{e.source}: tensor {e.key} holds NaN or Inf values (a broken checkpoint?); "
+                              "pass --allow-nonfinite to build anyway")
+        with self.lock:
+            self.bad_sources.add((e.source, e.key))
+
+    def raw(self, e: Load):
+        """The check of a plain copy's bytes, chunk by chunk (see shards.RawCopy)."""
+        def check(chunk) -> None:
+            if not finite_bytes(chunk, e.dtype):
+                self.nonfinite_source(e)
+        return check
 
     def output(self, name: str, expr: Expr, t):
         if _finite(t):
@@ -49,6 +60,22 @@ class FiniteCheck:
         if self.bad_sources:
             names = ", ".join(f"{s}:{k}" for s, k in sorted(self.bad_sources))
             print(f"compose: warning: non-finite source tensors (--allow-nonfinite): {names}", file=sys.stderr)
+
+
+_EXPONENT = {"bfloat16": ("<u2", 0x7F80), "float16": ("<u2", 0x7C00), "float32": ("<u4", 0x7F800000),
+             "float64": ("<u8", 0x7FF0000000000000)}
+"""A float is NaN or Inf exactly when its exponent bits are all ones: checked on the stored bytes."""
+
+
+def finite_bytes(chunk, dtype: str) -> bool:
+    """Whether the little-endian floats of `dtype` in `chunk` (whole elements) are all finite."""
+    import numpy as np
+
+    if dtype not in _EXPONENT:
+        return True
+    code, mask = _EXPONENT[dtype]
+    bits = np.frombuffer(chunk, dtype=code)
+    return not bool(np.any((bits & bits.dtype.type(mask)) == mask))
 
 
 def _culprit(expr: Expr) -> str:

@@ -15,7 +15,8 @@ from compose.ir import Graph, Load
 from compose.ir.evaluate import Evaluator, torch_dtype
 from compose.ir.weights import Expr
 from compose.backends.finite import FiniteCheck
-from compose.backends.shards import Entry, parse_size, plan_shards, prefetch, shard_names, write_index, write_shard
+from compose.backends.shards import (Entry, RawCopy, Releaser, parse_size, plan_shards, prefetch, shard_names,
+                                     write_index, write_shard)
 
 
 def target(g: Graph) -> families.Family:
@@ -79,15 +80,24 @@ def write(g: Graph, out: Path, open_source, *, max_shard_size: str | int = "5GB"
                          device=device)
 
     def produce(e: Entry):
-        return check.output(e.name, named[e.name], evaluate(named[e.name]).to(device="cpu", dtype=tdtype))
+        expr = named[e.name]
+        if isinstance(expr, Load) and expr.dtype == dtype:  # a plain copy: the stored bytes, never decoded
+            span = open_source(expr.source).span(expr.key)
+            if span is not None:
+                return RawCopy(*span, check=check.raw(expr))
+        return check.output(e.name, expr, evaluate(expr).to(device="cpu", dtype=tdtype))
 
     total = sum(e.nbytes for e in entries)
     sha: dict[str, str] = {}
     with tqdm(total=total, unit="B", unit_scale=True, desc="writing weights", disable=not progress,
               leave=False) as bar:
         stream = prefetch(entries, produce, workers, cost=lambda e: costs[e.name], budget=1.25 * max(costs.values()))
-        for fname, shard in zip(files, shards):
-            sha[fname] = write_shard(out / fname, shard, stream, bar.update)
+        release = Releaser()
+        try:
+            for fname, shard in zip(files, shards):
+                sha[fname] = write_shard(out / fname, shard, stream, bar.update, done=release)
+        finally:
+            release.wait()
     if len(files) > 1:
         write_index(out / "model.safetensors.index.json",
                     {e.name: f for f, shard in zip(files, shards) for e in shard}, total)

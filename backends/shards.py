@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
@@ -102,9 +104,11 @@ def prefetch(items: list, produce: Callable, workers: int, cost: Callable = lamb
 
     pool = ThreadPoolExecutor(workers)
     try:
-        futures = [pool.submit(run, i, x) for i, x in enumerate(items)]
-        for f, x in zip(futures, items):
-            result = f.result()
+        # A future holds its result until it is dropped: each one leaves the queue as it is consumed, or
+        # every tensor produced would stay in memory until the end (the whole output, at 3B).
+        futures = deque(pool.submit(run, i, x) for i, x in enumerate(items))
+        for x in items:
+            result = futures.popleft().result()
             yield result
             del result
             with gate:
@@ -118,9 +122,67 @@ def prefetch(items: list, produce: Callable, workers: int, cost: Callable = lamb
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+@dataclass(frozen=True)
+class RawCopy:
+    """A tensor written as the bytes a source file holds (a plain copy: SOLAR's and LLaMA-Pro's layers,
+    passthrough slices), read in chunks and never decoded. `check` sees every chunk first (finiteness)."""
+
+    path: Path
+    offset: int
+    nbytes: int
+    check: Callable[[memoryview], None]
+
+    CHUNK = 64 << 20
+
+    def chunks(self) -> Iterator[memoryview]:
+        from compose.safetensors_header import open_regular
+
+        buf = bytearray(min(self.CHUNK, self.nbytes))
+        with open_regular(self.path) as f:
+            f.seek(self.offset)
+            left = self.nbytes
+            while left:
+                view = memoryview(buf)[:min(len(buf), left)]
+                got = f.readinto(view)
+                if not got:
+                    raise BuildError(f"{self.path}: ends inside a tensor ({left} bytes short); the file changed "
+                                     "or is truncated")
+                view = view[:got]
+                self.check(view)
+                yield view
+                left -= got
+
+
+class Hasher:
+    """sha256 of a file's bytes on a thread of its own: hashlib releases the GIL over large buffers, so the
+    hash of a tensor runs beside its write instead of after it (it was most of the writer's time)."""
+
+    def __init__(self):
+        self.sha = hashlib.sha256()
+        self.pool = ThreadPoolExecutor(1)
+        self.pending = None
+
+    def update(self, data) -> None:
+        """Hash `data` (kept alive by the caller until `wait`), after what came before."""
+        self.wait()
+        self.pending = self.pool.submit(self.sha.update, data)
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None
+
+    def hexdigest(self) -> str:
+        self.wait()
+        self.pool.shutdown()
+        return self.sha.hexdigest()
+
+
 def write_shard(path: Path, entries: list[Entry], tensors: Iterator,
-                on_bytes: Callable[[int], None] = lambda n: None) -> str:
-    """Write one shard, taking its tensors from `tensors` in order; return the file's sha256."""
+                on_bytes: Callable[[int], None] = lambda n: None, done: Callable[[int], None] = os.close) -> str:
+    """Write one shard, taking its tensors (or RawCopy byte ranges) from `tensors` in order; return the
+    file's sha256. `done` gets a file descriptor of the complete file and closes it (a `Releaser` writes it
+    back and drops its pages from the page cache, so a build does not leave its output cached)."""
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for e in entries:
@@ -128,21 +190,63 @@ def write_shard(path: Path, entries: list[Entry], tensors: Iterator,
         offset += e.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    sha = hashlib.sha256()
+    sha = Hasher()
     with open(path, "wb") as f:
         for chunk in (struct.pack("<Q", len(raw)), raw):
             f.write(chunk)
             sha.update(chunk)
         for e in entries:
             t = next(tensors)
+            if isinstance(t, RawCopy):
+                if t.nbytes != e.nbytes:
+                    raise BuildError(f"tensor {e.name}: the source holds {t.nbytes} bytes, planned {e.nbytes}")
+                copy = bytearray(min(RawCopy.CHUNK, t.nbytes))  # the chunk being hashed while the next is read
+                for view in t.chunks():
+                    sha.wait()
+                    copy[:len(view)] = view
+                    f.write(view)
+                    sha.update(memoryview(copy)[:len(view)])
+                    on_bytes(len(view))
+                sha.wait()
+                continue
             data = memoryview(t.contiguous().reshape(-1).view(_uint8()).numpy())  # no copy
             if data.nbytes != e.nbytes:
                 raise BuildError(f"tensor {e.name}: produced {data.nbytes} bytes, planned {e.nbytes}")
-            f.write(data)
             sha.update(data)
+            f.write(data)
             on_bytes(data.nbytes)
+            sha.wait()  # the hash still reads the tensor's memory
             del t, data
+        f.flush()
+        done(os.dup(f.fileno()))
     return sha.hexdigest()
+
+
+class Releaser:
+    """Finished files written back and dropped from the page cache on a thread of their own, so the writer
+    goes on with the next shard meanwhile; `wait` returns once every file is on disk."""
+
+    def __init__(self):
+        self.pool = ThreadPoolExecutor(1)
+        self.futures = []
+
+    def __call__(self, fd: int) -> None:
+        self.futures.append(self.pool.submit(self._release, fd))
+
+    @staticmethod
+    def _release(fd: int) -> None:
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except (AttributeError, OSError):  # no fadvise on this platform or file system: the cache stays
+            pass
+        finally:
+            os.close(fd)
+
+    def wait(self) -> None:
+        for f in self.futures:
+            f.result()
+        self.pool.shutdown()
 
 
 def write_index(path: Path, weight_map: dict[str, str], total: int) -> None:

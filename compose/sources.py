@@ -59,6 +59,11 @@ class Source:
         self.reads[key] += 1
         return self._read(key)
 
+    def span(self, key: str) -> tuple[Path, int, int] | None:
+        """(file, offset, bytes) of the tensor's data as stored, for a plain copy that never decodes it;
+        None when it is not stored as bytes (a tiny model is drawn). Counts as a read."""
+        return None
+
     def _read(self, key: str):
         raise NotImplementedError
 
@@ -136,6 +141,12 @@ class FolderSource(Source):
 
     def _name(self, f: Path) -> str:
         return str(f.relative_to(self.folder))
+
+    def span(self, key: str) -> tuple[Path, int, int] | None:
+        if key not in self._where:
+            raise SourceError(f"{self.ref}: no tensor named {key}")
+        self.reads[key] += 1
+        return self._where[key]
 
     def _read(self, key: str):
         # Each tensor gets its own private mapping of its bytes, dropped with the tensor: no copy and no

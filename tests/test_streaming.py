@@ -1,0 +1,71 @@
+"""Streaming at real size: plain copies are written as the source's bytes (never decoded), every produced
+tensor is freed once written, and a non-finite value is found in copied bytes as in decoded ones."""
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+from compose import build, depth_upscale, expand_blocks, load
+from compose.backends.finite import finite_bytes
+from compose.backends.shards import prefetch
+from compose.sources import FolderSource
+from conftest import read_tensors, save_hf_model
+
+
+def test_plain_copies_are_bytes_never_decoded(tmp_path, monkeypatch):
+    """SOLAR copies every tensor: not one is decoded, and the output holds the source's bytes."""
+    src = save_hf_model(tmp_path / "src", "llama", layers=4)
+    decoded = []
+    real = FolderSource._read
+    monkeypatch.setattr(FolderSource, "_read", lambda self, key: decoded.append(key) or real(self, key))
+    out = build(depth_upscale(load(str(src)), drop=1), tmp_path / "out", progress=False)
+    assert decoded == []
+    got, want = read_tensors(out), read_tensors(src)
+    # Layers [0, 3) then [1, 4): output layer 3 is source layer 1, output layer 5 is source layer 3.
+    assert torch.equal(got["model.layers.3.mlp.up_proj.weight"], want["model.layers.1.mlp.up_proj.weight"])
+    assert torch.equal(got["model.layers.5.self_attn.q_proj.weight"], want["model.layers.3.self_attn.q_proj.weight"])
+
+
+def test_only_computed_tensors_are_decoded(tmp_path, monkeypatch):
+    """LLaMA-Pro: the zeroed projections are computed, every copied tensor is bytes; a cast is decoded."""
+    src = save_hf_model(tmp_path / "src", "llama", layers=2)
+    decoded = []
+    real = FolderSource._read
+    monkeypatch.setattr(FolderSource, "_read", lambda self, key: decoded.append(key) or real(self, key))
+    build(expand_blocks(load(str(src)), groups=1), tmp_path / "pro", progress=False)
+    assert decoded == []  # zeros are made, not read
+    build(expand_blocks(load(str(src), dtype="bfloat16"), groups=1), tmp_path / "bf16", progress=False)
+    assert "model.embed_tokens.weight" in decoded  # float32 on disk, bfloat16 out: converted, so decoded
+    assert read_tensors(tmp_path / "bf16")["model.embed_tokens.weight"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_finite_bytes_reads_each_dtype(dtype):
+    name = str(dtype).removeprefix("torch.")
+    x = torch.tensor([0.0, -1.5, 3.0e4, -2.0**-14, 1.0], dtype=dtype)
+    assert finite_bytes(x.view(torch.uint8).numpy().tobytes(), name)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[2] = bad
+        assert not finite_bytes(y.view(torch.uint8).numpy().tobytes(), name), (name, bad)
+
+
+def test_prefetch_keeps_no_result_once_consumed():
+    """Each produced tensor is freed once the consumer has it and lets it go (a future holding its result
+    kept the whole output in memory)."""
+    refs = []
+
+    def produce(i):
+        t = torch.full((1000,), float(i))
+        refs.append(weakref.ref(t))
+        return t
+
+    for i, t in enumerate(prefetch(list(range(20)), produce, workers=2, cost=lambda i: 1, budget=2)):
+        assert t[0].item() == i
+        del t
+        gc.collect()
+        assert all(r() is None for r in refs[:i]), i  # every one consumed before is gone
+        assert len(refs) <= i + 3  # and at most two are produced ahead (the budget)
