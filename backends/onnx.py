@@ -165,6 +165,20 @@ class _open_nodes:
         return False
 
 
+def check_ready(g, dense_moe: bool = False) -> None:
+    """Everything that can refuse an ONNX export before a build writes its weights: the exporter's and
+    onnxruntime's packages, and --dense-moe on a model with no MoE layers."""
+    import importlib.util
+
+    from compose.families.base import moe_blocks
+
+    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise BuildError(f"--format onnx needs {', '.join(missing)}: pip install 'compose[onnx]'")
+    if dense_moe and not moe_blocks(g):
+        raise BuildError("--dense-moe: the model has no MoE layers")
+
+
 def export(folder: Path, *, check: bool = True, dense_moe: bool = False) -> dict:
     """Export the build in `folder` to ONNX next to its weights; return what compose.json records."""
     folder = Path(folder)

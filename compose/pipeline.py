@@ -151,6 +151,10 @@ def _write(g, spec, tmp: Path, formats, shard_bytes, progress, workers, device, 
         from compose.backends import torch as torch_backend
 
         code = torch_backend.render(g)
+    if "onnx" in formats:
+        from compose.backends import onnx
+
+        onnx.check_ready(g, dense_moe)
     # The hf checkpoint is what every format loads its weights from, so it is always written.
     written = hf.write(g, tmp, open_source, max_shard_size=shard_bytes, progress=progress, workers=workers,
                        device=device, allow_nonfinite=allow_nonfinite)
@@ -159,8 +163,6 @@ def _write(g, spec, tmp: Path, formats, shard_bytes, progress, workers, device, 
         files += torch_backend.write_files(code, tmp)
     onnx_record = None
     if "onnx" in formats:
-        from compose.backends import onnx
-
         onnx_record = onnx.export(tmp, dense_moe=dense_moe)
         files += onnx_record["files"]
     record = manifest(g, version=__version__, spec=spec.model_dump(mode="json"), formats=formats,

@@ -105,3 +105,19 @@ def test_cli_export_and_verify(tmp_path):
     assert main(["export", str(out), "--format", "onnx"]) == 0
     assert json.loads((out / "compose.json").read_text())["onnx"]["files"] == ["model.onnx", "model_with_past.onnx"]
     assert main(["verify", str(out)]) == 0
+
+
+def test_onnx_refusals_come_before_any_weight_is_written(tmp_path, monkeypatch):
+    """At 3B, a refusal after the weights cost minutes and gigabytes: each one is made before hf.write."""
+    import importlib.util
+
+    from compose.backends import hf
+
+    monkeypatch.setattr(hf, "write", lambda *a, **k: pytest.fail("weights were written before the refusal"))
+    with pytest.raises(BuildError, match="--dense-moe: the model has no MoE layers"):
+        build(load(TINY), tmp_path / "a", formats=["hf", "onnx"], progress=False, dense_moe=True)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
+    with pytest.raises(BuildError, match=r"--format onnx needs onnxscript: pip install 'compose\[onnx\]'"):
+        build(load(TINY), tmp_path / "b", formats=["hf", "onnx"], progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
