@@ -292,7 +292,7 @@ class TinySource(Source):
 
 TINY_BOUNDS = {"seed": (0, 2**63 - 1), "layers": (1, 1024), "hidden": (1, 65536), "intermediate": (1, 1 << 18),
                "heads": (1, 1024), "kv_heads": (1, 1024), "vocab": (1, 1 << 21), "tie": (0, 1), "window": (0, 1 << 20),
-               "experts": (2, 1024)}
+               "experts": (2, 1024), "pattern": (1, 1024)}
 """The range (least, most; None: no most) of every `tiny:` option, the families' own included."""
 TINY_MAX_PARAMS = 20_000_000_000
 """A tiny model is drawn in float32 in memory: past this many parameters it is a typo, refused at once."""

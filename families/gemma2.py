@@ -42,8 +42,9 @@ class Gemma2(Family):
     keys = ("attention_bias", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
             "sliding_window", "layer_types", "sliding_window_pattern", "use_bidirectional_attention", "hidden_act",
             "cache_implementation")
-    # Gemma 2 ties its embeddings; the tiny one slides over 16 tokens in every other layer.
-    tiny_options = {"tie": 1, "window": 16}
+    # Gemma 2 ties its embeddings; the tiny one slides over 16 tokens in every other layer (`pattern`: every
+    # pattern-th layer is global).
+    tiny_options = {"tie": 1, "window": 16, "pattern": 2}
     sliding_pattern = 2
     """Without layer_types, every sliding_pattern-th layer is global and the others slide."""
     default_softcaps = (50.0, 30.0)
@@ -97,7 +98,7 @@ class Gemma2(Family):
         return {**base, "hidden_activation": "gelu_pytorch_tanh", "attention_bias": False,
                 "query_pre_attn_scalar": hd, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
                 "sliding_window": o["window"] or 4096, "pad_token_id": 0,
-                "layer_types": ["sliding_attention" if (i + 1) % self.sliding_pattern and o["window"]
+                "layer_types": ["sliding_attention" if (i + 1) % o["pattern"] and o["window"]
                                 else "full_attention" for i in range(o["layers"])]}
 
 

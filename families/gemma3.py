@@ -29,7 +29,7 @@ class Gemma3(Gemma2):
     default_theta = 1_000_000.0
     keys = Gemma2.keys + ("rope_local_base_freq",)
     tiny_name = "gemma3"
-    tiny_options = {"tie": 1, "window": 16}
+    tiny_options = {"tie": 1, "window": 16, "pattern": 6}
     sliding_pattern = 6
     default_softcaps = (None, None)
 

@@ -21,10 +21,10 @@ SPECS = {
     "qwen3": lambda: expand_blocks(load("tiny:qwen3?layers=2"), groups=1),  # q/k norms, head_dim of its own
     "qwen3_moe": lambda: moe.upcycle(load("tiny:qwen3?layers=2"), num_experts=4, top_k=2, noise=0.02),
     "phi3": lambda: expand_blocks(load("tiny:phi3?layers=2"), groups=1),  # fused q/k/v and gate/up
-    # Gemma's norms, soft-caps and scaled embedding, over sequences longer than the window of 4; Gemma 3's
-    # sixth layer is global, with a rope of its own.
-    "gemma2": lambda: expand_blocks(load("tiny:gemma2?layers=2&window=4"), groups=1),
-    "gemma3": lambda: load("tiny:gemma3?layers=6&window=4"),
+    # Gemma's norms, soft-caps and scaled embedding, over sequences longer than the window of 4; in both, the
+    # second layer is global (Gemma 3's with a rope of its own).
+    "gemma2": lambda: load("tiny:gemma2?layers=2&window=4"),
+    "gemma3": lambda: load("tiny:gemma3?layers=2&window=4&pattern=2"),
     "merged_mistral": lambda: merge.linear([load("tiny:mistral?layers=2&window=4"),
                                             load("tiny:mistral?layers=2&window=4&seed=1")], weights=[0.5, 0.5]),
     "mixtral": lambda: moe.upcycle(load(TINY), num_experts=4, top_k=2, noise=0.02),
