@@ -134,14 +134,18 @@ class RawCopy:
 
     CHUNK = 64 << 20
 
-    def chunks(self) -> Iterator[memoryview]:
+    def chunks(self, buffers: list[bytearray]) -> Iterator[memoryview]:
+        """The bytes, checked, read in turn into each of `buffers` (CHUNK bytes each): a chunk stays valid
+        until len(buffers) more have been read."""
         from compose.safetensors_header import open_regular
 
-        buf = bytearray(min(self.CHUNK, self.nbytes))
         with open_regular(self.path) as f:
             f.seek(self.offset)
             left = self.nbytes
+            n = 0
             while left:
+                buf = buffers[n % len(buffers)]
+                n += 1
                 view = memoryview(buf)[:min(len(buf), left)]
                 got = f.readinto(view)
                 if not got:
@@ -191,6 +195,7 @@ def write_shard(path: Path, entries: list[Entry], tensors: Iterator,
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     sha = Hasher()
+    buffers = None
     with open(path, "wb") as f:
         for chunk in (struct.pack("<Q", len(raw)), raw):
             f.write(chunk)
@@ -200,12 +205,11 @@ def write_shard(path: Path, entries: list[Entry], tensors: Iterator,
             if isinstance(t, RawCopy):
                 if t.nbytes != e.nbytes:
                     raise BuildError(f"tensor {e.name}: the source holds {t.nbytes} bytes, planned {e.nbytes}")
-                copy = bytearray(min(RawCopy.CHUNK, t.nbytes))  # the chunk being hashed while the next is read
-                for view in t.chunks():
-                    sha.wait()
-                    copy[:len(view)] = view
+                if buffers is None:  # two, made once per shard: one is hashed while the other is read
+                    buffers = [bytearray(RawCopy.CHUNK), bytearray(RawCopy.CHUNK)]
+                for view in t.chunks(buffers):
+                    sha.update(view)  # waits for the previous chunk's hash first: its buffer is read next
                     f.write(view)
-                    sha.update(memoryview(copy)[:len(view)])
                     on_bytes(len(view))
                 sha.wait()
                 continue
