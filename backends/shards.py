@@ -16,7 +16,7 @@ from pathlib import Path
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from compose.errors import BuildError
 
@@ -128,6 +128,8 @@ class RawCopy:
     passthrough slices), read in chunks and never decoded. `check` sees every chunk first (finiteness)."""
 
     path: Path
+    open: Callable[[], BinaryIO]
+    """Opens `path` for reading (the source's own opener: regular files only)."""
     offset: int
     nbytes: int
     check: Callable[[memoryview], None]
@@ -137,9 +139,7 @@ class RawCopy:
     def chunks(self, buffers: list[bytearray]) -> Iterator[memoryview]:
         """The bytes, checked, read in turn into each of `buffers` (CHUNK bytes each): a chunk stays valid
         until len(buffers) more have been read."""
-        from compose.safetensors_header import open_regular
-
-        with open_regular(self.path) as f:
+        with self.open() as f:
             f.seek(self.offset)
             left = self.nbytes
             n = 0

@@ -13,6 +13,7 @@ import os
 import re
 from collections import Counter
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO, Callable
 from urllib.parse import parse_qsl
 
 from compose import families
@@ -59,9 +60,10 @@ class Source:
         self.reads[key] += 1
         return self._read(key)
 
-    def span(self, key: str) -> tuple[Path, int, int] | None:
-        """(file, offset, bytes) of the tensor's data as stored, for a plain copy that never decodes it;
-        None when it is not stored as bytes (a tiny model is drawn). Counts as a read."""
+    def span(self, key: str) -> tuple[Path, Callable[[], BinaryIO], int, int] | None:
+        """(file, a function that opens it, offset, bytes) of the tensor's data as stored, for a plain copy
+        that never decodes it; None when it is not stored as bytes (a tiny model is drawn). Counts as a
+        read."""
         return None
 
     def _read(self, key: str):
@@ -142,11 +144,12 @@ class FolderSource(Source):
     def _name(self, f: Path) -> str:
         return str(f.relative_to(self.folder))
 
-    def span(self, key: str) -> tuple[Path, int, int] | None:
+    def span(self, key: str) -> tuple[Path, Callable[[], BinaryIO], int, int] | None:
         if key not in self._where:
             raise SourceError(f"{self.ref}: no tensor named {key}")
         self.reads[key] += 1
-        return self._where[key]
+        f, offset, nbytes = self._where[key]
+        return f, lambda: open_regular(f), offset, nbytes
 
     def _read(self, key: str):
         # Each tensor gets its own private mapping of its bytes, dropped with the tensor: no copy and no
