@@ -12,6 +12,7 @@ import sys
 import threading
 
 from compose.errors import BuildError, SourceError
+from compose.ir.evaluate import TORCH_DTYPES
 from compose.ir.weights import Expr, Load, Merge, Rows
 
 
@@ -67,7 +68,7 @@ def finite_bytes(chunk, dtype: str) -> bool:
     isfinite over the bytes as they are (no copy; multithreaded, and the GIL is released)."""
     import torch
 
-    if dtype not in ("float32", "bfloat16", "float16", "float64") or not len(chunk):
+    if dtype not in TORCH_DTYPES or not len(chunk):
         return True
     return bool(torch.isfinite(torch.frombuffer(chunk, dtype=getattr(torch, dtype))).all())
 

@@ -420,19 +420,31 @@ def layer_types_config(g: Graph) -> dict:
             "layer_types": ["full_attention" if w is None else "sliding_attention" for w in windows]}
 
 
+LAYER_TYPES = ("full_attention", "sliding_attention")
+"""config.json's per-layer attention kinds (`layer_types`), as transformers names them."""
+
+
+def layer_types(c: dict, where: str) -> list[str] | None:
+    """config.json's layer_types, checked to name one of LAYER_TYPES per layer; None when it is absent."""
+    types = c.get("layer_types")
+    if types is None:
+        return None
+    n = int_field(c, "num_hidden_layers", where)
+    if not isinstance(types, list) or len(types) != n or not set(types) <= set(LAYER_TYPES):
+        raise SourceError(f"{where}: config.json layer_types must list full_attention or sliding_attention for each "
+                          f"of the {n} layers")
+    return types
+
+
 def qwen2_window(c: dict, i: int, where: str) -> int | None:
     """Layer i's window under Qwen2's rules: sliding when use_sliding_window is on and the layer is a
     `sliding_attention` one (layer_types, else layers from max_window_layers on)."""
     if not c.get("use_sliding_window"):
         return None
     size = int_field(c, "sliding_window", where)
-    types = c.get("layer_types")
+    types = layer_types(c, where)
     if types is None:
         return size if i >= int_field(c, "max_window_layers", where, default=28, minimum=0) else None
-    n = int_field(c, "num_hidden_layers", where)
-    if not isinstance(types, list) or len(types) != n or not set(types) <= {"full_attention", "sliding_attention"}:
-        raise SourceError(f"{where}: config.json layer_types must list full_attention or sliding_attention for each "
-                          f"of the {n} layers")
     return size if types[i] == "sliding_attention" else None
 
 

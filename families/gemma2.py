@@ -14,7 +14,8 @@ from __future__ import annotations
 import math
 
 from compose.errors import SourceError
-from compose.families.base import Family, Features, int_field, layer_types_config, one_window_size
+from compose.families.base import (Family, Features, int_field, layer_types, layer_types_config,
+                                   one_window_size)
 from compose.families.llama import flag
 from compose.ir.graph import Graph
 
@@ -67,15 +68,9 @@ class Gemma2(Family):
                 "final_softcap": positive_number(c, "final_logit_softcapping", final, where)}
 
     def window(self, c, i, where):
-        n = int_field(c, "num_hidden_layers", where)
-        types = c.get("layer_types")
+        types = layer_types(c, where)
         if types is None:
-            pattern = int_field(c, "sliding_window_pattern", where, default=self.sliding_pattern)
-            sliding = bool((i + 1) % pattern)
-        elif not isinstance(types, list) or len(types) != n or not set(types) <= {"full_attention",
-                                                                                  "sliding_attention"}:
-            raise SourceError(f"{where}: config.json layer_types must list full_attention or sliding_attention for "
-                              f"each of the {n} layers")
+            sliding = bool((i + 1) % int_field(c, "sliding_window_pattern", where, default=self.sliding_pattern))
         else:
             sliding = types[i] == "sliding_attention"
         return int_field(c, "sliding_window", where, default=4096) if sliding else None

@@ -13,11 +13,10 @@ with a vision tower; they are refused by model_type for now.
 from __future__ import annotations
 
 from compose.errors import SourceError
+from compose.families.base import LAYER_TYPES
 from compose.families.gemma2 import Gemma2
 from compose.families.rope import read_rope
 from compose.ir.graph import Graph
-
-_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 class Gemma3(Gemma2):
@@ -48,7 +47,7 @@ class Gemma3(Gemma2):
         top = {k: c[k] for k in ("max_position_embeddings", "original_max_position_embeddings",
                                  "partial_rotary_factor") if k in c}
         if params is not None:
-            if not isinstance(params, dict) or not set(params) <= set(_LAYER_TYPES):
+            if not isinstance(params, dict) or not set(params) <= set(LAYER_TYPES):
                 raise SourceError(f"{where}: config.json rope_parameters must map full_attention and "
                                   "sliding_attention to their rope parameters")
             full, local = params.get("full_attention"), params.get("sliding_attention")
