@@ -100,9 +100,16 @@ def _family(graph: Graph) -> families.Family:
     return families.get(graph.config.family)
 
 
-def _check_features(family: families.Family) -> None:
+def _features(graph: Graph, family: families.Family) -> families.Features:
+    """The features the template follows: the dense family's (norms, embeddings, attention, MLP) with the
+    target class's MoE choices (a Gemma MoE written as generated code keeps Gemma's norms)."""
+    moe = {k: getattr(family.features, k) for k in ("moe_shared_gate", "moe_weights_in_model_dtype")}
+    return dataclasses.replace(families.get(graph.config.family).features, **moe)
+
+
+def _check_features(family: families.Family, features: families.Features) -> None:
     for name, supported in SUPPORTED_FEATURES.items():
-        value = getattr(family.features, name)
+        value = getattr(features, name)
         if value not in supported:
             raise BuildError(f"the torch backend has no {name} {value!r} (family {family.model_type}; "
                              f"supported: {', '.join(supported)})")
@@ -147,7 +154,8 @@ def render_modeling(graph: Graph) -> str:
     """The source of modeling_compose.py for `graph` (a verified decoder-only Graph)."""
     c = graph.config
     family = _family(graph)
-    _check_features(family)
+    features = _features(graph, family)
+    _check_features(family, features)
     if c.act not in ACTIVATIONS:
         raise BuildError(f"the torch backend has no activation {c.act!r} (supported: {', '.join(ACTIVATIONS)})")
     if c.dtype not in DTYPES:
@@ -160,7 +168,7 @@ def render_modeling(graph: Graph) -> str:
     rope = _rope_attrs(graph)
     act_doc, act_call = ACTIVATIONS[c.act]
     return _template("modeling.py.j2").render(
-        **_moe_attrs(graph, family),
+        **_moe_attrs(graph, family, features),
         **rope,
         **_window_attrs(graph),
         rope_doc=ROPE_DOCS[rope["rope_type"]],
@@ -185,8 +193,9 @@ def render_modeling(graph: Graph) -> str:
         qk_norm=choice["qk_norm"],
         fused=choice["fused"],
         sandwich=choice["sandwich"],
-        offset_norm=family.features.norm == "offset_rms",
-        embed_scale=family.features.embed_scale,
+        offset_norm=features.norm == "offset_rms",
+        embed_scale=features.embed_scale,
+        hf_entry=family.generated and graph.composite is None,
         query_scale=_number(c.query_scale),
         attn_softcap=_number(c.attn_softcap),
         final_softcap=_number(c.final_softcap),
@@ -196,18 +205,18 @@ def render_modeling(graph: Graph) -> str:
     )
 
 
-def _moe_attrs(graph: Graph, family: families.Family) -> dict:
+def _moe_attrs(graph: Graph, family: families.Family, f: families.Features) -> dict:
     """The MoE settings the template needs, from the class the checkpoint is written for."""
     moes = moe_blocks(graph)
     if not moes:
         return {"moe": False}
     m = moes[0][1]
-    f = family.features
     proj = {v: k for k, v in family.expert_names.items()}  # checkpoint name -> IR projection
     return {"moe": True, "n_experts": m.router.experts, "top_k": m.router.top_k,
             "expert_size": m.intermediate, "shared_size": m.shared.intermediate if m.shared else 0,
             "norm_topk_prob": m.router.norm_topk_prob, "moe_layers": tuple(i for i, _ in moes),
             "aux_loss_coef": repr(float(m.aux_loss_coef)), "moe_shared_gate": f.moe_shared_gate,
+            "moe_shared": f.moe_shared_gate or m.shared is not None,
             "moe_weights_in_model_dtype": f.moe_weights_in_model_dtype,
             "moe_prefix": family.expert_prefix, "expert_proj": proj,
             "expert_proj_example": next(k for k, v in proj.items() if v == "gate_proj")}
@@ -242,8 +251,12 @@ def check_source(name: str, source: str) -> str:
 
 def _render_files(graph: Graph) -> dict[str, str]:
     kind = graph.composite
-    if kind is None:
+    if kind is None and not _family(graph).generated:
         return {"modeling_compose.py": render_modeling(graph)}
+    if kind is None:  # written as this code behind an auto_map: the transformers wrapper too
+        wrapper = _template("hf_wrapper.py.j2").render(forward="compose_forward", generate="compose_generate",
+                                                       extra_args=repr(()), model_type=_family(graph).model_type)
+        return {"modeling_compose.py": render_modeling(graph), "modeling_compose_hf.py": wrapper}
     if kind == "cogvlm":
         return _render_cogvlm(graph)
     from compose.ir import CrossAttention, LMHead, Norm
@@ -267,7 +280,8 @@ def _render_files(graph: Graph) -> dict[str, str]:
         pairs=tuple(graph.state.calm.pairs), heads=cross[0].heads, dtype=graph.config.dtype,
         tied=graph.head.tied, final_softcap=graph.config.final_softcap is not None)
     wrapper = _template("hf_wrapper.py.j2").render(forward="calm_forward", generate="calm_generate",
-                                                   extra_args=repr(("augment_ids",)))
+                                                   extra_args=repr(("augment_ids",)),
+                                                   model_type=families.COMPOSITE)
     return {"modeling_compose_anchor.py": render_modeling(anchor),
             "modeling_compose_augment.py": render_modeling(augment),
             "modeling_compose.py": glue, "modeling_compose_hf.py": wrapper}
@@ -288,6 +302,7 @@ def _render_cogvlm(graph: Graph) -> dict[str, str]:
                                             local_rope=_rope_attrs(graph)["local_rope_theta"] is not None,
                                             final_softcap=c.final_softcap is not None)
     wrapper = _template("hf_wrapper.py.j2").render(forward="cogvlm_forward", generate="cogvlm_generate",
-                                                   extra_args=repr(("token_type_ids", "images")))
+                                                   extra_args=repr(("token_type_ids", "images")),
+                                                   model_type=families.COMPOSITE)
     return {"modeling_compose_language.py": render_modeling(language), "modeling_compose.py": glue,
             "modeling_compose_hf.py": wrapper}

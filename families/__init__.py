@@ -11,17 +11,19 @@ entry in tests/test_families.py. No module outside this package names a model_ty
 from __future__ import annotations
 
 from compose.errors import SourceError
-from compose.families import (composite, gemma2, gemma3, llama, mistral, mixtral, phi3, qwen2, qwen2_moe, qwen3,
-                              qwen3_moe)
+from compose.families import (composite, compose_moe, gemma2, gemma3, llama, mistral, mixtral, phi3, qwen2,
+                              qwen2_moe, qwen3, qwen3_moe)
 from compose.families.base import Family, Features, Reader
 
-MODULES = (llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3, mixtral, qwen2_moe, qwen3_moe, composite)
+MODULES = (llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3, mixtral, qwen2_moe, qwen3_moe, compose_moe, composite)
 REGISTRY: dict[str, Family] = {m.FAMILY.model_type: m.FAMILY for m in MODULES}
-SOURCES = tuple(t for t, f in REGISTRY.items() if f is not composite.FAMILY)
-"""The model_types compose reads checkpoints of (everything it writes, composites aside)."""
+SOURCES = tuple(t for t, f in REGISTRY.items() if not f.generated)
+"""The model_types compose reads checkpoints of (everything it writes, generated-code outputs aside)."""
 TINY: dict[str, str] = {f.tiny_name or t: t for t, f in REGISTRY.items() if f.tiny_options is not None}
 """The built-in tiny models (`tiny:<name>`): name -> model_type (`gemma3` -> `gemma3_text`)."""
 COMPOSITE = composite.FAMILY.model_type
+GENERATED_MOE = compose_moe.FAMILY.model_type
+"""The target of a mixture of experts that no transformers class holds (generated code)."""
 
 
 def get(model_type: str) -> Family:
@@ -48,5 +50,5 @@ def in_memory_name(name: str) -> str:
     return name
 
 
-__all__ = ["Family", "Features", "Reader", "REGISTRY", "SOURCES", "TINY", "COMPOSITE", "get", "for_source",
+__all__ = ["Family", "Features", "Reader", "REGISTRY", "SOURCES", "TINY", "COMPOSITE", "GENERATED_MOE", "get", "for_source",
            "in_memory_name"]

@@ -122,7 +122,9 @@ class Family:
     """The family whose attention, norms and embeddings these are (itself, for a dense family)."""
     moe_targets: ClassVar[tuple[str, ...]] = ()
     """A dense family's mixture-of-experts families, in order of preference: the first that holds an MoE
-    graph of this family writes it."""
+    graph of this family writes it (and the generated-code target, compose_moe, when none does)."""
+    generated: ClassVar[bool] = False
+    """Written as compose's generated modeling code behind an `auto_map`, not as a transformers class."""
     features: ClassVar[Features] = Features()
     qk_norm: ClassVar[bool] = False
     """Every attention normalises its query and key heads (`self_attn.q_norm`, `k_norm`)."""

@@ -15,6 +15,7 @@ class Composite(Family):
     model_type = "compose"
     architecture = "ComposeHFForCausalLM"
     dense = "compose"
+    generated = True
 
     def refuse(self, g: Graph) -> str | None:
         return None if g.composite else "only composite models (CALM, CogVLM) are written as generated code"

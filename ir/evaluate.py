@@ -13,7 +13,7 @@ from collections import Counter
 from typing import Callable, Iterable
 
 from compose.errors import IRError
-from compose.ir.weights import Concat, Const, Expr, Load, Merge, Noise, Ones, Rows, Scale, Select, Slice, Zeros
+from compose.ir.weights import Concat, Const, Expr, Load, Merge, Noise, Ones, Rows, Scale, Select, Slice, Stack, Zeros
 
 TORCH_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -85,6 +85,8 @@ class Evaluator:
             return self._get(e.x, local)[e.index]
         if isinstance(e, Concat):
             return torch.cat([self._get(x, local) for x in e.inputs], dim=e.dim)
+        if isinstance(e, Stack):
+            return torch.stack([self._get(x, local) for x in e.inputs])
         if isinstance(e, Scale):
             return self._get(e.x, local) * e.factor
         if isinstance(e, Noise):

@@ -11,7 +11,7 @@ from collections import Counter
 
 from compose.ir.graph import CROSS, Graph
 from compose.ir.nodes import DecoderBlock, MoE, Op
-from compose.ir.weights import Concat, Const, Expr, Load, Merge, Noise, Ones, Rows, Scale, Select, Slice, Zeros
+from compose.ir.weights import Concat, Const, Expr, Load, Merge, Noise, Ones, Rows, Scale, Select, Slice, Stack, Zeros
 
 
 class _Aliases(dict):
@@ -32,6 +32,8 @@ def format_expr(e: Expr, aliases: _Aliases) -> str:
         return f"{format_expr(e.x, aliases)}[{e.index}]"
     if isinstance(e, Concat):
         return f"concat([{', '.join(format_expr(x, aliases) for x in e.inputs)}], dim={e.dim})"
+    if isinstance(e, Stack):
+        return f"stack([{', '.join(format_expr(x, aliases) for x in e.inputs)}])"
     if isinstance(e, Scale):
         return f"scale({format_expr(e.x, aliases)}, {e.factor!r})"
     if isinstance(e, Noise):

@@ -212,6 +212,20 @@ class Concat(_Nary):
         return f"concat([{', '.join(map(str, self.inputs))}], dim={self.dim})"
 
 
+@dataclass(frozen=True)
+class Stack(_Nary):
+    """Same-shaped tensors stacked along a new first dimension (experts held as one tensor)."""
+
+    inputs: tuple[Expr, ...]
+
+    @property
+    def shape(self) -> Shape:  # type: ignore[override]
+        return (len(self.inputs), *self.inputs[0].shape)
+
+    def __str__(self) -> str:
+        return f"stack([{', '.join(map(str, self.inputs))}])"
+
+
 _DTYPE_RANK = {"float16": 0, "bfloat16": 0, "float32": 1, "float64": 2}
 
 

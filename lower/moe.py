@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 
-from compose import families
 from compose.errors import SpecError
 from compose.ir.graph import Graph
 from compose.ir.nodes import DecoderBlock, DenseFFN, MoE, Router
@@ -27,8 +26,6 @@ def lower(spec, path: str, ctx) -> Graph:
             raise SpecError(f"{path}.model: layer {i} is already a mixture of experts; {spec.kind} takes dense models")
         if b.ffn.bias:
             raise SpecError(f"{path}.model: MLPs with biases (mlp_bias) cannot become experts yet")
-    if not families.get(g.config.family).moe_targets:
-        raise SpecError(f"{path}.model: compose has no mixture-of-experts class for {g.config.family} models yet")
     layers = _moe_layers(spec, n, path)
     count = {"upcycle": spec.num_experts, "from_experts": len(spec.experts or []), "fine_grained": spec.routed}[spec.kind]
     field = {"upcycle": "num_experts", "from_experts": "experts", "fine_grained": "routed"}[spec.kind]
@@ -112,16 +109,25 @@ def _noisy(ffn: DenseFFN, spec, layer: int, expert: int) -> DenseFFN:
 
 
 def _segment(ffn: DenseFFN, j: int, width: int) -> dict[str, Expr]:
-    """Rows [j*w, (j+1)*w) of gate and up and the matching columns of down: one fine-grained expert."""
+    """Rows [j*w, (j+1)*w) of gate and up and the matching columns of down: one fine-grained expert (of a
+    fused gate_up_proj, those rows of each half)."""
     p = ffn.params()
     lo, hi = j * width, (j + 1) * width
-    return {"gate_proj.weight": Slice(p["gate_proj.weight"], 0, lo, hi),
-            "up_proj.weight": Slice(p["up_proj.weight"], 0, lo, hi),
-            "down_proj.weight": Slice(p["down_proj.weight"], 1, lo, hi)}
+    if ffn.fused:
+        gate_up, inter = p["gate_up_proj.weight"], ffn.intermediate
+        gate, up = Slice(gate_up, 0, lo, hi), Slice(gate_up, 0, inter + lo, inter + hi)
+    else:
+        gate, up = Slice(p["gate_proj.weight"], 0, lo, hi), Slice(p["up_proj.weight"], 0, lo, hi)
+    return {"gate_proj.weight": gate, "up_proj.weight": up, "down_proj.weight": Slice(p["down_proj.weight"], 1, lo, hi)}
 
 
 def _ffn(weights: dict[str, Expr], like: DenseFFN, width: int) -> DenseFFN:
-    return DenseFFN(weights=tuple(weights.items()), hidden=like.hidden, intermediate=width, act=like.act)
+    """An FFN of `width` from separate gate/up/down weights, fused as `like` is (gate's rows, then up's)."""
+    if like.fused:
+        weights = {"gate_up_proj.weight": Concat((weights["gate_proj.weight"], weights["up_proj.weight"]), 0),
+                   "down_proj.weight": weights["down_proj.weight"]}
+    return DenseFFN(weights=tuple(weights.items()), hidden=like.hidden, intermediate=width, act=like.act,
+                    fused=like.fused)
 
 
 def _fine_grained(ffn: DenseFFN, spec, layer: int) -> tuple[list[DenseFFN], DenseFFN | None]:

@@ -12,13 +12,14 @@ from compose.passes.base import Pass
 
 def candidates(g: Graph) -> list[families.Family]:
     """The families that could hold `g`, in order of preference: the composite target for CALM and
-    CogVLM; a dense graph's own family; for an MoE graph, its dense family's MoE families."""
+    CogVLM; a dense graph's own family; for an MoE graph, its dense family's MoE classes, then the
+    generated code (compose_moe) for what none of them holds exactly."""
     if g.composite:
         return [families.get(families.COMPOSITE)]
     dense = families.get(g.config.family)
     if not moe_blocks(g):
         return [dense]
-    return [families.get(t) for t in dense.moe_targets]
+    return [families.get(t) for t in dense.moe_targets] + [families.get(families.GENERATED_MOE)]
 
 
 @dataclass(frozen=True)

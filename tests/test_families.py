@@ -247,12 +247,8 @@ def test_imports_run_down_the_pipeline():
 
 
 @pytest.mark.parametrize("spec,match", [
-    (lambda: moe.upcycle(load("tiny:phi3?layers=2"), num_experts=4),
-     "model.model: compose has no mixture-of-experts class for phi3 models yet"),
     (lambda: visual_expert(load("tiny:phi3?layers=2"), vision_width=8),
      r"model.model: visual experts for fused q/k/v projections \(phi3\) are not supported yet"),
-    (lambda: moe.upcycle(load("tiny:gemma2?layers=2"), num_experts=4),
-     "model.model: compose has no mixture-of-experts class for gemma2 models yet"),
     # Where the math does not allow mixing families: one error naming both.
     (lambda: stack(layers(load("tiny:qwen3?layers=2"), 0, 2), layers(load("tiny:gemma3?layers=2"), 0, 2)),
      r"model.slices\[1\]: family gemma3_text does not match slices\[0\]'s qwen3"),

@@ -28,6 +28,9 @@ SPECS = {
     "merged_mistral": lambda: merge.linear([load("tiny:mistral?layers=2&window=4"),
                                             load("tiny:mistral?layers=2&window=4&seed=1")], weights=[0.5, 0.5]),
     "mixtral": lambda: moe.upcycle(load(TINY), num_experts=4, top_k=2, noise=0.02),
+    # No transformers class: generated code with stacked experts and an always-on shared expert.
+    "gemma2_moe": lambda: moe.fine_grained(load("tiny:gemma2?layers=2&window=4"), segments=2, routed=4, shared=1,
+                                           top_k=2, noise=0.02),
     "deepseek": lambda: moe.fine_grained(load("tiny:qwen2?layers=2"), segments=2, routed=4, shared=1, top_k=2,
                                          preserve=True, noise=0.02),
     "calm": lambda: calm(anchor=load(TINY), augment=load("tiny:qwen2?layers=2&hidden=96&heads=4"), every=1),

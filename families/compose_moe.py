@@ -1,0 +1,84 @@
+"""Mixtures of experts no transformers class holds (a Gemma 2/3 or Phi-3 upcycle, a Qwen3 DeepSeekMoE with
+shared experts): written as the generated modeling code with a config.json whose `auto_map` names it, so
+`AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)` loads it offline.
+
+The dense family's own config.json fields are written as that family writes them (so the file says
+everything the model is), with the MoE fields Qwen2-MoE names (`num_experts`, `num_experts_per_tok`,
+`moe_intermediate_size`, `shared_expert_intermediate_size`, `mlp_only_layers`, `norm_topk_prob`). Dense
+layers keep the dense family's tensor names; an MoE layer holds `mlp.gate.weight`, its experts stacked as
+transformers 5 holds them in memory (`mlp.experts.gate_up_proj` (E, 2 * width, hidden), gate's rows then
+up's; `mlp.experts.down_proj` (E, hidden, width)), and the always-on shared experts as one FFN
+(`mlp.shared_expert.*`, DeepSeekMoE's: no gate). Stacked on disk, the names are the generated module's
+parameter names, so transformers loads them with no conversion.
+"""
+from __future__ import annotations
+
+from compose.families.base import Family, moe_blocks
+from compose.families.experts import refuse_mixed_layers
+from compose.ir.graph import Graph
+from compose.ir.nodes import DecoderBlock, MoE
+from compose.ir.weights import Concat, Expr, Stack
+
+AUTO_MAP = {"AutoConfig": "modeling_compose_hf.ComposeConfig",
+            "AutoModelForCausalLM": "modeling_compose_hf.ComposeHFForCausalLM"}
+
+
+class ComposeMoe(Family):
+    model_type = "compose_moe"
+    architecture = "ComposeHFForCausalLM"
+    dense = "compose_moe"
+    generated = True
+    expert_prefix = "mlp"  # stacked on disk already: the names need no conversion when loaded
+
+    def refuse(self, g: Graph) -> str | None:
+        moes = moe_blocks(g)
+        if g.composite or not moes:
+            return "only mixture-of-experts models without a transformers class are written this way"
+        for i, m in moes:
+            if m.shared_gate is not None:
+                return f"layer {i} has a gated shared expert, which the generated module does not have"
+            if m.jitter:
+                return f"layer {i} has router jitter {m.jitter}, which the generated module does not implement"
+            if m.bias:
+                return f"layer {i}'s experts have biases, which the generated module's experts do not have"
+        return refuse_mixed_layers(g)
+
+    def block_names(self, prefix: str, b: DecoderBlock) -> dict[str, Expr]:
+        """The IR's names (every dense family writes them as they are), one MoE layer's experts stacked
+        where the per-expert tensors would be."""
+        if not isinstance(b.ffn, MoE):
+            return super().block_names(prefix, b)
+        experts = b.ffn.experts
+        out: dict[str, Expr] = {}
+        for k, e in b.params().items():
+            if ".experts." not in k:
+                out[prefix + k] = e
+            elif prefix + "mlp.experts.down_proj" not in out:
+                out[prefix + "mlp.experts.gate_up_proj"] = Stack(tuple(_gate_up(x.params()) for x in experts))
+                out[prefix + "mlp.experts.down_proj"] = Stack(tuple(x.params()["down_proj.weight"] for x in experts))
+        return out
+
+    def config_json(self, g: Graph) -> dict:
+        from compose import families
+
+        out = families.get(g.config.family).config_json(g)
+        moes = moe_blocks(g)
+        m = moes[0][1]
+        layers = {i for i, _ in moes}
+        out.update(model_type=self.model_type, architectures=[self.architecture], auto_map=AUTO_MAP,
+                   num_experts=m.router.experts, num_experts_per_tok=m.router.top_k,
+                   moe_intermediate_size=m.intermediate, norm_topk_prob=m.router.norm_topk_prob,
+                   shared_expert_intermediate_size=m.shared.intermediate if m.shared else 0,
+                   mlp_only_layers=[i for i in range(len(g.blocks())) if i not in layers],
+                   router_aux_loss_coef=m.aux_loss_coef, compose={"kind": "moe", "family": g.config.family})
+        return out
+
+
+def _gate_up(p: dict[str, Expr]) -> Expr:
+    """One expert's gate rows then its up rows: a fused expert's matrix as it is."""
+    if "gate_up_proj.weight" in p:
+        return p["gate_up_proj.weight"]
+    return Concat((p["gate_proj.weight"], p["up_proj.weight"]), 0)
+
+
+FAMILY = ComposeMoe()
