@@ -17,8 +17,8 @@ from compose.families.base import Family, Features, Reader
 
 MODULES = (llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3, mixtral, qwen2_moe, qwen3_moe, compose_moe, composite)
 REGISTRY: dict[str, Family] = {m.FAMILY.model_type: m.FAMILY for m in MODULES}
-SOURCES = tuple(t for t, f in REGISTRY.items() if not f.generated)
-"""The model_types compose reads checkpoints of (everything it writes, generated-code outputs aside)."""
+SOURCES = tuple(t for t, f in REGISTRY.items() if f is not composite.FAMILY)
+"""The model_types compose reads checkpoints of (everything it writes, composites aside)."""
 TINY: dict[str, str] = {f.tiny_name or t: t for t, f in REGISTRY.items() if f.tiny_options is not None}
 """The built-in tiny models (`tiny:<name>`): name -> model_type (`gemma3` -> `gemma3_text`)."""
 COMPOSITE = composite.FAMILY.model_type
@@ -38,7 +38,7 @@ def for_source(config: dict, where: str) -> Family:
     if t not in SOURCES:
         raise SourceError(f"{where}: config.json model_type {t!r} is not supported yet (supported: "
                           f"{', '.join(SOURCES)})")
-    return REGISTRY[t]
+    return REGISTRY[t].source_family(config, where)
 
 
 def in_memory_name(name: str) -> str:

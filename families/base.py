@@ -198,6 +198,11 @@ class Family:
             **self.attention_config(c, where),
         )
 
+    def source_family(self, c: dict, where: str) -> Family:
+        """The family that reads a checkpoint of config.json `c` (itself, except for outputs whose reading
+        depends on what they say, like compose_moe's)."""
+        return self
+
     def attention_config(self, c: dict, where: str) -> dict:
         """The family's own ArchConfig attention fields (query_scale, soft-caps, local_rope), read from `c`."""
         return {}

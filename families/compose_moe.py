@@ -13,14 +13,23 @@ parameter names, so transformers loads them with no conversion.
 """
 from __future__ import annotations
 
-from compose.families.base import Family, moe_blocks
-from compose.families.experts import refuse_mixed_layers
+import functools
+
+from compose.errors import SourceError
+from compose.families.base import Family, fill, int_field, moe_blocks, number_field
+from compose.families.experts import read_experts, refuse_mixed_layers
+from compose.families.qwen2_moe import mlp_only_layers
 from compose.ir.graph import Graph
-from compose.ir.nodes import DecoderBlock, MoE
+from compose.ir.nodes import DecoderBlock, DenseFFN, MoE, Router
 from compose.ir.weights import Concat, Expr, Stack
 
 AUTO_MAP = {"AutoConfig": "modeling_compose_hf.ComposeConfig",
             "AutoModelForCausalLM": "modeling_compose_hf.ComposeHFForCausalLM"}
+
+
+MOE_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+            "shared_expert_intermediate_size", "mlp_only_layers", "router_aux_loss_coef", "compose")
+"""The config.json fields this family adds to the dense family's."""
 
 
 class ComposeMoe(Family):
@@ -29,6 +38,18 @@ class ComposeMoe(Family):
     dense = "compose_moe"
     generated = True
     expert_prefix = "mlp"  # stacked on disk already: the names need no conversion when loaded
+
+    def source_family(self, c: dict, where: str) -> Family:
+        """The family that reads an output of this one back (MoE, then merge or expand): the dense
+        family's attention, norms and names, with this family's MoE layers."""
+        about = c.get("compose")
+        dense = about.get("family") if isinstance(about, dict) and about.get("kind") == "moe" else None
+        from compose import families
+
+        if dense not in families.SOURCES or families.get(dense).dense != dense or families.get(dense).generated:
+            raise SourceError(f"{where}: config.json compose.family must name the dense family of a compose MoE "
+                              f"build, got {dense!r}")
+        return _reader(type(families.get(dense)))
 
     def refuse(self, g: Graph) -> str | None:
         moes = moe_blocks(g)
@@ -72,6 +93,34 @@ class ComposeMoe(Family):
                    mlp_only_layers=[i for i in range(len(g.blocks())) if i not in layers],
                    router_aux_loss_coef=m.aux_loss_coef, compose={"kind": "moe", "family": g.config.family})
         return out
+
+
+@functools.cache
+def _reader(dense: type[Family]) -> Family:
+    """`dense`'s family reading a compose_moe checkpoint: its config with the MoE fields taken out, its
+    blocks with the MoE layers this family writes."""
+
+    class Reading(dense):
+        def arch_config(self, c, where, dtype):
+            return super().arch_config({k: v for k, v in c.items() if k not in MOE_KEYS}, where, dtype)
+
+        def ffn(self, c, cfg, i, reader, prefix, where):
+            if i in mlp_only_layers(c, where):
+                return super().ffn(c, cfg, i, reader, prefix, where)
+            n, width = int_field(c, "num_experts", where), int_field(c, "moe_intermediate_size", where)
+            router = Router(weights=(("weight", reader.load(prefix + "gate.weight", (n, cfg.hidden))),),
+                            hidden=cfg.hidden, experts=n, top_k=int_field(c, "num_experts_per_tok", where),
+                            norm_topk_prob=bool(c.get("norm_topk_prob", True)))
+            shared = None
+            shared_width = int_field(c, "shared_expert_intermediate_size", where, default=0, minimum=0)
+            if shared_width:
+                shared = fill(DenseFFN(weights=(), hidden=cfg.hidden, intermediate=shared_width, act=cfg.act,
+                                       fused=self.fused), reader, prefix + "shared_expert.")
+            return MoE(router=router, experts=read_experts(reader, prefix, n, cfg, width, self.expert_names),
+                       shared=shared, aux_loss_coef=number_field(c, "router_aux_loss_coef", 0.001, where))
+
+    Reading.__name__ = Reading.__qualname__ = f"{dense.__name__}MoeReading"
+    return Reading()
 
 
 def _gate_up(p: dict[str, Expr]) -> Expr:

@@ -82,7 +82,8 @@ def round_trips(tmp_path_factory):
 
 
 def test_every_family_has_a_test_entry():
-    assert set(CASES) == set(families.SOURCES)
+    """Every family with a transformers class; compose_moe's own outputs round-trip in test_moe_generated."""
+    assert set(CASES) == {t for t in families.SOURCES if not families.get(t).generated}
 
 
 @pytest.mark.parametrize("model_type", sorted(CASES))

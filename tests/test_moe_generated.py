@@ -137,3 +137,37 @@ def test_what_the_generated_module_does_not_have_is_refused(hf_models, tmp_path)
         build(moe.upcycle(load(str(hf_models["gemma2"])), num_experts=4, top_k=2, jitter=0.1), tmp_path / "o",
               progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_generated_moe_is_an_input_again(tmp_path, hf_models):
+    """Any build's output is another spec's input: a Phi-3 MoE (fused dense layers and shared expert) built
+    again unchanged is the same checkpoint; LLaMA-Pro on it keeps its function bit for bit; a merge of it
+    with itself is the same model."""
+    from compose import expand_blocks, merge
+
+    spec = moe.fine_grained(load(str(hf_models["phi3"])), segments=2, routed=4, shared=1, top_k=2, noise=0.02,
+                            first_k_dense=1)
+    first = build(spec, tmp_path / "moe", progress=False)
+    again = build(load(str(first)), tmp_path / "again", progress=False)
+    assert json.loads((again / "config.json").read_text()) == json.loads((first / "config.json").read_text())
+    got, want = read_tensors(again), read_tensors(first)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    pro = build(expand_blocks(load(str(first)), groups=2), tmp_path / "pro", progress=False)
+    mixed = build(merge.linear([load(str(first)), load(str(first))], weights=[0.5, 0.5]), tmp_path / "merged",
+                  progress=False)
+    ids = token_ids(seq=24)
+    expected = logits(remote(first), ids)
+    assert torch.equal(logits(remote(pro), ids), expected)
+    torch.testing.assert_close(logits(remote(mixed), ids), expected, rtol=0, atol=1e-5)
+
+
+def test_a_bad_compose_moe_config_is_named(tmp_path, hf_models):
+    from compose.errors import SourceError
+    from compose.pipeline import compile_graph
+
+    out = build(moe.upcycle(load(str(hf_models["gemma2"])), num_experts=2, top_k=1), tmp_path / "moe",
+                progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, "compose": {"kind": "moe", "family": "compose_moe"}}))
+    with pytest.raises(SourceError, match="config.json compose.family must name the dense family"):
+        compile_graph(load(str(out)))
