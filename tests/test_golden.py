@@ -27,6 +27,7 @@ GOLDEN = Path(__file__).parent / "golden"
     ("cogvlm", []),
     ("qwen3_llama_pro", []),
     ("gemma3_solar", []),
+    ("gemma2_moe", ["--after", "target"]),
 ])
 def test_inspect_matches_golden(name, args, capsys):
     assert main(["inspect", str(ROOT / "specs" / f"{name}.py"), *args]) == 0
