@@ -298,7 +298,7 @@ def _render_cogvlm(graph: Graph) -> dict[str, str]:
                                             vision_width=graph.adapter.vision_width, dtype=c.dtype,
                                             tied=graph.head.tied, n_rep=c.heads // c.kv_heads,
                                             mixed_layers=_window_attrs(graph)["mixed_layers"],
-                                            qk_norm=block["qk_norm"], sandwich=block["sandwich"],
+                                            qk_norm=block["qk_norm"], sandwich=block["sandwich"], fused=block["fused"],
                                             local_rope=_rope_attrs(graph)["local_rope_theta"] is not None,
                                             final_softcap=c.final_softcap is not None)
     wrapper = _template("hf_wrapper.py.j2").render(forward="cogvlm_forward", generate="cogvlm_generate",

@@ -18,6 +18,7 @@ import functools
 from compose.errors import SourceError
 from compose.families.base import Family, fill, int_field, moe_blocks, number_field
 from compose.families.experts import read_experts, refuse_mixed_layers
+from compose.families.llama import flag
 from compose.families.qwen2_moe import mlp_only_layers
 from compose.ir.graph import Graph
 from compose.ir.nodes import DecoderBlock, DenseFFN, MoE, Router
@@ -110,7 +111,7 @@ def _reader(dense: type[Family]) -> Family:
             n, width = int_field(c, "num_experts", where), int_field(c, "moe_intermediate_size", where)
             router = Router(weights=(("weight", reader.load(prefix + "gate.weight", (n, cfg.hidden))),),
                             hidden=cfg.hidden, experts=n, top_k=int_field(c, "num_experts_per_tok", where),
-                            norm_topk_prob=bool(c.get("norm_topk_prob", True)))
+                            norm_topk_prob=flag(c, "norm_topk_prob", where))
             shared = None
             shared_width = int_field(c, "shared_expert_intermediate_size", where, default=0, minimum=0)
             if shared_width:

@@ -19,9 +19,6 @@ def lower(spec, path: str, ctx) -> Graph:
     for name, b in g.blocks():
         if not isinstance(b.ffn, DenseFFN):
             raise SpecError(f"{path}.model: visual experts for mixture-of-experts layers are not supported yet")
-        if b.attn.fused:
-            raise SpecError(f"{path}.model: visual experts for fused q/k/v projections ({g.config.family}) are "
-                            "not supported yet")
         ops[name] = dataclasses.replace(b, vision=VisionExpert(attn=b.attn, ffn=b.ffn))
     h, dtype = g.config.hidden, g.config.dtype
 

@@ -325,7 +325,13 @@ BAD_VALUES = [None, -1, 0, "8", 8.5, float("nan"), float("inf"), True, [], {}, [
 MOE_FIELDS = {"mixtral": ("mistral", {"num_local_experts": 4, "num_experts_per_tok": 2}),
               "qwen2_moe": ("qwen2", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                                       "shared_expert_intermediate_size": 16, "use_sliding_window": True,
-                                      "sliding_window": 8})}
+                                      "sliding_window": 8}),
+              # compose's own MoE output of a Gemma 2 (generated code): Gemma's fields and the MoE ones.
+              "compose_moe": ("gemma2", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                         "shared_expert_intermediate_size": 16, "mlp_only_layers": [0],
+                                         "norm_topk_prob": True, "compose": {"kind": "moe", "family": "gemma2"}})}
+
+
 def family_config(model_type: str) -> dict:
     """A valid 2-layer config.json of `model_type`: a tiny one, with experts for the MoE families."""
     dense, extra = MOE_FIELDS.get(model_type, (model_type, {}))

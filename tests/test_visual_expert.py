@@ -13,7 +13,7 @@ from test_errors import assert_clean_failure, write
 WIDTH = 96
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"])
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"])
 def vlm(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"vlm_{request.param}")
     base = save_hf_model(root / "base", request.param, seed=4, layers=4)
@@ -69,6 +69,26 @@ def test_image_tokens_use_the_visual_expert(vlm):
     changed = (seen[1] - seen[0]).abs().amax(dim=-1) > 0  # (B, T)
     expert = torch.zeros_like(changed)
     expert[:, 3:3 + 7] = True  # begin-of-image and the 6 patches; not the end-of-image token
+    assert torch.equal(changed, expert)
+
+
+def test_image_tokens_take_the_visual_experts_queries(vlm):
+    """Perturbing the visual expert's query rows (of q_proj, or of Phi-3's fused qkv_proj) changes layer 0's
+    output exactly at the expert's tokens: the projection is chosen per token, then split."""
+    _, out, _ = vlm
+    model = _module(out)
+    ids, types, images = _image_batch()
+    attn = model.model.layers[0].vision_expert.self_attn
+    q = attn.qkv_proj.weight[:attn.n_head * attn.head_dim] if hasattr(attn, "qkv_proj") else attn.q_proj.weight
+    seen = []
+    model.model.layers[0].register_forward_hook(lambda _m, _i, o: seen.append(o.detach().clone()))
+    with torch.no_grad():
+        model(ids, types, images)
+        q.add_(0.1)
+        model(ids, types, images)
+    changed = (seen[1] - seen[0]).abs().amax(dim=-1) > 0  # (B, T)
+    expert = torch.zeros_like(changed)
+    expert[:, 3:3 + 7] = True
     assert torch.equal(changed, expert)
 
 
