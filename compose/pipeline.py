@@ -144,8 +144,8 @@ def _write(g, spec, tmp: Path, formats, shard_bytes, progress, workers, device, 
     from compose.sources import open_source
 
     # A model no transformers class holds (CALM, CogVLM, a Gemma MoE) is written as generated code: it is
-    # what config.json's auto_map loads. ONNX is exported from the generated module, so it needs the code too. Rendered before any
-    # weight is written, so a model the code cannot express is refused first.
+    # what config.json's auto_map loads. ONNX is exported from the generated module, so it needs the code
+    # too. Rendered before any weight is written, so a model the code cannot express is refused first.
     code = None
     if "torch" in formats or "onnx" in formats or hf.target(g).generated:
         from compose.backends import torch as torch_backend

@@ -50,5 +50,5 @@ def in_memory_name(name: str) -> str:
     return name
 
 
-__all__ = ["Family", "Features", "Reader", "REGISTRY", "SOURCES", "TINY", "COMPOSITE", "GENERATED_MOE", "get", "for_source",
-           "in_memory_name"]
+__all__ = ["Family", "Features", "Reader", "REGISTRY", "SOURCES", "TINY", "COMPOSITE", "GENERATED_MOE", "get",
+           "for_source", "in_memory_name"]
