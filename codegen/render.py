@@ -249,14 +249,21 @@ def check_source(name: str, source: str) -> str:
     return source
 
 
+def _wrapper(forward: str, generate: str, extra_args: tuple[str, ...], model_type: str) -> str:
+    """modeling_compose_hf.py: the transformers classes config.json's auto_map names, around the module's
+    `forward` and `generate` functions (`extra_args`: the forward arguments passed through)."""
+    return _template("hf_wrapper.py.j2").render(forward=forward, generate=generate, extra_args=repr(extra_args),
+                                                model_type=model_type)
+
+
 def _render_files(graph: Graph) -> dict[str, str]:
     kind = graph.composite
-    if kind is None and not _family(graph).generated:
-        return {"modeling_compose.py": render_modeling(graph)}
-    if kind is None:  # written as this code behind an auto_map: the transformers wrapper too
-        wrapper = _template("hf_wrapper.py.j2").render(forward="compose_forward", generate="compose_generate",
-                                                       extra_args=repr(()), model_type=_family(graph).model_type)
-        return {"modeling_compose.py": render_modeling(graph), "modeling_compose_hf.py": wrapper}
+    if kind is None:
+        files = {"modeling_compose.py": render_modeling(graph)}
+        family = _family(graph)
+        if family.generated:  # written as this code behind an auto_map: the transformers wrapper too
+            files["modeling_compose_hf.py"] = _wrapper("compose_forward", "compose_generate", (), family.model_type)
+        return files
     if kind == "cogvlm":
         return _render_cogvlm(graph)
     from compose.ir import CrossAttention, LMHead, Norm
@@ -279,9 +286,7 @@ def _render_files(graph: Graph) -> dict[str, str]:
         augment_family=side_cfg.family, augment_layers=len(side), augment_width=h,
         pairs=tuple(graph.state.calm.pairs), heads=cross[0].heads, dtype=graph.config.dtype,
         tied=graph.head.tied, final_softcap=graph.config.final_softcap is not None)
-    wrapper = _template("hf_wrapper.py.j2").render(forward="calm_forward", generate="calm_generate",
-                                                   extra_args=repr(("augment_ids",)),
-                                                   model_type=families.COMPOSITE)
+    wrapper = _wrapper("calm_forward", "calm_generate", ("augment_ids",), families.COMPOSITE)
     return {"modeling_compose_anchor.py": render_modeling(anchor),
             "modeling_compose_augment.py": render_modeling(augment),
             "modeling_compose.py": glue, "modeling_compose_hf.py": wrapper}
@@ -301,8 +306,6 @@ def _render_cogvlm(graph: Graph) -> dict[str, str]:
                                             qk_norm=block["qk_norm"], sandwich=block["sandwich"], fused=block["fused"],
                                             local_rope=_rope_attrs(graph)["local_rope_theta"] is not None,
                                             final_softcap=c.final_softcap is not None)
-    wrapper = _template("hf_wrapper.py.j2").render(forward="cogvlm_forward", generate="cogvlm_generate",
-                                                   extra_args=repr(("token_type_ids", "images")),
-                                                   model_type=families.COMPOSITE)
+    wrapper = _wrapper("cogvlm_forward", "cogvlm_generate", ("token_type_ids", "images"), families.COMPOSITE)
     return {"modeling_compose_language.py": render_modeling(language), "modeling_compose.py": glue,
             "modeling_compose_hf.py": wrapper}

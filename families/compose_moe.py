@@ -17,16 +17,13 @@ import functools
 
 from compose.errors import SourceError
 from compose.families.base import Family, fill, int_field, moe_blocks, number_field
-from compose.families.experts import read_experts, refuse_mixed_layers
+from compose.families.composite import AUTO_MAP
+from compose.families.experts import moe_config, read_experts, read_router, refuse_mixed_layers
 from compose.families.llama import flag
 from compose.families.qwen2_moe import mlp_only_layers
 from compose.ir.graph import Graph
-from compose.ir.nodes import DecoderBlock, DenseFFN, MoE, Router
+from compose.ir.nodes import DecoderBlock, DenseFFN, MoE
 from compose.ir.weights import Concat, Expr, Stack
-
-AUTO_MAP = {"AutoConfig": "modeling_compose_hf.ComposeConfig",
-            "AutoModelForCausalLM": "modeling_compose_hf.ComposeHFForCausalLM"}
-
 
 MOE_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
             "shared_expert_intermediate_size", "mlp_only_layers", "router_aux_loss_coef", "compose")
@@ -83,17 +80,9 @@ class ComposeMoe(Family):
     def config_json(self, g: Graph) -> dict:
         from compose import families
 
-        out = families.get(g.config.family).config_json(g)
-        moes = moe_blocks(g)
-        m = moes[0][1]
-        layers = {i for i, _ in moes}
-        out.update(model_type=self.model_type, architectures=[self.architecture], auto_map=AUTO_MAP,
-                   num_experts=m.router.experts, num_experts_per_tok=m.router.top_k,
-                   moe_intermediate_size=m.intermediate, norm_topk_prob=m.router.norm_topk_prob,
-                   shared_expert_intermediate_size=m.shared.intermediate if m.shared else 0,
-                   mlp_only_layers=[i for i in range(len(g.blocks())) if i not in layers],
-                   router_aux_loss_coef=m.aux_loss_coef, compose={"kind": "moe", "family": g.config.family})
-        return out
+        return {**families.get(g.config.family).config_json(g), **moe_config(g), "model_type": self.model_type,
+                "architectures": [self.architecture], "auto_map": AUTO_MAP,
+                "compose": {"kind": "moe", "family": g.config.family}}
 
 
 @functools.cache
@@ -109,9 +98,8 @@ def _reader(dense: type[Family]) -> Family:
             if i in mlp_only_layers(c, where):
                 return super().ffn(c, cfg, i, reader, prefix, where)
             n, width = int_field(c, "num_experts", where), int_field(c, "moe_intermediate_size", where)
-            router = Router(weights=(("weight", reader.load(prefix + "gate.weight", (n, cfg.hidden))),),
-                            hidden=cfg.hidden, experts=n, top_k=int_field(c, "num_experts_per_tok", where),
-                            norm_topk_prob=flag(c, "norm_topk_prob", where))
+            router = read_router(reader, prefix, cfg, n, int_field(c, "num_experts_per_tok", where),
+                                 norm_topk_prob=flag(c, "norm_topk_prob", where))
             shared = None
             shared_width = int_field(c, "shared_expert_intermediate_size", where, default=0, minimum=0)
             if shared_width:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from compose.families.base import Reader, fill, moe_blocks
 from compose.ir.config import ArchConfig
 from compose.ir.graph import Graph
-from compose.ir.nodes import DenseFFN
+from compose.ir.nodes import DenseFFN, Router
 from compose.ir.weights import Select, Slice
 
 
@@ -27,6 +27,24 @@ def read_experts(reader: Reader, prefix: str, n: int, cfg: ArchConfig, width: in
                               hidden=h, intermediate=width, act=cfg.act)
                      for e in range(n))
     return tuple(_renamed(skeleton, reader, f"{prefix}experts.{e}.", names) for e in range(n))
+
+
+def read_router(reader: Reader, prefix: str, cfg: ArchConfig, n: int, top_k: int, norm_topk_prob: bool) -> Router:
+    """The top-k router of n experts under `prefix` (`gate.weight`, (n, hidden))."""
+    return Router(weights=(("weight", reader.load(prefix + "gate.weight", (n, cfg.hidden))),), hidden=cfg.hidden,
+                  experts=n, top_k=top_k, norm_topk_prob=norm_topk_prob)
+
+
+def moe_config(g: Graph) -> dict:
+    """Qwen2-MoE's config.json fields for the MoE layers of `g` (which refuse_mixed_layers found alike)."""
+    moes = moe_blocks(g)
+    m = moes[0][1]
+    layers = {i for i, _ in moes}
+    return {"num_experts": m.router.experts, "num_experts_per_tok": m.router.top_k,
+            "moe_intermediate_size": m.intermediate, "norm_topk_prob": m.router.norm_topk_prob,
+            "shared_expert_intermediate_size": m.shared.intermediate if m.shared else 0,
+            "mlp_only_layers": [i for i in range(len(g.blocks())) if i not in layers],
+            "router_aux_loss_coef": m.aux_loss_coef}
 
 
 def _renamed(op: DenseFFN, reader: Reader, prefix: str, names: dict[str, str]) -> DenseFFN:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from compose.families.base import (Family, int_field, model_window, moe_blocks, number_field,
                                    refuse_unless_one_window)
-from compose.families.experts import read_experts, refuse_mixed_layers
+from compose.families.experts import read_experts, read_router, refuse_mixed_layers
 from compose.ir.graph import Graph
-from compose.ir.nodes import DecoderBlock, MoE, Router
+from compose.ir.nodes import DecoderBlock, MoE
 from compose.ir.weights import Expr
 
 EXPERT_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
@@ -39,8 +39,7 @@ class Mixtral(Family):
         p = base + ("mlp." if reader.has(base + "mlp.gate.weight") else f"{PREFIX}.")
         n = int_field(c, "num_local_experts", where)
         top_k = int_field(c, "num_experts_per_tok", where)
-        router = Router(weights=(("weight", reader.load(p + "gate.weight", (n, cfg.hidden))),), hidden=cfg.hidden,
-                        experts=n, top_k=top_k, norm_topk_prob=True)
+        router = read_router(reader, p, cfg, n, top_k, norm_topk_prob=True)
         return MoE(router=router, experts=read_experts(reader, p, n, cfg, cfg.intermediate, EXPERT_NAMES),
                    jitter=number_field(c, "router_jitter_noise", 0.0, where),
                    aux_loss_coef=number_field(c, "router_aux_loss_coef", 0.001, where))

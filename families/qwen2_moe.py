@@ -15,9 +15,9 @@ import dataclasses
 from compose.errors import SourceError
 from compose.families.base import (Family, Features, int_field, layer_types_config, moe_blocks, number_field,
                                    one_window_size, qwen2_window)
-from compose.families.experts import dense_layer, read_experts, refuse_mixed_layers
+from compose.families.experts import dense_layer, moe_config, read_experts, read_router, refuse_mixed_layers
 from compose.ir.graph import Graph
-from compose.ir.nodes import DenseFFN, MoE, Router
+from compose.ir.nodes import DenseFFN, MoE
 from compose.ir.weights import Scale, Zeros
 
 
@@ -53,9 +53,8 @@ class Qwen2Moe(Family):
         if i in only or n == 0 or (i + 1) % step:
             return dense_layer(reader, prefix, cfg, cfg.intermediate)
         width = int_field(c, "moe_intermediate_size", where)
-        router = Router(weights=(("weight", reader.load(prefix + "gate.weight", (n, cfg.hidden))),),
-                        hidden=cfg.hidden, experts=n, top_k=int_field(c, "num_experts_per_tok", where),
-                        norm_topk_prob=bool(c.get("norm_topk_prob", False)))
+        router = read_router(reader, prefix, cfg, n, int_field(c, "num_experts_per_tok", where),
+                             norm_topk_prob=bool(c.get("norm_topk_prob", False)))
         shared = gate = None
         shared_width = int_field(c, "shared_expert_intermediate_size", where, default=0, minimum=0)
         if shared_width:
@@ -96,17 +95,9 @@ class Qwen2Moe(Family):
         return g.replace(ops) if ops else g
 
     def own_config(self, g: Graph) -> dict:
-        moes = moe_blocks(g)
-        m = moes[0][1]
-        n = len(g.blocks())
-        moe_layers = {i for i, _ in moes}
-        return {"num_experts": m.router.experts, "num_experts_per_tok": m.router.top_k,
-                "moe_intermediate_size": m.intermediate,
-                "shared_expert_intermediate_size": m.shared.intermediate if m.shared else 0,
-                "norm_topk_prob": m.router.norm_topk_prob, "decoder_sparse_step": 1,
-                "mlp_only_layers": [i for i in range(n) if i not in moe_layers], "qkv_bias": g.config.qkv_bias,
-                "router_aux_loss_coef": m.aux_loss_coef, "router_jitter_noise": m.jitter,
-                "output_router_logits": False, **layer_types_config(g)}
+        m = moe_blocks(g)[0][1]
+        return {**moe_config(g), "decoder_sparse_step": 1, "qkv_bias": g.config.qkv_bias,
+                "router_jitter_noise": m.jitter, "output_router_logits": False, **layer_types_config(g)}
 
 
 def mlp_only_layers(c: dict, where: str) -> list[int]:

@@ -10,12 +10,12 @@ DeepSeekMoE with `shared` > 0 is refused by name rather than written approximate
 from __future__ import annotations
 
 from compose.families.base import Family, Features, int_field, moe_blocks, number_field, refuse_unless_one_window
-from compose.families.experts import dense_layer, read_experts, refuse_mixed_layers
+from compose.families.experts import dense_layer, read_experts, read_router, refuse_mixed_layers
 from compose.families.llama import flag
 from compose.families.qwen2_moe import mlp_only_layers
 from compose.families.qwen3 import Qwen3
 from compose.ir.graph import Graph
-from compose.ir.nodes import MoE, Router
+from compose.ir.nodes import MoE
 
 
 class Qwen3Moe(Family):
@@ -45,9 +45,8 @@ class Qwen3Moe(Family):
         if i in mlp_only_layers(c, where) or n == 0 or (i + 1) % step:
             return dense_layer(reader, prefix, cfg, cfg.intermediate)
         width = int_field(c, "moe_intermediate_size", where)
-        router = Router(weights=(("weight", reader.load(prefix + "gate.weight", (n, cfg.hidden))),),
-                        hidden=cfg.hidden, experts=n, top_k=int_field(c, "num_experts_per_tok", where),
-                        norm_topk_prob=flag(c, "norm_topk_prob", where))
+        router = read_router(reader, prefix, cfg, n, int_field(c, "num_experts_per_tok", where),
+                             norm_topk_prob=flag(c, "norm_topk_prob", where))
         return MoE(router=router, experts=read_experts(reader, prefix, n, cfg, width, self.expert_names),
                    aux_loss_coef=number_field(c, "router_aux_loss_coef", 0.001, where))
 
