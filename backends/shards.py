@@ -157,6 +157,42 @@ class RawCopy:
                 left -= got
 
 
+    def read_all(self) -> bytearray:
+        """The bytes in one buffer of their own, checked chunk by chunk (see SharedBytes)."""
+        data = bytearray(self.nbytes)
+        view = memoryview(data)
+        with self.open() as f:
+            f.seek(self.offset)
+            at = 0
+            while at < self.nbytes:
+                got = f.readinto(view[at:at + self.CHUNK])
+                if not got:
+                    raise BuildError(f"{self.path}: ends inside a tensor ({self.nbytes - at} bytes short); the file "
+                                     "changed or is truncated")
+                self.check(view[at:at + got])
+                at += got
+        return data
+
+
+class SharedBytes:
+    """Plain copies that several outputs are (the cse pass's shared loads: an upcycled FFN in E experts,
+    LLaMA-Pro's copied block): each read once as bytes, never decoded, and dropped at its last use."""
+
+    def __init__(self, uses: dict):
+        self.slots = {key: [threading.Lock(), None, n] for key, n in uses.items()}
+
+    def __contains__(self, key) -> bool:
+        return key in self.slots
+
+    def get(self, key, read: Callable[[], bytearray]) -> bytearray:
+        slot = self.slots[key]
+        with slot[0]:  # one thread reads; the others wait for its bytes
+            data = slot[1] if slot[1] is not None else read()
+            slot[2] -= 1
+            slot[1] = data if slot[2] > 0 else None
+        return data
+
+
 class Hasher:
     """sha256 of a file's bytes on a thread of its own: hashlib releases the GIL over large buffers, so the
     hash of a tensor runs beside its write instead of after it (it was most of the writer's time)."""
@@ -213,7 +249,10 @@ def write_shard(path: Path, entries: list[Entry], tensors: Iterator,
                     on_bytes(len(view))
                 sha.wait()
                 continue
-            data = memoryview(t.contiguous().reshape(-1).view(_uint8()).numpy())  # no copy
+            if isinstance(t, bytearray):  # SharedBytes: a plain copy read once for several outputs
+                data = memoryview(t)
+            else:
+                data = memoryview(t.contiguous().reshape(-1).view(_uint8()).numpy())  # no copy
             if data.nbytes != e.nbytes:
                 raise BuildError(f"tensor {e.name}: produced {data.nbytes} bytes, planned {e.nbytes}")
             sha.update(data)

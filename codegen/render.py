@@ -163,8 +163,6 @@ def render_modeling(graph: Graph) -> str:
     if c.heads % c.kv_heads:
         raise BuildError(f"{c.heads} attention heads are not a multiple of {c.kv_heads} kv heads")
     choice = _shared_block_attrs(graph)
-    if choice["fused"] and choice["qk_norm"]:  # the template normalises q and k of separate projections only
-        raise BuildError("the torch backend has no q/k norms over a fused qkv_proj yet")
     rope = _rope_attrs(graph)
     act_doc, act_call = ACTIVATIONS[c.act]
     return _template("modeling.py.j2").render(
@@ -191,7 +189,7 @@ def render_modeling(graph: Graph) -> str:
         o_bias=choice["o_bias"],
         mlp_bias=choice["mlp_bias"],
         qk_norm=choice["qk_norm"],
-        fused=choice["fused"],
+        **_fusion_attrs(graph, choice["fused"]),
         sandwich=choice["sandwich"],
         offset_norm=features.norm == "offset_rms",
         embed_scale=features.embed_scale,
@@ -203,6 +201,23 @@ def render_modeling(graph: Graph) -> str:
         act_doc=act_doc,
         act_call=act_call.format("self.gate_proj(x)"),
     )
+
+
+def _fusion_attrs(graph: Graph, checkpoint_fused: bool) -> dict:
+    """Which projections the module holds fused: those the checkpoint holds fused (Phi-3), and those the
+    fusion passes chose (state.fusion), which it concatenates as it loads (`load_*`)."""
+    f = graph.state.fusion
+    if moe_blocks(graph) and f.experts != "stacked":
+        raise BuildError("the generated module holds MoE experts stacked: run the stack-experts pass")
+    load_qkv = f.qkv and not checkpoint_fused
+    load_gate_up = f.gate_up and not checkpoint_fused
+    parts = {}
+    if load_qkv:
+        parts["qkv_proj"] = ("q_proj", "k_proj", "v_proj")
+    if load_gate_up:
+        parts["gate_up_proj"] = ("gate_proj", "up_proj")
+    return {"fuse_qkv": checkpoint_fused or f.qkv, "load_qkv": load_qkv,
+            "fuse_gate_up": checkpoint_fused or f.gate_up, "load_gate_up": load_gate_up, "fused_parts": parts}
 
 
 def _moe_attrs(graph: Graph, family: families.Family, f: families.Features) -> dict:

@@ -51,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--allow-nonfinite", action="store_true",
                    help="build even if source weights hold NaN or Inf (a warning names them); merges that "
                         "make NaN or Inf from finite inputs are always errors")
+    b.add_argument("--max-memory", metavar="SIZE",
+                   help="bound the memory of the tensors being computed, e.g. 4GB (default: about 1.25x the "
+                        "largest tensor's working set); a tensor that alone needs more is refused before writing")
+    b.add_argument("--no-fuse", action="store_true",
+                   help="generated code (--format torch, onnx) computes q/k/v and gate/up as separate matmuls, "
+                        "as the checkpoint names them (default: fused; the checkpoint is the same either way)")
     b.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     i = sub.add_parser("inspect", help="print the IR and a cost summary",
@@ -114,7 +120,8 @@ def cmd_build(a) -> int:
     formats = [f.strip() for f in a.format.split(",") if f.strip()]
     out = build(a.spec, a.out, formats=formats, dtype=a.dtype, max_shard_size=a.max_shard_size, force=a.force,
                 progress=not a.no_progress and sys.stderr.isatty(), workers=a.workers, device=a.device,
-                dense_moe=a.dense_moe, max_output_size=a.max_output_size, allow_nonfinite=a.allow_nonfinite)
+                dense_moe=a.dense_moe, max_output_size=a.max_output_size, allow_nonfinite=a.allow_nonfinite,
+                fuse=not a.no_fuse, max_memory=a.max_memory)
     print(f"built {out}")
     return 0
 

@@ -98,11 +98,13 @@ def compile_graph(spec, *, dtype: str | None = None, passes: Iterable[str] | Non
 def build(spec, out: str | os.PathLike, *, formats: Iterable[str] = ("hf",), dtype: str | None = None,
           max_shard_size: str | int = "5GB", force: bool = False, progress: bool = True, workers: int | None = None,
           device: str = "cpu", dense_moe: bool = False, max_output_size: str | int | None = None,
-          allow_nonfinite: bool = False) -> Path:
+          allow_nonfinite: bool = False, fuse: bool = True, max_memory: str | int | None = None) -> Path:
     """Build `spec` into the folder `out` under the output protocol (compose.output): locked, written to a
     temporary folder and renamed into place; a failed build leaves nothing behind, and an existing `out`
-    is replaced only with `force`, and only if it is still what was there at the start."""
+    is replaced only with `force`, and only if it is still what was there at the start. `fuse=False`
+    skips the fusion passes (the generated code keeps the checkpoint's separate projections)."""
     from compose.backends.shards import parse_size
+    from compose.passes import DEFAULT_PIPELINE, FUSION
     from compose.output import OutputFolder, absolute
 
     formats = list(dict.fromkeys(formats))
@@ -116,31 +118,34 @@ def build(spec, out: str | os.PathLike, *, formats: Iterable[str] = ("hf",), dty
         raise BuildError("--dense-moe: applies to the ONNX export; add onnx to --format")
     shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     limit = None if max_output_size is None else parse_size(max_output_size, "--max-output-size")
+    memory = None if max_memory is None else parse_size(max_memory, "--max-memory")
     check_device(device)
     out = absolute(out)  # before the spec runs: a spec that changes directory must not move the output
     if isinstance(spec, (str, os.PathLike)):
         _check_not_inside(out, Path(spec).resolve(), "the spec file")
     with OutputFolder(out, force) as folder:
         spec = as_build_spec(spec)
-        g = compile_graph(spec, dtype=dtype, verify_each=True)
+        passes = tuple(p for p in DEFAULT_PIPELINE if fuse or p not in FUSION)
+        g = compile_graph(spec, dtype=dtype, passes=passes, verify_each=True)
         _check_not_a_source(out)
         total = _check_size(g, formats, out, limit)
         if progress:
             print(f"compose: writing {_size(total)} to {out}", file=sys.stderr)
         try:
-            _write(g, spec, folder.tmp, formats, shard_bytes, progress, workers, device, dense_moe, allow_nonfinite)
+            _write(g, spec, folder.tmp, formats, shard_bytes, progress, workers, device, dense_moe, allow_nonfinite,
+                   passes, memory)
         except OSError as e:
             raise BuildError(f"{e.filename or out}: cannot write the build ({e.strerror or e})") from None
         folder.commit()
     return out
 
 
-def _write(g, spec, tmp: Path, formats, shard_bytes, progress, workers, device, dense_moe, allow_nonfinite):
+def _write(g, spec, tmp: Path, formats, shard_bytes, progress, workers, device, dense_moe, allow_nonfinite, passes,
+           max_memory):
     from compose import __version__
     from compose.backends import hf
     from compose.integrity import hash_files
     from compose.manifest import manifest
-    from compose.passes.manager import DEFAULT_PIPELINE
     from compose.sources import open_source
 
     # A model no transformers class holds (CALM, CogVLM, a Gemma MoE) is written as generated code: it is
@@ -157,7 +162,7 @@ def _write(g, spec, tmp: Path, formats, shard_bytes, progress, workers, device, 
         onnx.check_ready(g, dense_moe)
     # The hf checkpoint is what every format loads its weights from, so it is always written.
     written = hf.write(g, tmp, open_source, max_shard_size=shard_bytes, progress=progress, workers=workers,
-                       device=device, allow_nonfinite=allow_nonfinite)
+                       device=device, allow_nonfinite=allow_nonfinite, max_memory=max_memory)
     files = list(written["files"])
     if code is not None:
         files += torch_backend.write_files(code, tmp)
@@ -166,7 +171,7 @@ def _write(g, spec, tmp: Path, formats, shard_bytes, progress, workers, device, 
         onnx_record = onnx.export(tmp, dense_moe=dense_moe)
         files += onnx_record["files"]
     record = manifest(g, version=__version__, spec=spec.model_dump(mode="json"), formats=formats,
-                      passes=list(DEFAULT_PIPELINE), tensors=hf.tensors(g), trainable=hf.trainable_names(g),
+                      passes=list(passes), tensors=hf.tensors(g), trainable=hf.trainable_names(g),
                       shards=written["shards"], onnx=onnx_record, files=files,
                       sha256=hash_files(tmp, files, known=written["shards"]))
     (tmp / "compose.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -197,8 +202,8 @@ def _check_size(g, formats, out: Path, limit: int | None) -> int:
 
     numel = sum(e.numel for e in hf.tensors(g).values())
     total = numel * BYTES[g.config.dtype]
-    if "onnx" in formats:  # two graphs, each with its own float32 copy of the weights
-        total += 2 * numel * 4
+    if "onnx" in formats:  # two graphs, each with its own copy of the weights: float16 for half builds
+        total += 2 * numel * (2 if g.config.dtype in ("bfloat16", "float16") else 4)
     free = shutil.disk_usage(out.parent).free
     if limit is not None and total > limit:
         raise BuildError(f"{out}: the build would write {_size(total)}, more than --max-output-size {_size(limit)}")

@@ -17,6 +17,7 @@ torch is imported inside the functions: `import compose` stays cheap.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from compose.errors import ComposeError
@@ -52,12 +53,25 @@ def _trainable_params(model, out_dir) -> set[int]:
     for name, p in model.named_parameters(remove_duplicate=False):
         by_name[_strip_wrappers(name)] = p
     names = trainable_names(out_dir)
-    unknown = [n for n in names if in_memory_name(n) not in by_name]
+
+    def find(n: str):
+        n = in_memory_name(n)
+        return by_name.get(n, by_name.get(_fused_name(n)))
+
+    unknown = [n for n in names if find(n) is None]
     if unknown:
         more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
         raise ComposeError(f"compose.json in {out_dir} lists trainable parameters this model does not have: "
                            f"{', '.join(unknown[:5])}{more}; was the model loaded from that folder?")
-    return {id(by_name[in_memory_name(n)]) for n in names}
+    return {id(find(n)) for n in names}
+
+
+def _fused_name(name: str) -> str:
+    """The parameter a checkpoint tensor is part of in the generated module when the fusion passes fused
+    it (q/k/v in one qkv_proj, gate/up in one gate_up_proj). compose marks whole blocks trainable, so the
+    parts of one fused matrix train together."""
+    name = re.sub(r"\.self_attn\.[qkv]_proj\.", ".self_attn.qkv_proj.", name)
+    return re.sub(r"\.mlp\.((?:shared_expert|shared_experts)\.)?(?:gate|up)_proj\.", r".mlp.\1gate_up_proj.", name)
 
 
 def freeze(model, out_dir):

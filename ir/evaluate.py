@@ -1,7 +1,7 @@
 """The weight-expression evaluator: turns expressions into tensors, one output tensor at a time.
 
-Memory stays bounded by the largest tensors, not the model: a `Load` is never kept (reading it again is
-the cheapest way to get it again), and a computed expression used by several outputs is kept only until
+Memory stays bounded by the largest tensors, not the model: a `Load` is not kept (reading it again is
+the cheapest way to get it again) unless the cse pass found several outputs that are it, and a computed expression used by several outputs is kept only until
 its last use and only within `cache_bytes`; past that it is recomputed. Within one output every distinct
 sub-expression is evaluated once. Several threads may evaluate outputs at once (the writer prefetches):
 the bookkeeping is locked, the tensor work is not.
@@ -28,8 +28,12 @@ def torch_dtype(name: str):
 
 class Evaluator:
     def __init__(self, roots: Iterable[Expr], read: Callable[[Load], object], cache_bytes: int = 256 << 20,
-                 device: str = "cpu"):
+                 device: str = "cpu", keep: Iterable[Expr] = ()):
+        """`keep`: expressions several outputs use (the cse pass's `state.shared`), kept until their last
+        use even when they are plain loads, and computed by one thread while the others wait for it."""
         self.read = read
+        self.keep = frozenset(keep)
+        self.pending: dict[Expr, threading.Event] = {}
         self.cache_bytes = cache_bytes
         self.device = device
         self.lock = threading.Lock()
@@ -50,19 +54,35 @@ class Evaluator:
         return self._get(root, local)
 
     def _get(self, e: Expr, local: dict):
+        owner = wait = None
         with self.lock:
             t = local.get(e, self.kept.get(e))
-        if t is None:
-            t = self._compute(e, local)
-            local[e] = t
-        with self.lock:
-            self.uses[e] -= 1
-            if self.uses[e] <= 0:
-                if e in self.kept:
-                    self.kept_bytes -= _nbytes(self.kept.pop(e))
-            elif not isinstance(e, Load) and e not in self.kept and self.kept_bytes + _nbytes(t) <= self.cache_bytes:
-                self.kept[e] = t
-                self.kept_bytes += _nbytes(t)
+            if t is None and e in self.keep:
+                wait = self.pending.get(e)
+                if wait is None:
+                    owner = self.pending[e] = threading.Event()
+        if wait is not None:  # another thread is computing it: its result, unless it did not fit
+            wait.wait()
+            with self.lock:
+                t = self.kept.get(e)
+        try:
+            if t is None:
+                t = self._compute(e, local)
+                local[e] = t
+            with self.lock:
+                self.uses[e] -= 1
+                if self.uses[e] <= 0:
+                    if e in self.kept:
+                        self.kept_bytes -= _nbytes(self.kept.pop(e))
+                elif ((not isinstance(e, Load) or e in self.keep) and e not in self.kept
+                      and self.kept_bytes + _nbytes(t) <= self.cache_bytes):
+                    self.kept[e] = t
+                    self.kept_bytes += _nbytes(t)
+        finally:
+            if owner is not None:
+                with self.lock:
+                    del self.pending[e]
+                owner.set()
         return t
 
     def _compute(self, e: Expr, local: dict):

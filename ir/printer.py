@@ -11,6 +11,7 @@ from collections import Counter
 
 from compose.ir.graph import CROSS, Graph
 from compose.ir.nodes import DecoderBlock, MoE, Op
+from compose.ir.state import Fusion
 from compose.ir.weights import Concat, Const, Expr, Load, Merge, Noise, Ones, Rows, Scale, Select, Slice, Stack, Zeros
 
 
@@ -153,7 +154,71 @@ def state_lines(g: Graph, aliases: _Aliases) -> list[str]:
         out.append(f"state identity blocks = {', '.join(ids) or 'none'}")
     if s.target is not None:
         out.append(f"state target = {s.target.family} ({s.target.architecture})")
+    if s.shared:
+        n = sum(len(x.names) for x in s.shared)
+        out.append(f"state shared = {len(s.shared)} expressions used by {n} tensors")
+        out += _shared_lines(s.shared, aliases)
+    if s.fusion != Fusion():
+        out.append(f"state fusion = {s.fusion.describe()}")
     return out
+
+
+def _shared_lines(shared, aliases: _Aliases) -> list[str]:
+    """One line per shared expression, except that loads written under their own names in other places
+    (LLaMA-Pro's copied block, CogVLM's visual expert) print as one line per block:
+    `%0:model.layers.1.* -> model.layers.{1..2}.* (input_layernorm.weight, ...)`."""
+    groups: dict[tuple, list[str]] = {}
+    lines: list[tuple | str] = []
+    for x in shared:
+        e = x.expr
+        tail = _common_tail([e.key, *x.names]) if isinstance(e, Load) else ""
+        if tail.count(".") < 1:
+            lines.append(f"    {format_expr(e, aliases)} -> {name_set(x.names)}")
+            continue
+        key = (e.source, e.key[: len(e.key) - len(tail)], tuple(n[: len(n) - len(tail)] for n in x.names))
+        if key not in groups:
+            groups[key] = []
+            lines.append(key)
+        groups[key].append(tail)
+    out = []
+    for line in lines:
+        if isinstance(line, str):
+            out.append(line)
+            continue
+        source, prefix, targets = line
+        out.append(f"    {aliases.of(source)}:{prefix}* -> {name_set(tuple(t + '*' for t in targets))} "
+                   f"({', '.join(groups[line])})")
+    return out
+
+
+def _common_tail(names: list[str]) -> str:
+    """The longest dotted suffix every name ends with (`self_attn.q_proj.weight`), never a whole name."""
+    parts = [n.split(".") for n in names]
+    k = 0
+    while all(len(p) > k + 1 for p in parts) and len({p[-1 - k] for p in parts}) == 1:
+        k += 1
+    return ".".join(parts[0][len(parts[0]) - k:]) if k else ""
+
+
+def name_set(names: tuple[str, ...]) -> str:
+    """Names that differ in one dotted field only, as one (`...experts.{0..3}.w1`, `...{0,2}...`); a name
+    repeated (one stacked tensor holding the expression several times) counted (`...gate_up_proj x4`)."""
+    counts = Counter(names)
+    distinct = list(counts)
+    if len(distinct) == 1:
+        return f"{distinct[0]} x{counts[distinct[0]]}"
+    split = [n.split(".") for n in distinct]
+    differ = [i for i in range(len(split[0])) if len({len(p) for p in split}) == 1 and len({p[i] for p in split}) > 1]
+    if len({len(p) for p in split}) != 1 or len(differ) != 1 or set(counts.values()) != {1}:
+        return ", ".join(f"{n} x{c}" if c > 1 else n for n, c in counts.items())
+    i = differ[0]
+    values = [p[i] for p in split]
+    run = all(v.isdigit() for v in values) and [int(v) - int(values[0]) for v in values] == list(range(len(values)))
+    if run:
+        field = f"{{{values[0]}..{values[-1]}}}"
+    else:
+        field = "{" + ",".join(values) + "}"
+    return ".".join(split[0][:i] + [field] + split[0][i + 1:])
 
 
 def print_graph(g: Graph) -> str:

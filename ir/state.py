@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal, Protocol, Union
+from typing import TYPE_CHECKING, Literal, Protocol, Union
 
 from compose.errors import IRError
+
+if TYPE_CHECKING:
+    from compose.ir.weights import Expr
 
 TRAIN_RULES = ("all", "new", "cross", "vision")
 TrainRule = Literal["all", "new", "cross", "vision"]
@@ -65,6 +68,35 @@ class Target:
 
 
 @dataclass(frozen=True)
+class Shared:
+    """One weight expression several output tensors are (an upcycled FFN, E experts): the cse pass lists
+    them so the writer evaluates or reads it once and writes it to each."""
+
+    expr: "Expr"
+    names: tuple[str, ...]
+    """The output tensors (checkpoint names) that are this expression, in file order."""
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """How the generated module (and the ONNX graphs exported from it) computes what the checkpoint holds:
+    the fusion passes' decisions. The checkpoint itself is the same either way."""
+
+    qkv: bool = False
+    """q, k and v as one matmul: one qkv_proj (the checkpoint's three matrices concatenated at load)."""
+    gate_up: bool = False
+    """gate and up as one matmul: one gate_up_proj (concatenated at load)."""
+    experts: Literal["stacked"] | None = None
+    """stacked: each MoE layer's experts as one (E, ...) tensor per projection, for grouped GEMM."""
+
+    def describe(self) -> str:
+        parts = [p for p, on in (("qkv", self.qkv), ("gate_up", self.gate_up)) if on]
+        if self.experts:
+            parts.append(f"experts {self.experts}")
+        return ", ".join(parts) or "none"
+
+
+@dataclass(frozen=True)
 class Cost:
     """Parameters, active parameters per token, trainable parameters, FLOPs per token and bytes."""
 
@@ -90,6 +122,9 @@ class State:
     dropped: tuple[tuple[str, int], ...] = ()
     """(source, layer) of the blocks dead-weight elimination removed: never read."""
     target: Target | None = None
+    shared: tuple[Shared, ...] = ()
+    """What the cse pass found: expressions written under more than one name."""
+    fusion: Fusion = Fusion()
     cost: Cost | None = None
 
     def __post_init__(self) -> None:

@@ -287,6 +287,14 @@ class Merge(_Nary):
         return f"{self.method}([{', '.join(map(str, self.inputs))}]{', ' + s if s else ''})"
 
 
+def written_units(e: Expr) -> tuple[Expr, ...]:
+    """The expressions an output tensor is written from: itself, or each part a stacked or concatenated
+    output is assembled from (compose_moe's stacked experts, a fused expert's gate and up)."""
+    if isinstance(e, (Stack, Concat)):
+        return tuple(u for x in e.inputs for u in written_units(x))
+    return (e,)
+
+
 def is_zero(e: Expr) -> bool:
     """True when `e` is zero by construction (not by inspecting data)."""
     if isinstance(e, Zeros):

@@ -1,4 +1,4 @@
 """Passes over the graph IR: one module per pass, run by the PassManager."""
-from compose.passes.manager import DEFAULT_PIPELINE, REGISTRY, PassManager
+from compose.passes.manager import DEFAULT_PIPELINE, FUSION, REGISTRY, PassManager
 
-__all__ = ["DEFAULT_PIPELINE", "REGISTRY", "PassManager"]
+__all__ = ["DEFAULT_PIPELINE", "FUSION", "REGISTRY", "PassManager"]

@@ -11,16 +11,23 @@ from compose.ir import Graph
 from compose.ir.verify import verify
 from compose.passes.base import Pass
 from compose.passes.cost import Cost
+from compose.passes.cse import CSE
 from compose.passes.dead_weights import DeadWeights
 from compose.passes.fold import Fold
+from compose.passes.fuse_gate_up import FuseGateUp
+from compose.passes.fuse_qkv import FuseQKV
 from compose.passes.preservation import Preservation
+from compose.passes.stack_experts import StackExperts
 from compose.passes.target import Target
 from compose.passes.trainable import Trainable
 from compose.passes.verify import Verify
 
-REGISTRY: dict[str, type[Pass]] = {p.name: p for p in (Verify, Fold, DeadWeights, Target, Preservation, Trainable,
-                                                       Cost)}
-DEFAULT_PIPELINE = ("verify", "fold", "dead-weights", "target", "preservation", "trainable", "cost")
+REGISTRY: dict[str, type[Pass]] = {p.name: p for p in (Verify, Fold, DeadWeights, Target, CSE, FuseQKV, FuseGateUp,
+                                                       StackExperts, Preservation, Trainable, Cost)}
+FUSION = ("fuse-qkv", "fuse-gate-up")
+"""The passes that change only how the generated module computes (`compose build --no-fuse` skips them)."""
+DEFAULT_PIPELINE = ("verify", "fold", "dead-weights", "target", "cse", *FUSION, "stack-experts", "preservation",
+                    "trainable", "cost")
 
 
 class PassManager:

@@ -28,6 +28,11 @@ GOLDEN = Path(__file__).parent / "golden"
     ("qwen3_llama_pro", []),
     ("gemma3_solar", []),
     ("gemma2_moe", ["--after", "target"]),
+    # One dump per fusion-stage pass: what each one decides, in the order the pipeline runs them.
+    ("llama_pro", ["--after", "cse"]),
+    ("llama_pro", ["--after", "fuse-qkv"]),
+    ("qwen3_llama_pro", ["--after", "fuse-gate-up"]),
+    ("moe_upcycle", ["--after", "stack-experts"]),
 ])
 def test_inspect_matches_golden(name, args, capsys):
     assert main(["inspect", str(ROOT / "specs" / f"{name}.py"), *args]) == 0
