@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from compose.backends.onnx_weights import HALF_DTYPES, store_half
 from compose.backends.torch import kind, load_module
 from compose.errors import BuildError
 
@@ -79,7 +80,7 @@ def _dynamic(names: list[str], k: str) -> tuple:
     return tuple(shapes)
 
 
-def _export(model, inputs: dict, outputs: list[str], path: Path, k: str):
+def _export(model, inputs: dict, outputs: list[str], path: Path, k: str, half: bool = False):
     names = list(inputs)
     shapes = _dynamic(names, k)
     if len(names) > 1 and names[1].startswith("past_key_values."):
@@ -92,6 +93,7 @@ def _export(model, inputs: dict, outputs: list[str], path: Path, k: str):
             where = f" at node {_ir_node(open_nodes[-1])} ({open_nodes[-1]})" if open_nodes else ""
             raise BuildError(f"ONNX export failed{where}: {_first_line(e)}") from None
     _strip_metadata(program.model)
+    program.stored = store_half(program.model) if half else None
     # Past 2 GB of weights the exporter writes them beside the graph as `<name>.data` (a relative name in
     # the graph); a smaller re-export would leave an old one behind, recorded and hashed as if current.
     _data_file(path).unlink(missing_ok=True)
@@ -190,19 +192,25 @@ def export(folder: Path, *, check: bool = True, dense_moe: bool = False) -> dict
         raise BuildError(f"--dense-moe: {folder} has no MoE layers")
     for m in moe_layers:
         m.dispatch = "dense" if dense_moe else "loop"
+    # A half-precision build keeps its weights half-size in the graphs (see onnx_weights).
+    dtype = getattr(module, "DTYPE", None) or module.Config.dtype  # a composite's glue module, or one model's
+    half = dtype in HALF_DTYPES
     ex = _inputs(module, model, k, 2, 12, seed=0)
-    program = _export(model, ex, ["logits"], folder / FILES[0], k)
+    program = _export(model, ex, ["logits"], folder / FILES[0], k, half)
     graphs = [FILES[0]]
     if k == "single":
         n = model.model.config.n_layer
         ex = _inputs(module, model, k, 2, 3, seed=0, past=5)
         present = [f"present.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
-        _export(_WithPast(model, module), ex, ["logits", *present], folder / FILES[1], k)
+        _export(_WithPast(model, module), ex, ["logits", *present], folder / FILES[1], k, half)
         graphs.append(FILES[1])
     files = [f for g in graphs for f in (g, _data_file(folder / g).name) if (folder / f).is_file()]
     opset = next((o.version for o in program.model_proto.opset_import if o.domain in ("", "ai.onnx")), None)
     record = {"files": files, "opset": opset, "exporter": f"torch.onnx dynamo (torch {torch.__version__})",
-              "inputs": {"kind": k}}
+              "inputs": {"kind": k}, "compute": "float32",
+              "weights": ("float16 (cast to float32 in the graph; float32 where float16 cannot hold a constant: "
+                          f"{program.stored['float32']} of {sum(program.stored.values())} in model.onnx)")
+              if half else "float32"}
     if moe_layers:
         record["moe_dispatch"] = "dense" if dense_moe else "loop"
     if check:

@@ -103,7 +103,7 @@ def test_a_failed_export_leaves_no_graph_behind(torch_build, tmp_path, monkeypat
 
     folder = copy_of(torch_build, tmp_path)
 
-    def half_written(model, inputs, outputs, path, k):
+    def half_written(model, inputs, outputs, path, k, *rest):
         path.write_bytes(b"half a graph")
         raise BuildError("ONNX export failed at node layers.1: a test's failure")
 
