@@ -24,6 +24,8 @@ from compose.backends.torch import kind, load_module
 from compose.errors import BuildError
 
 TOLERANCE = 1e-4
+"""Of the outputs' scale: the largest |value| PyTorch computes, at least 1. float32 rounding grows with the
+logits' size (a model of width 1024 and 32k vocabulary differs by about 1e-4 in absolute terms)."""
 FILES = ("model.onnx", "model_with_past.onnx")
 
 
@@ -88,7 +90,9 @@ def _export(model, inputs: dict, outputs: list[str], path: Path, k: str, half: b
     with _open_nodes(model) as open_nodes:
         try:
             program = torch.onnx.export(model, tuple(inputs.values()), dynamo=True, input_names=names,
-                                        output_names=outputs, dynamic_shapes=shapes, verbose=False)
+                                        output_names=outputs, dynamic_shapes=shapes, verbose=False,
+                                        optimize=False)
+            _optimize(program.model)
         except Exception as e:  # noqa: BLE001  (any exporter failure: name the IR node it came from)
             where = f" at node {_ir_node(open_nodes[-1])} ({open_nodes[-1]})" if open_nodes else ""
             raise BuildError(f"ONNX export failed{where}: {_first_line(e)}") from None
@@ -99,6 +103,32 @@ def _export(model, inputs: dict, outputs: list[str], path: Path, k: str, half: b
     _data_file(path).unlink(missing_ok=True)
     program.save(str(path))
     return program
+
+
+def _optimize(model) -> None:
+    """The exporter's optimizer without its pattern rewriter: constant folding (weight transposes become
+    initializers), dead-node removal, initializer and subexpression dedupe, as torch.onnx's `optimize=True`
+    runs them. The rewriter tries every rule at every node: a third of the export of an 8-expert upcycle
+    (141 s -> 98 s on 2 cores), whose graphs onnxruntime then runs as fast (it fuses on load itself)."""
+    import onnx_ir as ir
+    from onnx_ir.passes import common
+    from onnxscript.optimizer import _constant_folding as folding
+
+    fold = folding.FoldConstantsPass(shape_inference=True,
+                                     input_size_limit=folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
+                                     output_size_limit=folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT)
+    ir.passes.Sequential(
+        common.InlinePass(),
+        ir.passes.PassManager([fold, common.RemoveUnusedNodesPass(), common.RemoveUnusedFunctionsPass(),
+                               common.RemoveUnusedOpsetsPass()], steps=2, early_stop=True),
+        common.RemoveUnusedNodesPass(),
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common.LiftSubgraphInitializersToMainGraphPass(),
+        common.DeduplicateInitializersPass(),
+        common.CommonSubexpressionEliminationPass(),
+        common.OutputFixPass(),
+        common.NameFixPass(),
+    )(model)
 
 
 def _data_file(graph: Path) -> Path:
@@ -234,7 +264,7 @@ def verify(folder: Path, *, module=None, model=None) -> dict:
             continue
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         outputs = [o.name for o in session.get_outputs()]
-        worst = 0.0
+        worst = limit = 0.0
         for batch, seq, past, seed in ((1, 9, 0, 101), (3, 17, 4, 202)):
             seq, past = (seq, None) if name == FILES[0] else (2, past)
             inputs = _inputs(module, model, k, batch, seq, seed, past=past)
@@ -243,9 +273,12 @@ def verify(folder: Path, *, module=None, model=None) -> dict:
                 ref = (_WithPast(model, module) if name == FILES[1] else model)(*inputs.values())
             ref = ref if isinstance(ref, tuple) else (ref,)
             where = f"batch {batch}, sequence {seq}" + ("" if past is None else f", past {past}")
-            worst = max(worst, _difference(path, outputs, got, [r.numpy() for r in ref], where))
-        if not worst <= TOLERANCE:
-            raise BuildError(f"{path}: onnxruntime differs from PyTorch by {worst:.2e} (> {TOLERANCE:g})")
+            ref = [r.numpy() for r in ref]
+            worst = max(worst, _difference(path, outputs, got, ref, where))
+            limit = max(limit, TOLERANCE * max(1.0, *(float(abs(r).max()) for r in ref)))
+        if not worst <= limit:
+            raise BuildError(f"{path}: onnxruntime differs from PyTorch by {worst:.2e} (> {limit:.2e}: {TOLERANCE:g} "
+                             "of the largest output)")
         result[name] = worst
     if not result:
         raise BuildError(f"{folder}: no ONNX graphs to verify (export with `compose export {folder} --format onnx`)")

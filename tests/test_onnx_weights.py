@@ -63,3 +63,21 @@ def test_fused_graphs_have_one_matmul_for_qkv_and_one_for_gate_up(builds):
     """Per layer: q/k/v, o, gate/up, down, and attention's two; unfused, q, k, v and gate, up apart."""
     fused, plain = _matmuls(builds["bf16"] / "model.onnx"), _matmuls(builds["fp32_unfused"] / "model.onnx")
     assert plain - fused == 2 * (2 + 1)  # two layers, each two fewer for q/k/v and one fewer for gate/up
+
+
+def test_verify_fails_when_the_graph_and_the_weights_disagree(builds, tmp_path):
+    """The check is not vacuous: weights changed after the export make onnxruntime and PyTorch differ."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from compose.backends import onnx as onnx_backend
+    from compose.errors import BuildError
+
+    folder = tmp_path / "copy"
+    shutil.copytree(builds["bf16"], folder)
+    state = load_file(folder / "model.safetensors")
+    state["model.norm.weight"] = state["model.norm.weight"] * 1.01
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(BuildError, match="onnxruntime differs from PyTorch"):
+        onnx_backend.verify(folder)
