@@ -1,8 +1,9 @@
 """The weight-expression evaluator: turns expressions into tensors, one output tensor at a time.
 
 Memory stays bounded by the largest tensors, not the model: a `Load` is not kept (reading it again is
-the cheapest way to get it again) unless the cse pass found several outputs that are it, and a computed expression used by several outputs is kept only until
-its last use and only within `cache_bytes`; past that it is recomputed. Within one output every distinct
+the cheapest way to get it again) unless it is one the caller asks to keep (what the cse pass found
+several outputs to be), and a computed expression used by several outputs is kept only until its last
+use and only within `cache_bytes`; past that it is recomputed. Within one output every distinct
 sub-expression is evaluated once. Several threads may evaluate outputs at once (the writer prefetches):
 the bookkeeping is locked, the tensor work is not.
 """
