@@ -70,3 +70,21 @@ def test_prefetch_keeps_no_result_once_consumed():
         # Alive: the one in hand, those produced ahead within the budget, and at most one a worker thread
         # has not let go of yet; never a growing pile of consumed ones.
         assert sum(r() is not None for r in refs) <= 4, i
+
+
+def test_max_memory_refuses_before_writing_and_otherwise_changes_nothing(tmp_path):
+    """--max-memory below one tensor's working set is refused, naming it, with nothing written; a budget
+    that fits gives the same bytes as the default."""
+    from compose.errors import BuildError
+
+    from compose import merge
+
+    a, b = load("tiny:llama?seed=1"), load("tiny:llama?seed=2")
+    spec = merge.linear([a, b], weights=[0.3, 0.7])
+    with pytest.raises(BuildError, match=r"--max-memory 10 kB: tensor model\.embed_tokens\.weight alone needs"):
+        build(spec, tmp_path / "small", progress=False, max_memory="10kB")
+    assert not (tmp_path / "small").exists() and list(tmp_path.iterdir()) == []
+    build(spec, tmp_path / "bounded", progress=False, max_memory="1MB", workers=3)
+    build(spec, tmp_path / "default", progress=False)
+    bounded, default = (tmp_path / name / "model.safetensors" for name in ("bounded", "default"))
+    assert bounded.read_bytes() == default.read_bytes()
