@@ -1,9 +1,12 @@
 """onnxruntime vs PyTorch eager on CPU, for tiny composed models, in one run.
 
-Builds each spec with --format hf,onnx in a temporary folder, then times a full forward (input_ids ->
-logits) at batch 1 and 8 in onnxruntime (CPU provider) and in the generated PyTorch module (eager,
-torch.no_grad), median of --reps after warm-up, and prints the ratio. Target (issue 6): onnxruntime
-<= 1.0x PyTorch. The last row exports the MoE with --dense-moe (PyTorch still dispatches sparsely).
+Builds each spec with --format hf,onnx in a temporary folder, with the fusion passes (the default) and
+without them (--no-fuse), then times a full forward (input_ids -> logits) at batch 1 and 8 in onnxruntime
+(CPU provider) and in the generated PyTorch module (eager, torch.no_grad), median of --reps after warm-up.
+Prints onnxruntime's time over PyTorch's (both fused) and the fused over the unfused time of each runtime.
+Targets (issues 6 and 15): onnxruntime <= 1.0x PyTorch, CALM at batch 8 included. The last row exports the
+MoE with --dense-moe (PyTorch still dispatches sparsely). CALM and CogVLM are never fused (their generated
+modules keep the checkpoint's layout), so their fused/unfused rows measure noise.
 
     python bench/onnx_cpu.py [--seq 128] [--reps 20] [--threads 2]
 """
@@ -49,23 +52,33 @@ def main() -> None:
 
     torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, {a.threads} threads, sequence {a.seq}")
-    print(f"{'model':34} {'batch':>5} {'torch ms':>9} {'ort ms':>9} {'ort/torch':>9}")
+    print(f"{'model':34} {'batch':>5} {'torch ms':>9} {'ort ms':>9} {'ort/torch':>9} "
+          f"{'torch fused/unfused':>20} {'ort fused/unfused':>18} {'export s':>9}")
     with tempfile.TemporaryDirectory() as tmp:
         for i, name in enumerate([*SPECS, *DENSE]):
             spec = SPECS[DENSE.get(name, name)]
-            out = build(eval(spec), Path(tmp) / f"m{i}", formats=["hf", "onnx"], progress=False,
-                        dense_moe=name in DENSE)
-            model = load_module(out).ComposeForCausalLM.from_pretrained(out)
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = a.threads
-            session = ort.InferenceSession(str(out / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+            models, sessions, export = {}, {}, {}
+            for fuse in (True, False):
+                t = time.perf_counter()
+                out = build(eval(spec), Path(tmp) / f"m{i}-{fuse}", formats=["hf", "onnx"], progress=False,
+                            dense_moe=name in DENSE, fuse=fuse)
+                export[fuse] = time.perf_counter() - t
+                models[fuse] = load_module(out).ComposeForCausalLM.from_pretrained(out)
+                opts = ort.SessionOptions()
+                opts.intra_op_num_threads = a.threads
+                sessions[fuse] = ort.InferenceSession(str(out / "model.onnx"), opts,
+                                                      providers=["CPUExecutionProvider"])
             for batch in (1, 8):
                 ids = torch.randint(0, 512, (batch, a.seq))
                 feed = {"input_ids": ids.numpy()}
-                with torch.no_grad():
-                    t_torch = _time(lambda: model(ids), a.reps)
-                t_ort = _time(lambda: session.run(None, feed), a.reps)
-                print(f"{name:34} {batch:>5} {t_torch:>9.2f} {t_ort:>9.2f} {t_ort / t_torch:>8.2f}x")
+                t_torch, t_ort = {}, {}
+                for fuse in (True, False):
+                    with torch.no_grad():
+                        t_torch[fuse] = _time(lambda: models[fuse](ids), a.reps)
+                    t_ort[fuse] = _time(lambda: sessions[fuse].run(None, feed), a.reps)
+                print(f"{name:34} {batch:>5} {t_torch[True]:>9.2f} {t_ort[True]:>9.2f} "
+                      f"{t_ort[True] / t_torch[True]:>8.2f}x {t_torch[True] / t_torch[False]:>19.2f}x "
+                      f"{t_ort[True] / t_ort[False]:>17.2f}x {export[True]:>9.0f}")
 
 
 if __name__ == "__main__":
