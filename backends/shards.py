@@ -6,16 +6,19 @@ with spaces to a multiple of 8, then the raw little-endian data), readable by `s
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import os
+import queue
 import re
 import struct
-from dataclasses import dataclass
-from pathlib import Path
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
 from compose.errors import BuildError
@@ -135,27 +138,59 @@ class RawCopy:
     check: Callable[[memoryview], None]
 
     CHUNK = 64 << 20
+    BUFFERS = 4
 
     def chunks(self, buffers: list[bytearray]) -> Iterator[memoryview]:
-        """The bytes, checked, read in turn into each of `buffers` (CHUNK bytes each): a chunk stays valid
-        until len(buffers) more have been read."""
-        with self.open() as f:
-            f.seek(self.offset)
-            left = self.nbytes
-            n = 0
-            while left:
-                buf = buffers[n % len(buffers)]
-                n += 1
-                view = memoryview(buf)[:min(len(buf), left)]
-                got = f.readinto(view)
-                if not got:
-                    raise BuildError(f"{self.path}: ends inside a tensor ({left} bytes short); the file changed "
-                                     "or is truncated")
-                view = view[:got]
-                self.check(view)
-                yield view
-                left -= got
+        """The bytes, checked, in turn in each of `buffers` (CHUNK bytes each), read ahead on a thread of
+        their own so the source is read while the writer writes (and waits on the disk). A chunk stays
+        valid until the one after the next is asked for: the consumer writes a chunk and hashes it (on the
+        Hasher thread, which finishes the previous chunk's hash before taking the next) before asking."""
+        if len(buffers) < 3:
+            raise ValueError("RawCopy.chunks reads ahead: it needs at least three buffers")
+        free: queue.Queue = queue.Queue()
+        for b in buffers:
+            free.put(b)
+        ready: queue.Queue = queue.Queue()
+        stop = threading.Event()
 
+        def read() -> None:
+            try:
+                with self.open() as f:
+                    f.seek(self.offset)
+                    left = self.nbytes
+                    while left and not stop.is_set():
+                        buf = free.get()
+                        if buf is None:
+                            return
+                        view = memoryview(buf)[:min(len(buf), left)]
+                        got = f.readinto(view)
+                        if not got:
+                            raise BuildError(f"{self.path}: ends inside a tensor ({left} bytes short); the file "
+                                             "changed or is truncated")
+                        view = view[:got]
+                        self.check(view)
+                        ready.put((buf, view))
+                        left -= got
+            except Exception as e:  # noqa: BLE001 -- handed to the consumer, raised there
+                ready.put((None, e))
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        try:
+            left, held = self.nbytes, deque()
+            while left:
+                buf, view = ready.get()
+                if buf is None:
+                    raise view
+                held.append(buf)
+                if len(held) > 2:  # written and hashed: free for the reader
+                    free.put(held.popleft())
+                yield view
+                left -= len(view)
+        finally:
+            stop.set()
+            free.put(None)
+            reader.join()
 
     def read_all(self) -> bytearray:
         """The bytes in one buffer of their own, checked chunk by chunk (see SharedBytes)."""
@@ -218,6 +253,70 @@ class Hasher:
         return self.sha.hexdigest()
 
 
+class WriteBehind:
+    """Starts the disk on what has been written as it is written, and drops it from the page cache a few
+    windows later, so the disk writes from the first chunk instead of idling until the kernel's dirty
+    threshold (10% of memory: gigabytes) and the build never fills the cache with its own output.
+
+    Every WINDOW bytes, that range's writeback starts (`sync_file_range(WRITE)`: asynchronous); the range
+    LAG windows back is then waited for and dropped. The writer stays at most LAG windows ahead of the disk:
+    when the disk is the bottleneck that costs nothing, and it bounds the dirty memory. Where
+    sync_file_range is missing (not Linux), `posix_fadvise(DONTNEED)` starts writeback of the range and
+    drops what is clean; where that is missing too, nothing is done and the kernel writes back on its own.
+    """
+
+    WINDOW = 64 << 20
+    LAG = 4
+    _WRITE, _WAIT = 2, 1 | 2 | 4  # SYNC_FILE_RANGE_WRITE; WAIT_BEFORE | WRITE | WAIT_AFTER
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.fd = f, f.fileno()
+        self.started = 0  # bytes whose writeback has started
+        self.ranges: deque[tuple[int, int]] = deque()
+
+    def wrote(self, end: int) -> None:
+        """The file's bytes [0, end) have been handed to f.write."""
+        if end - self.started < self.WINDOW:
+            return
+        self.f.flush()
+        n = end - self.started
+        if _sync_range(self.fd, self.started, n, self._WRITE):
+            self.ranges.append((self.started, n))
+        else:
+            _fadvise_dontneed(self.fd, self.started, n)
+        self.started = end
+        while len(self.ranges) > self.LAG:
+            off, n = self.ranges.popleft()
+            _sync_range(self.fd, off, n, self._WAIT)
+            _fadvise_dontneed(self.fd, off, n)
+
+
+def _libc_sync_file_range():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_FILE_RANGE = _libc_sync_file_range()
+
+
+def _sync_range(fd: int, off: int, n: int, flags: int) -> bool:
+    """sync_file_range(2); False where it is missing or the file system refuses it."""
+    return _SYNC_FILE_RANGE is not None and _SYNC_FILE_RANGE(fd, off, n, flags) == 0
+
+
+def _fadvise_dontneed(fd: int, off: int, n: int) -> None:
+    try:
+        os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
+    except (AttributeError, OSError):
+        pass
+
+
 def write_shard(path: Path, entries: list[Entry], tensors: Iterator,
                 on_bytes: Callable[[int], None] = lambda n: None, done: Callable[[int], None] = os.close) -> str:
     """Write one shard, taking its tensors (or RawCopy byte ranges) from `tensors` in order; return the
@@ -233,19 +332,24 @@ def write_shard(path: Path, entries: list[Entry], tensors: Iterator,
     sha = Hasher()
     buffers = None
     with open(path, "wb") as f:
+        behind = WriteBehind(f)
+        at = 0
         for chunk in (struct.pack("<Q", len(raw)), raw):
             f.write(chunk)
             sha.update(chunk)
+            at += len(chunk)
         for e in entries:
             t = next(tensors)
             if isinstance(t, RawCopy):
                 if t.nbytes != e.nbytes:
                     raise BuildError(f"tensor {e.name}: the source holds {t.nbytes} bytes, planned {e.nbytes}")
-                if buffers is None:  # two, made once per shard: one is hashed while the other is read
-                    buffers = [bytearray(RawCopy.CHUNK), bytearray(RawCopy.CHUNK)]
+                if buffers is None:  # made once per shard: one is hashed and written while the others are read
+                    buffers = [bytearray(RawCopy.CHUNK) for _ in range(RawCopy.BUFFERS)]
                 for view in t.chunks(buffers):
                     sha.update(view)  # waits for the previous chunk's hash first: its buffer is read next
                     f.write(view)
+                    at += len(view)
+                    behind.wrote(at)
                     on_bytes(len(view))
                 sha.wait()
                 continue
@@ -256,7 +360,11 @@ def write_shard(path: Path, entries: list[Entry], tensors: Iterator,
             if data.nbytes != e.nbytes:
                 raise BuildError(f"tensor {e.name}: produced {data.nbytes} bytes, planned {e.nbytes}")
             sha.update(data)
-            f.write(data)
+            for i in range(0, data.nbytes, WriteBehind.WINDOW):  # in windows, so writeback starts as it goes
+                piece = data[i:i + WriteBehind.WINDOW]
+                f.write(piece)
+                at += piece.nbytes
+                behind.wrote(at)
             on_bytes(data.nbytes)
             sha.wait()  # the hash still reads the tensor's memory
             del t, data

@@ -88,3 +88,80 @@ def test_max_memory_refuses_before_writing_and_otherwise_changes_nothing(tmp_pat
     build(spec, tmp_path / "default", progress=False)
     bounded, default = (tmp_path / name / "model.safetensors" for name in ("bounded", "default"))
     assert bounded.read_bytes() == default.read_bytes()
+
+
+def _raw_copies(tmp_path, sizes, check=lambda view: None):
+    """RawCopy ranges of one source file of random bytes, with the file's bytes."""
+    import os
+
+    from compose.backends.shards import RawCopy
+
+    data = os.urandom(sum(sizes))
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+    copies, at = [], 0
+    for n in sizes:
+        copies.append(RawCopy(src, lambda: open(src, "rb"), at, n, check=check))
+        at += n
+    return data, copies
+
+
+def test_read_ahead_and_write_behind_write_the_source_bytes_and_their_hash(tmp_path, monkeypatch):
+    """Chunks read ahead on a thread into reused buffers while earlier ones are hashed and written, the
+    written file's writeback started and dropped window by window: every byte and the sha256 are the
+    file's own (a buffer refilled while it was still being hashed or written would show here)."""
+    import hashlib
+
+    from compose.backends import shards
+    from compose.backends.shards import Entry, write_shard
+
+    monkeypatch.setattr(shards.RawCopy, "CHUNK", 64)
+    monkeypatch.setattr(shards.WriteBehind, "WINDOW", 128)
+    sizes = [1000, 64, 1, 4096 + 7, 2 * 64 * shards.RawCopy.BUFFERS + 3]
+    data, copies = _raw_copies(tmp_path, sizes)
+    computed = torch.arange(300, dtype=torch.float32)  # a decoded tensor between the copies, in windows too
+    # Sizes in bytes: plan them as a 1-byte dtype (write_shard checks every tensor against its planned size).
+    monkeypatch.setitem(shards.BYTES, "bfloat16", 1)
+    monkeypatch.setitem(shards.ST_CODES, "bfloat16", "U8")
+    entries = [Entry(f"t{i}", (n,), "bfloat16") for i, n in enumerate(sizes)]
+    entries.insert(2, Entry("computed", (1200,), "bfloat16"))
+    items = [*copies[:2], computed, *copies[2:]]
+    out = tmp_path / "out.safetensors"
+    sha = write_shard(out, entries, iter(items))
+    written = out.read_bytes()
+    assert sha == hashlib.sha256(written).hexdigest()
+    header = 8 + int.from_bytes(written[:8], "little")
+    body = written[header:]
+    expected = data[:1064] + computed.numpy().tobytes() + data[1064:]
+    assert body == expected
+
+
+def test_read_ahead_raises_the_checks_error_and_stops_its_thread(tmp_path, monkeypatch):
+    import threading
+
+    from compose.backends import shards
+    from compose.errors import SourceError
+
+    monkeypatch.setattr(shards.RawCopy, "CHUNK", 16)
+    seen = []
+
+    def check(view):
+        seen.append(len(view))
+        if len(seen) == 5:
+            raise SourceError("chunk 5 holds NaN")
+
+    _, (copy,) = _raw_copies(tmp_path, [16 * 40], check)
+    before = threading.active_count()
+    buffers = [bytearray(16) for _ in range(shards.RawCopy.BUFFERS)]
+    got = 0
+    with pytest.raises(SourceError, match="chunk 5"):
+        for view in copy.chunks(buffers):
+            got += 1
+    assert got < 5 and threading.active_count() == before
+    # A truncated source names the file.
+    (tmp_path / "src.bin").write_bytes(b"x" * 100)
+    short = shards.RawCopy(tmp_path / "src.bin", lambda: open(tmp_path / "src.bin", "rb"), 0, 640, lambda v: None)
+    with pytest.raises(Exception, match="src.bin: ends inside a tensor"):
+        for _ in short.chunks(buffers):
+            pass
+    assert threading.active_count() == before
