@@ -17,9 +17,15 @@ from compose.ir.weights import Expr, Load, Merge, Rows
 
 
 def _finite(t) -> bool:
+    """Whether a tensor holds no NaN or Inf: its min and max are finite (both propagate NaN). One pass and
+    no allocation: torch.isfinite(t).all() makes a bool tensor the size of `t` and ran at 0.09 GB/s on
+    bfloat16 here, 50x slower than aminmax, most of a 3B linear merge's CPU time."""
     import torch
 
-    return not t.is_floating_point() or bool(torch.isfinite(t).all())
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 class FiniteCheck:
@@ -64,13 +70,13 @@ class FiniteCheck:
 
 
 def finite_bytes(chunk, dtype: str) -> bool:
-    """Whether the little-endian floats of `dtype` in `chunk` (whole elements) are all finite: torch's
-    isfinite over the bytes as they are (no copy; multithreaded, and the GIL is released)."""
+    """Whether the little-endian floats of `dtype` in `chunk` (whole elements) are all finite, read as they
+    are (no copy; multithreaded, and the GIL is released)."""
     import torch
 
     if dtype not in TORCH_DTYPES or not len(chunk):
         return True
-    return bool(torch.isfinite(torch.frombuffer(chunk, dtype=getattr(torch, dtype))).all())
+    return _finite(torch.frombuffer(chunk, dtype=getattr(torch, dtype)))
 
 
 def _culprit(expr: Expr) -> str:

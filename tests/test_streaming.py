@@ -51,6 +51,14 @@ def test_finite_bytes_reads_each_dtype(dtype):
         y = x.clone()
         y[2] = bad
         assert not finite_bytes(bytearray(y.view(torch.uint8).numpy().tobytes()), name), (name, bad)
+    # A long tensor (vectorised body and tail): one bad value anywhere, of either sign, is found.
+    long = torch.linspace(-3e4 if dtype != torch.float16 else -6e4, 6e4, 1000 + 13).to(dtype)
+    assert finite_bytes(bytearray(long.view(torch.uint8).numpy().tobytes()), name)
+    for at in (0, 1, 31, 500, 1011, 1012):
+        for bad in (float("nan"), -float("nan"), float("inf"), float("-inf")):
+            y = long.clone()
+            y[at] = bad
+            assert not finite_bytes(bytearray(y.view(torch.uint8).numpy().tobytes()), name), (name, at, bad)
 
 
 def test_prefetch_keeps_no_result_once_consumed():
