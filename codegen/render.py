@@ -264,10 +264,10 @@ def check_source(name: str, source: str) -> str:
     return source
 
 
-def _wrapper(forward: str, generate: str, extra_args: tuple[str, ...], model_type: str) -> str:
+def _wrapper(kind: str, forward: str, cache_class: str, model_type: str) -> str:
     """modeling_compose_hf.py: the transformers classes config.json's auto_map names, around the module's
-    `forward` and `generate` functions (`extra_args`: the forward arguments passed through)."""
-    return _template("hf_wrapper.py.j2").render(forward=forward, generate=generate, extra_args=repr(extra_args),
+    `forward` function and cache class; `kind` (single, calm, cogvlm) picks the inputs it takes."""
+    return _template("hf_wrapper.py.j2").render(kind=kind, forward=forward, cache_class=cache_class,
                                                 model_type=model_type)
 
 
@@ -277,7 +277,7 @@ def _render_files(graph: Graph) -> dict[str, str]:
         files = {"modeling_compose.py": render_modeling(graph)}
         family = _family(graph)
         if family.generated:  # written as this code behind an auto_map: the transformers wrapper too
-            files["modeling_compose_hf.py"] = _wrapper("compose_forward", "compose_generate", (), family.model_type)
+            files["modeling_compose_hf.py"] = _wrapper("single", "compose_forward", "KVCache", family.model_type)
         return files
     if kind == "cogvlm":
         return _render_cogvlm(graph)
@@ -301,7 +301,7 @@ def _render_files(graph: Graph) -> dict[str, str]:
         augment_family=side_cfg.family, augment_layers=len(side), augment_width=h,
         pairs=tuple(graph.state.calm.pairs), heads=cross[0].heads, dtype=graph.config.dtype,
         tied=graph.head.tied, final_softcap=graph.config.final_softcap is not None)
-    wrapper = _wrapper("calm_forward", "calm_generate", ("augment_ids",), families.COMPOSITE)
+    wrapper = _wrapper("calm", "calm_forward", "CalmCache", families.COMPOSITE)
     return {"modeling_compose_anchor.py": render_modeling(anchor),
             "modeling_compose_augment.py": render_modeling(augment),
             "modeling_compose.py": glue, "modeling_compose_hf.py": wrapper}
@@ -321,6 +321,6 @@ def _render_cogvlm(graph: Graph) -> dict[str, str]:
                                             qk_norm=block["qk_norm"], sandwich=block["sandwich"], fused=block["fused"],
                                             local_rope=_rope_attrs(graph)["local_rope_theta"] is not None,
                                             final_softcap=c.final_softcap is not None)
-    wrapper = _wrapper("cogvlm_forward", "cogvlm_generate", ("token_type_ids", "images"), families.COMPOSITE)
+    wrapper = _wrapper("cogvlm", "cogvlm_forward", "CogVLMCache", families.COMPOSITE)
     return {"modeling_compose_language.py": render_modeling(language), "modeling_compose.py": glue,
             "modeling_compose_hf.py": wrapper}
