@@ -1,12 +1,18 @@
 """The onnx backend: the generated PyTorch module of a build -> ONNX (torch.onnx, dynamo exporter), checked
 in onnxruntime against PyTorch.
 
-Two graphs where it makes sense:
-- model.onnx: input_ids (batch, sequence) -> logits, for every kind of composed model (CALM reads the
-  same ids with both models; CogVLM also takes token_type_ids and images (batch, patches, width)).
-- model_with_past.onnx (one-model builds: dense, merged, MoE): input_ids plus `past_key_values.N.key` /
-  `.value` (batch, kv_heads, past_sequence, head_dim), out logits and `present.N.key` / `.value`: the
-  Optimum naming, so ONNX Runtime GenAI-style loops can drive it. past_sequence may be 0 (the prompt).
+One graph, `model.onnx`:
+- one-model builds (dense, merged, MoE): the decoder as Optimum exports it, so that
+  `optimum.onnxruntime.ORTModelForCausalLM.from_pretrained(folder)` (which loads `model.onnx` unless told
+  otherwise) and onnxruntime-genai (through the `genai_config.json` written beside it) drive it as they
+  are. Inputs `input_ids`, `attention_mask` (batch, past_sequence_length + sequence_length),
+  `position_ids`, `past_key_values.N.key` / `.value` (batch, kv_heads, past_sequence_length, head_dim);
+  outputs `logits` and `present.N.key` / `.value`. The prompt is the step with an empty past
+  (past_sequence_length 0), so no second graph without a cache is needed (Optimum's own exports have
+  none either, and each graph holds a full copy of the weights). Padding is masked out of attention and
+  positions come from position_ids, so a left-padded batch decodes what transformers decodes.
+- CALM and CogVLM: input_ids (batch, sequence) -> logits, no cache (CALM reads the same ids with both
+  models; CogVLM also takes token_type_ids and images (batch, patches, width)).
 MoE layers export their loop over experts (each expert takes only the rows routed to it: top-k, gather,
 index_add stay in the graph and sparse), since grouped_mm has no ONNX translation. `dense_moe` exports the
 dense dispatch instead: every expert on every token, weighted by the router (zero where not chosen), a
@@ -14,6 +20,7 @@ graph with no data-dependent shapes for runtimes that want one, at n_experts / t
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -26,28 +33,45 @@ from compose.errors import BuildError
 TOLERANCE = 1e-4
 """Of the outputs' scale: the largest |value| PyTorch computes, at least 1. float32 rounding grows with the
 logits' size (a model of width 1024 and 32k vocabulary differs by about 1e-4 in absolute terms)."""
-FILES = ("model.onnx", "model_with_past.onnx")
+GRAPH = "model.onnx"
+"""Optimum's ONNX_WEIGHTS_NAME: what ORTModelForCausalLM.from_pretrained loads without a file_name."""
+GENAI_CONFIG = "genai_config.json"
+FILES = (GRAPH,)
+PAST = ("past_key_values.{}.key", "past_key_values.{}.value")
+PRESENT = ("present.{}.key", "present.{}.value")
+DIMS = {"batch": "batch_size", "sequence": "sequence_length", "past": "past_sequence_length",
+        "total": "past_sequence_length + sequence_length"}
+"""Optimum's names of the dynamic axes (its OnnxConfig.inputs / add_past_key_values)."""
 
 
-class _WithPast(torch.nn.Module):
-    """input_ids + flat (key, value) per layer -> logits + the new (key, value) per layer."""
+class _Decoder(torch.nn.Module):
+    """The generated model with Optimum's decoder signature: (input_ids, attention_mask, position_ids, then
+    each layer's past key and value) -> (logits, then each layer's present key and value).
+
+    The generated forward does the masking (see its `hide_padding`): rope at position_ids; query t, at
+    cache index past + t, sees key j where j <= past + t, attention_mask keeps j, and (in a sliding layer)
+    past + t - j < window, as transformers' masks on cache indices; and every query sees itself, so a
+    padding row never softmaxes over nothing (NaN, which would reach real rows through the next layer).
+    """
 
     def __init__(self, model, module):
         super().__init__()
         self.model, self.module = model, module
         self.train(model.training)  # a new Module starts in training mode, and the exporter warns of it
 
-    def forward(self, input_ids, *past):
+    def forward(self, input_ids, attention_mask, position_ids, *past):
         cache = self.module.KVCache()
         for i in range(len(past) // 2):
             cache.keys[i], cache.values[i] = past[2 * i], past[2 * i + 1]
-        logits = self.model(input_ids, cache)
+        logits = self.model(input_ids, cache, attention_mask, position_ids)
         present = [t for i in range(len(past) // 2) for t in (cache.keys[i], cache.values[i])]
         return (logits, *present)
 
 
-def _inputs(module, model, k: str, batch: int, seq: int, seed: int, past: int | None = None):
-    """Example inputs (names -> tensors) of a given shape, drawn from `seed`."""
+def _inputs(module, model, k: str, batch: int, seq: int, seed: int, past: int | None = None,
+            pad: tuple[int, ...] = ()):
+    """Example inputs (names -> tensors) of a given shape, drawn from `seed`. With `past` (the decoder of a
+    one-model build): that many cached positions, and rows left-padded by `pad` tokens each."""
     g = torch.Generator().manual_seed(seed)
     cfg = model.model.config
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
@@ -57,24 +81,59 @@ def _inputs(module, model, k: str, batch: int, seq: int, seed: int, past: int | 
         types[:, 2:4 + patches] = 1  # begin-of-image, patches, end-of-image
         return {"input_ids": ids, "token_type_ids": types,
                 "images": torch.randn(batch, patches, module.VISION_WIDTH, generator=g)}
-    out = {"input_ids": ids}
-    if past is not None:
-        shape = (batch, cfg.n_kv_head, past, cfg.head_dim)
-        for i in range(cfg.n_layer):
-            out[f"past_key_values.{i}.key"] = torch.randn(shape, generator=g)
-            out[f"past_key_values.{i}.value"] = torch.randn(shape, generator=g)
+    if past is None:
+        return {"input_ids": ids}
+    mask = torch.ones(batch, past + seq, dtype=torch.int64)
+    for row, n in enumerate(pad):
+        mask[row, :n] = 0
+    out = {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask)[:, past:]}
+    shape = (batch, cfg.n_kv_head, past, cfg.head_dim)
+    for i in range(cfg.n_layer):
+        for name in PAST:
+            out[name.format(i)] = torch.randn(shape, generator=g)
     return out
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, S) position of each token: how many real tokens come before it (padding gets 1), as
+    transformers' and Optimum's generate compute position_ids from the attention mask."""
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+
+
+def prompt_inputs(session, input_ids) -> dict:
+    """The feed of `session` (a model.onnx) for a prompt of unpadded rows, as numpy: `input_ids` alone for
+    CALM and CogVLM's graphs; for a decoder, also a mask of ones, positions 0.. and an empty past."""
+    import numpy as np
+
+    ids = np.asarray(input_ids)
+    B, T = ids.shape
+    kv = {o.name: o.shape for o in session.get_outputs()}
+    feed = {}
+    for i in session.get_inputs():
+        if i.name == "input_ids":
+            feed[i.name] = ids
+        elif i.name == "attention_mask":
+            feed[i.name] = np.ones((B, T), dtype=np.int64)
+        elif i.name == "position_ids":
+            feed[i.name] = np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)).copy()
+        elif i.name.startswith("past_key_values."):
+            shape = kv[i.name.replace("past_key_values.", "present.")]
+            feed[i.name] = np.zeros((B, shape[1], 0, shape[3]), dtype=np.float32)
+    return feed
 
 
 def _dynamic(names: list[str], k: str) -> tuple:
     from torch.export import Dim
 
-    batch, seq = Dim("batch", max=1024), Dim("sequence", min=8 if k == "cogvlm" else 1, max=1 << 16)
-    past = Dim("past_sequence", max=1 << 16)
+    batch = Dim(DIMS["batch"], max=1024)
+    seq = Dim(DIMS["sequence"], min=8 if k == "cogvlm" else 1, max=1 << 16)
+    past = Dim(DIMS["past"], max=1 << 16)
     shapes = []
     for n in names:
         if n.startswith("past_key_values."):
             shapes.append({0: batch, 2: past})
+        elif n == "attention_mask":  # past + sequence: a sum of two dims, which Dim cannot declare
+            shapes.append({0: batch, 1: Dim.AUTO})
         elif n == "images":
             shapes.append({0: batch, 1: Dim("patches", max=1 << 14)})
         else:
@@ -85,8 +144,9 @@ def _dynamic(names: list[str], k: str) -> tuple:
 def _export(model, inputs: dict, outputs: list[str], path: Path, k: str, half: bool = False):
     names = list(inputs)
     shapes = _dynamic(names, k)
-    if len(names) > 1 and names[1].startswith("past_key_values."):
-        shapes = (shapes[0], tuple(shapes[1:]))  # forward(input_ids, *past)
+    decoder = names[1:2] == ["attention_mask"]
+    if decoder:
+        shapes = (*shapes[:3], tuple(shapes[3:]))  # forward(input_ids, attention_mask, position_ids, *past)
     with _open_nodes(model) as open_nodes:
         try:
             program = torch.onnx.export(model, tuple(inputs.values()), dynamo=True, input_names=names,
@@ -96,6 +156,8 @@ def _export(model, inputs: dict, outputs: list[str], path: Path, k: str, half: b
         except Exception as e:  # noqa: BLE001  (any exporter failure: name the IR node it came from)
             where = f" at node {_ir_node(open_nodes[-1])} ({open_nodes[-1]})" if open_nodes else ""
             raise BuildError(f"ONNX export failed{where}: {_first_line(e)}") from None
+    if decoder:
+        _optimum_layout(program.model)
     _strip_metadata(program.model)
     program.stored = store_half(program.model) if half else None
     # Past 2 GB of weights the exporter writes them beside the graph as `<name>.data` (a relative name in
@@ -103,6 +165,45 @@ def _export(model, inputs: dict, outputs: list[str], path: Path, k: str, half: b
     _data_file(path).unlink(missing_ok=True)
     program.save(str(path))
     return program
+
+
+def _optimum_layout(model) -> None:
+    """The decoder's interface as Optimum's exports have it, and an empty past of any width accepted.
+
+    - Axis names: the exporter names the mask's length after a symbol of its own (the sum of two dims);
+      it becomes `past_sequence_length + sequence_length`, on the mask and on every present.
+    - Each past input is reshaped to (batch, kv_heads, past, head_dim) inside the graph, and its heads and
+      width axes are left open. Optimum's first step feeds zeros of (batch, H, 0, D) with H and D from its
+      own table of model types, which falls back to num_attention_heads and hidden_size / heads (Mixtral
+      is not in it: with grouped-query attention, H is not the kv heads). An empty tensor reshapes to any
+      empty shape, so that step runs; a non-empty past of the wrong size still fails, in the Reshape.
+    """
+    import onnx_ir as ir
+
+    graph = model.graph
+    mask = next(v for v in graph.inputs if v.name == "attention_mask")
+    total = mask.shape[1]
+    rename = {str(total): DIMS["total"]} if isinstance(total, ir.SymbolicDim) else {}
+    for value in (*graph.inputs, *graph.outputs, *(o for n in graph for o in n.outputs)):
+        if value.shape is not None and any(str(d) in rename for d in value.shape):
+            value.shape = ir.Shape([ir.SymbolicDim(rename[str(d)]) if str(d) in rename else d for d in value.shape])
+    first = graph[0]
+    for value in [v for v in graph.inputs if v.name.startswith("past_key_values.")]:
+        batch, heads, past, width = value.shape
+        name = value.name
+        fixed = ir.Value(name=f"{name}.reshaped", shape=value.shape, type=value.type)
+        ir.convenience.replace_all_uses_with(value, fixed)
+        ends = [ir.Node("", "Shape", [value], [ir.AttrInt64("start", d), ir.AttrInt64("end", d + 1)],
+                        name=f"{name}.dim{d}") for d in (0, 2)]
+        consts = [ir.Node("", "Constant", [], [ir.AttrTensor("value", ir.tensor([n], dtype=ir.DataType.INT64))],
+                          name=f"{name}.{what}") for what, n in (("heads", heads), ("width", width))]
+        target = ir.Node("", "Concat", [ends[0].outputs[0], consts[0].outputs[0], ends[1].outputs[0],
+                                        consts[1].outputs[0]], [ir.AttrInt64("axis", 0)], name=f"{name}.shape")
+        reshape = ir.Node("", "Reshape", [value, target.outputs[0]], [ir.AttrInt64("allowzero", 1)],
+                          outputs=[fixed], name=f"{name}.reshape")
+        graph.insert_before(first, [*ends, *consts, target, reshape])
+        value.shape = ir.Shape([batch, ir.SymbolicDim("past_key_value_heads"), past,
+                                ir.SymbolicDim("past_head_size")])
 
 
 def _optimize(model) -> None:
@@ -225,22 +326,23 @@ def export(folder: Path, *, check: bool = True, dense_moe: bool = False) -> dict
     # A half-precision build keeps its weights half-size in the graphs (see onnx_weights).
     dtype = getattr(module, "DTYPE", None) or module.Config.dtype  # a composite's glue module, or one model's
     half = dtype in HALF_DTYPES
-    ex = _inputs(module, model, k, 2, 12, seed=0)
-    program = _export(model, ex, ["logits"], folder / FILES[0], k, half)
-    graphs = [FILES[0]]
     if k == "single":
         n = model.model.config.n_layer
         ex = _inputs(module, model, k, 2, 3, seed=0, past=5)
-        present = [f"present.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
-        _export(_WithPast(model, module), ex, ["logits", *present], folder / FILES[1], k, half)
-        graphs.append(FILES[1])
-    files = [f for g in graphs for f in (g, _data_file(folder / g).name) if (folder / f).is_file()]
+        present = [name.format(i) for i in range(n) for name in PRESENT]
+        program = _export(_Decoder(model, module), ex, ["logits", *present], folder / GRAPH, k, half)
+        (folder / GENAI_CONFIG).write_text(json.dumps(genai_config(folder, model.model.config), indent=2) + "\n")
+    else:
+        program = _export(model, _inputs(module, model, k, 2, 12, seed=0), ["logits"], folder / GRAPH, k, half)
+    files = [f for f in (GRAPH, _data_file(folder / GRAPH).name, GENAI_CONFIG) if (folder / f).is_file()]
     opset = next((o.version for o in program.model_proto.opset_import if o.domain in ("", "ai.onnx")), None)
     record = {"files": files, "opset": opset, "exporter": f"torch.onnx dynamo (torch {torch.__version__})",
               "inputs": {"kind": k}, "compute": "float32",
               "weights": ("float16 (cast to float32 in the graph; float32 where float16 cannot hold a constant: "
-                          f"{program.stored['float32']} of {sum(program.stored.values())} in model.onnx)")
+                          f"{program.stored['float32']} of {sum(program.stored.values())} in {GRAPH})")
               if half else "float32"}
+    if k == "single":
+        record["inputs"]["layout"] = "optimum decoder with past (empty past for the prompt)"
     if moe_layers:
         record["moe_dispatch"] = "dense" if dense_moe else "loop"
     if check:
@@ -248,10 +350,62 @@ def export(folder: Path, *, check: bool = True, dense_moe: bool = False) -> dict
     return record
 
 
+def genai_config(folder: Path, cfg) -> dict:
+    """onnxruntime-genai's genai_config.json for model.onnx: its generic decoder ("decoder"), with the
+    graph's input and output names, the attention sizes, and search defaults. Special token ids come from
+    generation_config.json where the build has one, else from config.json; genai pads with pad_token_id
+    (eos where none is set, as its model builder does)."""
+    ids = {}
+    for name in ("config.json", "generation_config.json"):  # the second, where present, wins
+        path = folder / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            ids.update({key: data[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id", "do_sample",
+                                                   "temperature", "top_k", "top_p", "repetition_penalty")
+                        if data.get(key) is not None})
+    eos = ids.get("eos_token_id")
+    pad = ids.get("pad_token_id", eos[0] if isinstance(eos, list) else eos)
+    return {
+        "model": {
+            "bos_token_id": ids.get("bos_token_id"),
+            "context_length": cfg.max_positions,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": GRAPH,
+                "head_size": cfg.head_dim,
+                "hidden_size": cfg.n_embd,
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "position_ids": "position_ids", "past_key_names": PAST[0].replace("{}", "%d"),
+                           "past_value_names": PAST[1].replace("{}", "%d")},
+                "outputs": {"logits": "logits", "present_key_names": PRESENT[0].replace("{}", "%d"),
+                            "present_value_names": PRESENT[1].replace("{}", "%d")},
+                "num_attention_heads": cfg.n_head,
+                "num_hidden_layers": cfg.n_layer,
+                "num_key_value_heads": cfg.n_kv_head,
+            },
+            "eos_token_id": eos,
+            "pad_token_id": pad,
+            "type": "decoder",
+            "vocab_size": cfg.vocab_size,
+        },
+        "search": {
+            "diversity_penalty": 0.0, "do_sample": bool(ids.get("do_sample", False)), "early_stopping": True,
+            "length_penalty": 1.0, "max_length": cfg.max_positions, "min_length": 0, "no_repeat_ngram_size": 0,
+            "num_beams": 1, "num_return_sequences": 1,
+            # The graph concatenates past and new keys (a present one longer than the past), so genai
+            # cannot hand it one buffer for both.
+            "past_present_share_buffer": False,
+            "repetition_penalty": ids.get("repetition_penalty", 1.0), "temperature": ids.get("temperature", 1.0),
+            "top_k": ids.get("top_k", 50), "top_p": ids.get("top_p", 1.0),
+        },
+    }
+
+
 def verify(folder: Path, *, module=None, model=None) -> dict:
-    """Run each exported graph in onnxruntime and PyTorch on fresh random inputs of two shapes; raise if
-    an output differs by more than 1e-4 or either side computes NaN or Inf. Returns the max abs
-    differences."""
+    """Run the exported graph in onnxruntime and PyTorch on fresh random inputs of two shapes (a decoder's:
+    a prompt with an empty past, and 2 tokens after 4 cached ones in a left-padded batch); raise if an
+    output differs by more than 1e-4 of the outputs' scale or either side computes NaN or Inf. Returns
+    the max abs differences."""
     import onnxruntime as ort
     folder = Path(folder)
     module = module or load_module(folder)
@@ -265,15 +419,19 @@ def verify(folder: Path, *, module=None, model=None) -> dict:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         outputs = [o.name for o in session.get_outputs()]
         worst = limit = 0.0
-        for batch, seq, past, seed in ((1, 9, 0, 101), (3, 17, 4, 202)):
-            seq, past = (seq, None) if name == FILES[0] else (2, past)
-            inputs = _inputs(module, model, k, batch, seq, seed, past=past)
+        for batch, seq, past, pad, seed in ((1, 9, 0, (), 101), (3, 2, 4, (0, 3, 1), 202)):
+            if k == "single":
+                inputs = _inputs(module, model, k, batch, seq, seed, past=past, pad=pad)
+                where = f"batch {batch}, sequence {seq}, past {past}" + (f", left padding {pad}" if pad else "")
+                reference = _Decoder(model, module)
+            else:
+                seq = 17 if past else seq
+                inputs = _inputs(module, model, k, batch, seq, seed)
+                where, reference = f"batch {batch}, sequence {seq}", model
             got = session.run(None, {n: t.numpy() for n, t in inputs.items()})
             with torch.no_grad():
-                ref = (_WithPast(model, module) if name == FILES[1] else model)(*inputs.values())
-            ref = ref if isinstance(ref, tuple) else (ref,)
-            where = f"batch {batch}, sequence {seq}" + ("" if past is None else f", past {past}")
-            ref = [r.numpy() for r in ref]
+                ref = reference(*inputs.values())
+            ref = [r.numpy() for r in (ref if isinstance(ref, tuple) else (ref,))]
             worst = max(worst, _difference(path, outputs, got, ref, where))
             limit = max(limit, TOLERANCE * max(1.0, *(float(abs(r).max()) for r in ref)))
         if not worst <= limit:

@@ -72,11 +72,13 @@ def main() -> None:
             if not a.no_onnx:
                 import onnxruntime as ort
 
+                from compose.backends.onnx import prompt_inputs
+
                 for fuse, out in outs.items():
                     opts = ort.SessionOptions()
                     opts.intra_op_num_threads = a.threads
                     s = ort.InferenceSession(str(out / "model.onnx"), opts, providers=["CPUExecutionProvider"])
-                    feed = {"input_ids": batch.numpy()}
+                    feed = prompt_inputs(s, batch.numpy())  # a decoder also takes a mask, positions, empty past
                     ms = _time(lambda: s.run(None, feed), a.reps)
                     rows.setdefault("onnxruntime ms (8 x 64)", {})[fuse] = [ms]
             for what, v in rows.items():

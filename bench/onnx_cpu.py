@@ -48,6 +48,7 @@ def main() -> None:
     import torch
 
     from compose import build, calm, expand_blocks, load, moe  # noqa: F401  (used by the spec strings)
+    from compose.backends.onnx import prompt_inputs
     from compose.backends.torch import load_module
 
     torch.set_num_threads(a.threads)
@@ -70,7 +71,7 @@ def main() -> None:
                                                       providers=["CPUExecutionProvider"])
             for batch in (1, 8):
                 ids = torch.randint(0, 512, (batch, a.seq))
-                feed = {"input_ids": ids.numpy()}
+                feed = prompt_inputs(sessions[True], ids.numpy())  # a decoder also takes a mask, positions, empty past
                 t_torch, t_ort = {}, {}
                 for fuse in (True, False):
                     with torch.no_grad():

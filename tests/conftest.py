@@ -127,3 +127,21 @@ def hf_models(tmp_path_factory):
         "gemma2": save_hf_model(root / "gemma2", "gemma2", seed=6, tie=True),
         "gemma3": save_hf_model(root / "gemma3", "gemma3", seed=7, tie=True),
     }
+
+
+@pytest.fixture(scope="session")
+def onnx_build(tmp_path_factory):
+    """get(name, spec) -> the folder of `spec()` built with --format hf,onnx, once per session under `name`:
+    the ONNX tests and the Optimum and onnxruntime-genai tests read the same builds (an export of a tiny
+    model takes tens of seconds). Readers must not change the folders."""
+    from compose import build
+
+    root = tmp_path_factory.mktemp("onnx_builds")
+    made: dict[str, Path] = {}
+
+    def get(name: str, spec) -> Path:
+        if name not in made:
+            made[name] = build(spec(), root / name, formats=["hf", "onnx"], progress=False)
+        return made[name]
+
+    return get

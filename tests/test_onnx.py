@@ -1,5 +1,6 @@
 """ONNX export of every kind of composed model, checked in onnxruntime against PyTorch on fresh inputs of
-two shapes (batch and sequence dynamic; with-past graphs also with an empty past)."""
+two shapes (batch and sequence dynamic; decoders with an empty past and with a left-padded cached one), and
+decoders on a left-padded batch against transformers' own class on the same batch."""
 from __future__ import annotations
 
 import json
@@ -39,25 +40,72 @@ SPECS = {
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
-def test_export_matches_pytorch_in_onnxruntime(tmp_path, name):
-    out = build(SPECS[name](), tmp_path / "out", formats=["hf", "onnx"], progress=False)
+def test_export_matches_pytorch_in_onnxruntime(onnx_build, name):
+    out = onnx_build(name, SPECS[name])
     record = json.loads((out / "compose.json").read_text())["onnx"]
     single = name not in ("calm", "cogvlm")
-    assert record["files"] == (["model.onnx", "model_with_past.onnx"] if single else ["model.onnx"])
+    assert record["files"] == (["model.onnx", "genai_config.json"] if single else ["model.onnx"])
     assert record["opset"] >= 18
     assert all(d <= 1e-4 for d in record["check"].values()), record
-    assert (out / "model.onnx").is_file()
     assert onnx.verify(out).keys() == record["check"].keys()  # `compose verify` re-runs the same check
+    if single and "auto_map" not in json.loads((out / "config.json").read_text()):
+        _padded_batch_matches_transformers(out)
 
 
-def test_with_past_uses_optimum_names(tmp_path):
+def _padded_batch_matches_transformers(out):
+    """A prompt batch left-padded to the longest of rows of 11, 6 and 2 tokens, with the position_ids
+    transformers' generate makes from the mask: model.onnx's logits at every real token equal those of
+    transformers' class for config.json on the same batch (its masks, its sliding windows on cache
+    indices). Padding positions compute nothing anyone reads, and are not compared."""
+    import onnxruntime as ort
+    from transformers import AutoModelForCausalLM
+
+    lengths = (11, 6, 2)
+    ids = torch.randint(3, 512, (len(lengths), max(lengths)), generator=torch.Generator().manual_seed(7))
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        mask[row, max(lengths) - n:] = 1
+    ids = ids.masked_fill(mask == 0, 0)
+    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # GenerationMixin.prepare_inputs_for_generation
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    feed = onnx.prompt_inputs(session, ids.numpy())
+    feed.update(attention_mask=mask.numpy(), position_ids=position_ids.numpy())
+    got = torch.from_numpy(session.run(["logits"], feed)[0])
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+    real = mask.bool()
+    assert torch.isfinite(got).all()
+    assert (got[real] - want[real]).abs().max().item() <= 1e-4 * max(1.0, want[real].abs().max().item())
+
+
+def test_decoder_has_optimums_interface(onnx_build):
+    """Names, order and axes as Optimum's own export of a Llama has them; an empty past of the width
+    Optimum's ORTModelForCausalLM feeds a Mixtral (num_attention_heads heads of hidden_size / heads: its
+    table of kv-head counts has no mixtral) runs, and gives the logits of a true-width empty past."""
+    import numpy as np
     import onnxruntime as ort
 
-    out = build(SPECS["mixtral"](), tmp_path / "out", formats=["hf", "onnx"], progress=False)
-    s = ort.InferenceSession(str(out / "model_with_past.onnx"))
-    ins, outs = [i.name for i in s.get_inputs()], [o.name for o in s.get_outputs()]
-    assert ins == ["input_ids"] + [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
-    assert outs == ["logits"] + [f"present.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    out = onnx_build("mixtral", SPECS["mixtral"])
+    s = ort.InferenceSession(str(out / "model.onnx"))
+    past = [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    ins, outs = {i.name: i.shape for i in s.get_inputs()}, {o.name: o.shape for o in s.get_outputs()}
+    assert list(ins) == ["input_ids", "attention_mask", "position_ids", *past]
+    assert list(outs) == ["logits"] + [f"present.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    assert ins["input_ids"] == ins["position_ids"] == ["batch_size", "sequence_length"]
+    assert ins["attention_mask"] == ["batch_size", "past_sequence_length + sequence_length"]
+    assert [ins[past[0]][0], ins[past[0]][2]] == ["batch_size", "past_sequence_length"]
+    assert outs["present.0.key"] == ["batch_size", 2, "past_sequence_length + sequence_length", 16]
+    assert outs["logits"] == ["batch_size", "sequence_length", 512]
+    ids = np.array([[5, 17, 99], [300, 12, 8]])
+    feed = onnx.prompt_inputs(s, ids)
+    assert feed[past[0]].shape == (2, 2, 0, 16)
+    optimum = {**feed, **{p: np.zeros((2, 4, 0, 64 // 4), dtype=np.float32) for p in past}}
+    assert np.array_equal(s.run(["logits"], optimum)[0], s.run(["logits"], feed)[0])
+    wrong = {**feed, **{p: np.zeros((2, 4, 1, 16), dtype=np.float32) for p in past}}
+    wrong.update(attention_mask=np.ones((2, 4), dtype=np.int64))
+    with pytest.raises(Exception, match="Reshape"):  # a real past of the wrong width still fails
+        s.run(None, wrong)
     # The MoE stays sparse: a loop over experts with top-k, gathers and index_add, not a dense einsum.
     ops = {n.op_type for n in __import__("onnx").load(str(out / "model.onnx")).graph.node}
     assert {"TopK", "NonZero"} <= ops or "Loop" in ops or "ScatterND" in ops, sorted(ops)
@@ -72,7 +120,7 @@ def test_dense_moe_export_has_no_data_dependent_shapes(tmp_path):
     out = build(SPECS["deepseek"](), tmp_path / "out", formats=["hf", "onnx"], progress=False, dense_moe=True)
     record = json.loads((out / "compose.json").read_text())["onnx"]
     assert record["moe_dispatch"] == "dense" and all(d <= 1e-4 for d in record["check"].values())
-    for name in record["files"]:
+    for name in (f for f in record["files"] if f.endswith(".onnx")):
         ops = {n.op_type for n in onnx_lib.load(str(out / name)).graph.node}
         assert not ops & {"NonZero", "Loop", "ScatterND"}, (name, sorted(ops))
     with pytest.raises(BuildError, match="--dense-moe: .* has no MoE layers"):
@@ -106,7 +154,7 @@ def test_cli_export_and_verify(tmp_path):
     out = build(load(TINY), tmp_path / "out", formats=["hf", "torch"], progress=False)
     assert main(["verify", str(out)]) == 2  # nothing exported yet: a clear error
     assert main(["export", str(out), "--format", "onnx"]) == 0
-    assert json.loads((out / "compose.json").read_text())["onnx"]["files"] == ["model.onnx", "model_with_past.onnx"]
+    assert json.loads((out / "compose.json").read_text())["onnx"]["files"] == ["model.onnx", "genai_config.json"]
     assert main(["verify", str(out)]) == 0
 
 

@@ -23,8 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _onnx_files(folder: Path) -> dict[str, bytes]:
-    """The graphs and any external data beside them (`model.onnx.data`), by name."""
-    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.onnx*"))}
+    """The graph, any external data beside it (`model.onnx.data`) and genai_config.json, by name."""
+    return {p.name: p.read_bytes() for p in sorted([*folder.glob("*.onnx*"), *folder.glob("genai_config.json")])}
 
 
 def test_two_builds_give_identical_onnx_files(tmp_path):
@@ -40,7 +40,7 @@ def test_two_builds_give_identical_onnx_files(tmp_path):
                              check=False)
         assert run.returncode == 0, run.stderr[-3000:]  # the CLI's own message, not CalledProcessError
     first, second = (_onnx_files(out) for out in outs)
-    assert sorted(first) == ["model.onnx", "model_with_past.onnx"]
+    assert sorted(first) == ["genai_config.json", "model.onnx"]
     assert sorted(second) == sorted(first)
     for name, data in first.items():
         assert data == second[name], f"{name} differs between two builds"
