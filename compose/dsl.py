@@ -16,8 +16,16 @@ def _make(cls, fn: str, **fields):
         raise SpecError(describe_validation_error(e, fn)) from None
 
 
-def load(ref: str, *, dtype: str | None = None) -> LoadSpec:
-    """A model: a local HF folder, a hub id (through the local HF cache), or `tiny:llama|mistral|qwen2`."""
+def load(ref: str, *, dtype: str | None = None, lora: str | None = None) -> LoadSpec:
+    """A model: a local HF folder, a hub id (through the local HF cache), or `tiny:llama|mistral|qwen2`.
+    `lora` (a PEFT adapter folder or hub id) is folded into its weights, as `load("model+adapter")` is:
+    the spec holds mergekit's `model+adapter` form either way."""
+    if lora is not None:
+        if not isinstance(lora, str) or not lora or "+" in lora:
+            raise SpecError(f"load.lora: expected one adapter path or hub id, got {lora!r}")
+        if "+" in str(ref):
+            raise SpecError(f"load.lora: ref {ref!r} already names an adapter (`model+adapter`)")
+        ref = f"{ref}+{lora}"
     return _make(LoadSpec, "load", ref=ref, dtype=dtype)
 
 

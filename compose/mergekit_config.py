@@ -23,8 +23,19 @@ def is_mergekit_config(data: object) -> bool:
 
 
 def _ref(value, where: str) -> str:
-    if isinstance(value, dict) and set(value) <= {"model"} and isinstance(value.get("model"), dict):
-        value = value["model"]
+    """A model reference as compose writes it: a path or hub id, `model+lora` for a LoRA folded in at load
+    (mergekit's string form, or its {model: {path}, lora: {path}} mapping)."""
+    if isinstance(value, dict) and set(value) <= {"model", "lora"} and isinstance(value.get("model"), dict):
+        lora = value.get("lora")
+        model = _path(value["model"], where)
+        return model if lora is None else f"{model}+{_path(lora, f'{where}.lora')}"
+    value = _path(value, where)
+    if value.count("+") > 1 or "" in value.split("+"):
+        raise SpecError(f"{where}: {value!r} is not `model` or `model+lora`")
+    return value
+
+
+def _path(value, where: str) -> str:
     if isinstance(value, dict):
         if set(value) - {"path", "revision"}:
             raise SpecError(f"{where}: unsupported model reference keys {sorted(set(value) - {'path', 'revision'})}")
@@ -33,8 +44,6 @@ def _ref(value, where: str) -> str:
         value = value.get("path")
     if not isinstance(value, str) or not value:
         raise SpecError(f"{where}: expected a model path or hub id")
-    if "+" in value:
-        raise SpecError(f"{where}: LoRA references (`model+lora`) are not supported yet")
     return value
 
 

@@ -348,6 +348,12 @@ def open_source(ref: str) -> Source:
     """Resolve a reference to an opened source (cached: a build opens each source once)."""
     if ref in _OPEN:
         return _OPEN[ref]
+    if ref.startswith("lora:"):  # a PEFT adapter of a `model+adapter` reference (compose.lora)
+        from compose.lora import open_adapter
+
+        adapter = open_adapter(ref[len("lora:"):])
+        _OPEN[adapter.ref] = _OPEN[ref] = adapter
+        return adapter
     if ref.startswith("tiny:"):
         src: Source = _parse_tiny(ref)
     else:

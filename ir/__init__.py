@@ -6,9 +6,10 @@ from compose.ir.nodes import (Adapter, Attention, CrossAttention, DecoderBlock, 
                               Op, Origin, Router, VisionExpert)
 from compose.ir.printer import graph_hash, print_graph
 from compose.ir.state import CalmLayout, Cost, MoELayout, State, Target
-from compose.ir.weights import Concat, Const, Expr, Load, Merge, Noise, Ones, Rows, Scale, Select, Slice, Stack, Zeros
+from compose.ir.weights import (Concat, Const, Expr, Load, LowRank, Merge, Noise, Ones, Rows, Scale, Select, Slice, Stack,
+                               Zeros)
 
 __all__ = ["DTYPES", "ArchConfig", "Rope", "Graph", "Adapter", "Attention", "CrossAttention", "DecoderBlock",
            "DenseFFN", "Embedding", "LMHead", "MoE", "Norm", "Op", "Origin", "Router", "VisionExpert", "graph_hash",
            "print_graph", "CalmLayout", "Cost", "MoELayout", "State", "Target", "Concat", "Const", "Expr", "Load",
-           "Merge", "Noise", "Ones", "Rows", "Scale", "Select", "Slice", "Stack", "Zeros"]
+           "LowRank", "Merge", "Noise", "Ones", "Rows", "Scale", "Select", "Slice", "Stack", "Zeros"]

@@ -14,7 +14,8 @@ from collections import Counter
 from typing import Callable, Iterable
 
 from compose.errors import IRError
-from compose.ir.weights import Concat, Const, Expr, Load, Merge, Noise, Ones, Rows, Scale, Select, Slice, Stack, Zeros
+from compose.ir.weights import (Concat, Const, Expr, Load, LowRank, Merge, Noise, Ones, Rows, Scale, Select, Slice, Stack,
+                                Zeros)
 
 TORCH_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -114,6 +115,8 @@ class Evaluator:
             x = self._get(e.x, local)
             g = torch.Generator().manual_seed(e.seed)  # drawn on the CPU: the same noise on every device
             return x + e.std * torch.randn(x.shape, generator=g, dtype=torch.float32).to(x.device, x.dtype)
+        if isinstance(e, LowRank):
+            return _low_rank(e, self._get(e.x, local), self._get(e.a, local), self._get(e.b, local))
         if isinstance(e, Merge):
             return _merge(e, [self._get(x, local) for x in e.inputs])
         if isinstance(e, Rows):
@@ -133,6 +136,20 @@ def _merge(e: Merge, xs: list):
     if tuple(out.shape) != tuple(e.shape):
         raise IRError(f"{e.method} returned shape {list(out.shape)} for {e.name}, expected {list(e.shape)}")
     return out
+
+
+def _low_rank(e: LowRank, x, a, b):
+    """PEFT's merge, step for step: delta = (B @ A) * scale in float32 (PEFT casts half-precision factors
+    up on the CPU), then `weight += delta`, which adds in float32 and rounds once to the weight's dtype."""
+    import torch
+
+    dtype = torch_dtype(e.dtype)
+    c = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    delta = b.to(c) @ a.to(c)
+    if e.transpose:
+        delta = delta.T
+    delta = delta * e.scale
+    return (x.to(torch.promote_types(x.dtype, c)) + delta).to(dtype)
 
 
 def _rows(e: Rows, xs: list):

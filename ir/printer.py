@@ -12,7 +12,8 @@ from collections import Counter
 from compose.ir.graph import CROSS, Graph
 from compose.ir.nodes import DecoderBlock, MoE, Op
 from compose.ir.state import Fusion
-from compose.ir.weights import Concat, Const, Expr, Load, Merge, Noise, Ones, Rows, Scale, Select, Slice, Stack, Zeros
+from compose.ir.weights import (Concat, Const, Expr, Load, LowRank, Merge, Noise, Ones, Rows, Scale, Select, Slice, Stack,
+                                Zeros)
 
 
 class _Aliases(dict):
@@ -39,6 +40,10 @@ def format_expr(e: Expr, aliases: _Aliases) -> str:
         return f"scale({format_expr(e.x, aliases)}, {e.factor!r})"
     if isinstance(e, Noise):
         return f"noise({format_expr(e.x, aliases)}, std={e.std!r}, seed={e.seed})"
+    if isinstance(e, LowRank):
+        t = ", transpose" if e.transpose else ""
+        return (f"lora({format_expr(e.x, aliases)}, A={format_expr(e.a, aliases)}, B={format_expr(e.b, aliases)}, "
+                f"scale={e.scale!r}{t})")
     if isinstance(e, Merge):
         s = e.settings()
         return f"{e.method}([{', '.join(format_expr(x, aliases) for x in e.inputs)}]{', ' + s if s else ''})"

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from compose.errors import IRError
+
 Shape = tuple[int, ...]
 
 
@@ -147,6 +149,33 @@ class Noise(_Unary):
 
     def __str__(self) -> str:
         return f"noise({self.x}, std={self.std!r}, seed={self.seed})"
+
+
+@dataclass(frozen=True)
+class LowRank(_Unary):
+    """`x + scale * (b @ a)`, transposed first when `transpose` (PEFT's LoRA on an embedding, whose A and B
+    are stored the other way round): a LoRA adapter folded into its base weight, as PEFT's
+    `merge_and_unload` computes it (the product, then the scale, then the sum), in float32 at least and
+    written in `x`'s dtype. The factors stay two small tensors, so the fold runs tensor by tensor."""
+
+    a: Expr
+    b: Expr
+    scale: float
+    transpose: bool = False
+
+    def __post_init__(self) -> None:
+        (r, cols), (rows, r_b) = self.a.shape, self.b.shape
+        out = (cols, rows) if self.transpose else (rows, cols)
+        if r != r_b or out != tuple(self.x.shape):
+            raise IRError(f"{self}: B {list(self.b.shape)} @ A {list(self.a.shape)} does not give the weight's "
+                          f"shape {list(self.x.shape)}")
+
+    def children(self) -> tuple[Expr, ...]:
+        return (self.x, self.a, self.b)
+
+    def __str__(self) -> str:
+        t = ", transpose" if self.transpose else ""
+        return f"lora({self.x}, A={self.a}, B={self.b}, scale={self.scale!r}{t})"
 
 
 def derive_seed(*parts) -> int:
