@@ -10,13 +10,18 @@
 Common options: `layers=[...]` (which layers become MoE; default all), `every=k` (every k-th layer),
 `first_k_dense=k` (keep the first k layers dense), `noise=std` with `seed` (seeded noise on expert copies),
 `norm_topk_prob`, `jitter` and `aux_loss_coef` (recorded in config.json for training).
+`from_experts` also takes mergekit-moe's per-expert options: `shared_expert=model` (its whole FFN in every
+layer; always on, or gated by one more router row with `shared_gate=True`), `expert_noise=[std, ...]` and
+`residual_scale=[factor, ...]` (one per expert, the shared expert last). A mergekit-moe YAML is read into
+exactly these (compose/mergekit_moe_config.py).
 """
 from __future__ import annotations
 
 from compose.dsl import _make
 from compose.spec import MoESpec, RouterSpec
 
-__all__ = ["upcycle", "from_experts", "fine_grained", "hidden_router", "cheap_embed", "random", "zeros"]
+__all__ = ["upcycle", "from_experts", "fine_grained", "hidden_router", "cheap_embed", "random", "uniform_random",
+           "zeros"]
 
 
 def upcycle(model, *, num_experts: int, top_k: int = 2, router: RouterSpec | None = None, **options) -> MoESpec:
@@ -64,9 +69,16 @@ def cheap_embed(prompts: list[list[str]], negative: list[list[str]] | None = Non
     return _make(RouterSpec, "moe.cheap_embed", init="cheap_embed", prompts=prompts, negative=negative)
 
 
-def random(seed: int = 0, std: float = 0.02) -> RouterSpec:
-    """Router rows drawn from N(0, std) with `seed`."""
-    return _make(RouterSpec, "moe.random", init="random", seed=seed, std=std)
+def random(seed: int = 0, std: float = 0.02, *, draw: str = "per_layer") -> RouterSpec:
+    """Router rows drawn from N(0, std) with `seed`. `draw="whole"` draws every layer's rows at once, as
+    mergekit-moe's `random` gate does after `--random-seed seed` (there with std=1)."""
+    return _make(RouterSpec, "moe.random", init="random", seed=seed, std=std, draw=draw)
+
+
+def uniform_random(seed: int = 0, *, draw: str = "per_layer") -> RouterSpec:
+    """Router rows drawn from U(-1/sqrt(hidden), 1/sqrt(hidden)), torch.nn.Linear's initialisation
+    (mergekit-moe's `uniform_random`; `draw="whole"` as in `random`)."""
+    return _make(RouterSpec, "moe.uniform_random", init="uniform_random", seed=seed, draw=draw)
 
 
 def zeros() -> RouterSpec:

@@ -132,14 +132,19 @@ class RouterSpec(_Node):
     """How router rows are initialised. `hidden` (last token) and `hidden_avg` (mean over tokens): the hidden
     state entering each layer, averaged over an expert's prompts, minus that of its negative prompts,
     normalised (mergekit-moe's gate modes); `cheap_embed`: the same from token embeddings only, one vector
-    for every layer; `random`: N(0, std) from `seed`; `zeros`: uniform routing."""
+    for every layer; `random`: N(0, std) from `seed`; `uniform_random`: U(-1/sqrt(hidden), 1/sqrt(hidden)),
+    torch.nn.Linear's default (mergekit-moe's `uniform_random`); `zeros`: uniform routing."""
 
-    init: Literal["hidden", "hidden_avg", "cheap_embed", "random", "zeros"] = "random"
+    init: Literal["hidden", "hidden_avg", "cheap_embed", "random", "uniform_random", "zeros"] = "random"
     prompts: Optional[list[list[str]]] = None
-    """One list of prompts per expert (hidden, hidden_avg, cheap_embed)."""
+    """One list of prompts per expert (hidden, hidden_avg, cheap_embed), then one for a gated shared expert."""
     negative: Optional[list[list[str]]] = None
     seed: int = 0
     std: float = Field(default=0.02, ge=0)
+    draw: Literal["per_layer", "whole"] = "per_layer"
+    """How random rows are drawn: `per_layer`, a stream per layer from (seed, layer); `whole`, one draw of the
+    whole (layers, experts, hidden) block from torch.Generator().manual_seed(seed), which is what
+    mergekit-moe draws after `--random-seed seed` (so its random and uniform_random gates are reproduced)."""
 
     @model_validator(mode="after")
     def _prompts(self):
@@ -178,6 +183,17 @@ class MoESpec(_Node):
     first_k_dense: NonNegativeInt = 0
     noise: float = Field(default=0.0, ge=0)
     """Std of seeded Gaussian noise added to each expert copy's weights (breaks the symmetry of copies)."""
+    shared_expert: Optional["ModelSpec"] = None
+    """from_experts: this model's FFN (full width) as a shared expert in every MoE layer (mergekit-moe's
+    `shared_experts`): always on, or gated by sigmoid(x . row) with `shared_gate`."""
+    shared_gate: bool = False
+    """from_experts: gate the shared expert with one more router row (from its prompts, the router's last
+    list, or drawn with the others), as Qwen2-MoE's shared_expert_gate."""
+    expert_noise: Optional[list[Annotated[float, Field(ge=0)]]] = None
+    """from_experts: per expert (the shared expert last), the std of its seeded noise (overrides `noise`)."""
+    residual_scale: Optional[list[float]] = None
+    """from_experts: per expert (the shared expert last), a factor on its down projection, applied after the
+    noise (mergekit-moe's `residual_scale`)."""
     seed: int = 0
     norm_topk_prob: bool = True
     jitter: float = Field(default=0.0, ge=0)
@@ -193,6 +209,19 @@ class MoESpec(_Node):
             raise ValueError("fine_grained needs routed (the number of routed experts)")
         if self.kind != "from_experts" and self.experts:
             raise ValueError(f"experts belongs to from_experts, not {self.kind}")
+        per_expert = {"shared_expert": self.shared_expert, "shared_gate": self.shared_gate or None,
+                      "expert_noise": self.expert_noise, "residual_scale": self.residual_scale}
+        if self.kind != "from_experts" and any(v is not None for v in per_expert.values()):
+            name = next(k for k, v in per_expert.items() if v is not None)
+            raise ValueError(f"{name} belongs to from_experts, not {self.kind}")
+        if self.shared_gate and self.shared_expert is None:
+            raise ValueError("shared_gate needs a shared_expert")
+        if self.kind == "from_experts":
+            n = len(self.experts) + (self.shared_expert is not None)
+            for name in ("expert_noise", "residual_scale"):
+                v = getattr(self, name)
+                if v is not None and len(v) != n:
+                    raise ValueError(f"{name}: {len(v)} values for {n} experts (the shared expert last)")
         return self
 
 

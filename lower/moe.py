@@ -12,7 +12,7 @@ from compose.errors import SpecError
 from compose.ir.graph import Graph
 from compose.ir.nodes import DecoderBlock, DenseFFN, MoE, Router
 from compose.ir.state import MoELayout
-from compose.ir.weights import Concat, Const, Expr, Noise, Slice, Zeros, derive_seed
+from compose.ir.weights import Concat, Const, Expr, Noise, Scale, Slice, Zeros, derive_seed
 from compose.lower.common import rebuild, unused
 from compose.lower.limits import check_experts
 
@@ -29,13 +29,18 @@ def lower(spec, path: str, ctx) -> Graph:
     layers = _moe_layers(spec, n, path)
     count = {"upcycle": spec.num_experts, "from_experts": len(spec.experts or []), "fine_grained": spec.routed}[spec.kind]
     field = {"upcycle": "num_experts", "from_experts": "experts", "fine_grained": "routed"}[spec.kind]
-    check_experts(count + spec.shared, len(layers), f"{path}.{field}")
-    donors = _expert_graphs(spec, g, path, ctx) if spec.kind == "from_experts" else []
+    extra = spec.shared_expert is not None
+    check_experts(count + spec.shared + extra, len(layers), f"{path}.{field}")
+    donors = _expert_graphs(spec.experts, "experts", g, path, ctx) if spec.kind == "from_experts" else []
+    shared_donor = _expert_graphs([spec.shared_expert], "shared_expert", g, path, ctx)[0] if extra else None
     if spec.top_k > count:
         raise SpecError(f"{path}.top_k: {spec.top_k} is more than the {count} routed experts")
     if spec.kind == "fine_grained":
         _check_fine_grained(spec, g.config.intermediate, path)
-    rows = _router_rows(spec, g, count, path, ctx)
+    # Router rows: one per routed expert, then the shared expert's gate row. A random draw covers the shared
+    # expert gated or not (as mergekit-moe draws it), so the routed rows do not depend on its gate.
+    drawn = spec.router.init in ("random", "uniform_random")
+    rows = _router_rows(spec, g, count + (extra if drawn else spec.shared_gate), path, ctx)
 
     out = []
     for i, b in enumerate(blocks):
@@ -45,12 +50,18 @@ def lower(spec, path: str, ctx) -> Graph:
         if spec.kind == "upcycle":
             experts, shared = [_noisy(b.ffn, spec, i, e) for e in range(count)], None
         elif spec.kind == "from_experts":
-            experts, shared = [_noisy(d[i].ffn, spec, i, e) for e, d in enumerate(donors)], None
+            experts = [_noisy(d[i].ffn, spec, i, e) for e, d in enumerate(donors)]
+            shared = _noisy(shared_donor[i].ffn, spec, i, count) if extra else None
         else:
             experts, shared = _fine_grained(b.ffn, spec, i)
-        router = Router(weights=(("weight", rows(i)),), hidden=g.config.hidden, experts=count, top_k=spec.top_k,
+        weight, gate = rows(i), None
+        if spec.shared_gate:  # the shared expert's row is the last: Qwen2-MoE's shared_expert_gate
+            gate = Slice(weight, 0, count, count + 1)
+        if weight.shape[0] != count:
+            weight = Slice(weight, 0, 0, count)
+        router = Router(weights=(("weight", weight),), hidden=g.config.hidden, experts=count, top_k=spec.top_k,
                         norm_topk_prob=spec.norm_topk_prob, init=_describe(spec))
-        moe = MoE(router=router, experts=tuple(experts), shared=shared, jitter=spec.jitter,
+        moe = MoE(router=router, experts=tuple(experts), shared=shared, shared_gate=gate, jitter=spec.jitter,
                   aux_loss_coef=spec.aux_loss_coef)
         out.append(dataclasses.replace(b, ffn=moe))
 
@@ -70,11 +81,11 @@ def _moe_layers(spec, n: int, path: str) -> set[int]:
     return chosen
 
 
-def _expert_graphs(spec, base: Graph, path: str, ctx) -> list[list[DecoderBlock]]:
+def _expert_graphs(specs, field: str, base: Graph, path: str, ctx) -> list[list[DecoderBlock]]:
     n, cfg = len(base.blocks()), base.config
     donors = []
-    for e, s in enumerate(spec.experts):
-        where = f"{path}.experts[{e}]"
+    for e, s in enumerate(specs):
+        where = f"{path}.{field}" + (f"[{e}]" if field == "experts" else "")
         g = ctx.input(s, where)
         blocks = [b for _, b in g.blocks()]
         if len(blocks) != n:
@@ -101,11 +112,18 @@ def _check_fine_grained(spec, inter: int, path: str) -> None:
 
 
 def _noisy(ffn: DenseFFN, spec, layer: int, expert: int) -> DenseFFN:
-    """An expert copy, with seeded noise on each weight when asked (one stream per layer, expert and name)."""
-    if not spec.noise:
+    """An expert copy, with seeded noise on each weight when asked (one stream per layer, expert and name),
+    then its down projection times the expert's residual_scale (mergekit-moe's order: noise, then scale)."""
+    std = spec.expert_noise[expert] if spec.expert_noise is not None else spec.noise
+    scale = spec.residual_scale[expert] if spec.residual_scale is not None else 1.0
+    if not std and scale == 1.0:
         return ffn
-    return ffn.with_weights(**{k: Noise(e, spec.noise, derive_seed(spec.seed, "noise", layer, expert, k))
-                               for k, e in ffn.params().items()})
+    weights = ffn.params()
+    if std:
+        weights = {k: Noise(e, std, derive_seed(spec.seed, "noise", layer, expert, k)) for k, e in weights.items()}
+    if scale != 1.0:
+        weights = {k: Scale(e, scale) if k.startswith("down_proj.") else e for k, e in weights.items()}
+    return ffn.with_weights(**weights)
 
 
 def _segment(ffn: DenseFFN, j: int, width: int) -> dict[str, Expr]:
@@ -164,19 +182,25 @@ def _router_rows(spec, g: Graph, count: int, path: str, ctx):
     shape = (count, cfg.hidden)
     if r.init == "zeros":
         return lambda i: Zeros(shape, cfg.dtype)
-    if r.init == "random":
+    if r.init == "random" and r.draw == "per_layer":
         return lambda i: Noise(Zeros(shape, cfg.dtype), r.std, derive_seed(r.seed, "router", i))
     from compose.ir.evaluate import torch_dtype
-    from compose.lower.router import gate_vectors
+    from compose.lower.router import gate_vectors, random_rows
 
-    vecs = gate_vectors(g, r, count, path, ctx).to(torch_dtype(cfg.dtype))
+    if r.init in ("random", "uniform_random"):
+        vecs = random_rows(r, len(g.blocks()), count, cfg.hidden)
+    else:
+        vecs = gate_vectors(g, r, count, path, ctx)
+    vecs = vecs.to(torch_dtype(cfg.dtype))
     return lambda i: Const.of(f"{r.init} router layer {i}", vecs[i])
 
 
 def _describe(spec) -> str:
     r = spec.router
     if r.init == "random":
-        return f"random(std={r.std}, seed={r.seed})"
+        return f"random(std={r.std}, seed={r.seed}" + (", whole draw)" if r.draw == "whole" else ")")
+    if r.init == "uniform_random":
+        return f"uniform_random(seed={r.seed}" + (", whole draw)" if r.draw == "whole" else ")")
     if r.init in ("hidden", "hidden_avg", "cheap_embed"):
         return f"{r.init}({sum(map(len, r.prompts))} prompts)"
     return r.init

@@ -57,6 +57,31 @@ def gate_vectors(base: Graph, spec, num_experts: int, path: str, ctx):
     return torch.stack(rows, dim=1)  # (layers, experts, hidden)
 
 
+def random_rows(spec, layers: int, rows: int, hidden: int):
+    """(layers, rows, hidden) float32 random router rows: N(0, std) (`random`) or U(-1/sqrt(hidden),
+    1/sqrt(hidden)) (`uniform_random`, torch.nn.Linear's init). `draw="whole"` draws the block at once from
+    torch.Generator().manual_seed(seed), with mergekit-moe's expressions (torch.randn(shape), and
+    torch.rand(shape) * 2 * scale - scale), so that after `mergekit-moe --random-seed seed` (which seeds
+    torch's global generator and draws nothing else first) the two agree bit for bit (mergekit's `random`
+    has std 1). `per_layer` draws layer i from (seed, i)."""
+    import math
+
+    import torch
+
+    from compose.ir.weights import derive_seed
+
+    def draw(shape, seed):
+        g = torch.Generator().manual_seed(seed)
+        if spec.init == "random":
+            return torch.randn(shape, generator=g) * spec.std  # times 1.0 is exact: std=1 is mergekit's draw
+        scale = math.sqrt(1.0 / hidden)
+        return torch.rand(shape, generator=g) * 2 * scale - scale
+
+    if spec.draw == "whole":
+        return draw((layers, rows, hidden), spec.seed)
+    return torch.stack([draw((rows, hidden), derive_seed(spec.seed, "router", i)) for i in range(layers)])
+
+
 def _reader(ctx):
     return lambda e: ctx.open(e.source).tensor(e.key)
 
