@@ -125,9 +125,12 @@ def write(g: Graph, out: Path, open_source, *, max_shard_size: str | int = "5GB"
     if len(files) > 1:
         write_index(out / "model.safetensors.index.json",
                     {e.name: f for f, shard in zip(files, shards) for e in shard}, total)
-    (out / "config.json").write_text(json.dumps(hf_config(g), indent=2, sort_keys=True) + "\n")
+    config = hf_config(g)
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     check.warn()
     copied = _copy_extra_files(g, out, open_source)
+    if GENERATION_CONFIG not in copied:
+        copied.append(_write_generation_config(g, config, out))
     return {"shards": sha, "files": sorted(files + copied + ["config.json"]), "total_bytes": total}
 
 
@@ -181,6 +184,26 @@ def kept_between_uses(entries: list[Entry], named: dict[str, Expr], shared: set[
             kept.add(u)
             live.append((last, size))
     return kept
+
+
+GENERATION_CONFIG = "generation_config.json"
+
+
+def _write_generation_config(g: Graph, config: dict, out: Path) -> str:
+    """generation_config.json when the tokenizer source has none (a built-in tiny model, a folder without
+    one): transformers' own GenerationConfig.from_model_config of config.json, read by the class it is
+    written as (the generated code's config is a plain PretrainedConfig), saved as save_pretrained saves
+    it. That is the token ids and the class's use_cache and output flags: a transformers 5 config holds no
+    other generation field (its classes drop them from config.json), and so neither does compose's."""
+    from transformers import AutoConfig, GenerationConfig, PretrainedConfig
+
+    fields = {k: v for k, v in config.items() if k not in ("auto_map", "model_type")}
+    model_config = (PretrainedConfig(**fields) if target(g).generated else
+                    AutoConfig.for_model(config["model_type"], **fields))
+    GenerationConfig.from_model_config(model_config).save_pretrained(out)
+    if not (out / GENERATION_CONFIG).is_file():
+        raise BuildError(f"{out}: transformers wrote no {GENERATION_CONFIG}")
+    return GENERATION_CONFIG
 
 
 def _copy_extra_files(g: Graph, out: Path, open_source) -> list[str]:

@@ -3,7 +3,7 @@ modeling code with a config.json whose auto_map names it, and tensors under the 
 (`augment.layers.0.*`, `cross.0.*`, `vision_adapter.*`, `model.layers.3.vision_expert.*`)."""
 from __future__ import annotations
 
-from compose.families.base import Family, Parts
+from compose.families.base import Family, Parts, file_fields
 from compose.ir.graph import Graph
 from compose.ir.nodes import Adapter, CrossAttention, DecoderBlock
 
@@ -57,7 +57,7 @@ class Composite(Family):
             about["visual_expert"] = {"vision_width": g.adapter.vision_width}
         return {"model_type": self.model_type, "architectures": [self.architecture], "auto_map": AUTO_MAP,
                 "vocab_size": c.vocab, "hidden_size": c.hidden, "num_hidden_layers": len(g.blocks()),
-                "tie_word_embeddings": g.head.tied, "dtype": c.dtype, "max_position_embeddings": c.max_positions,
+                "tie_word_embeddings": g.head.tied, **file_fields(c.dtype), "max_position_embeddings": c.max_positions,
                 **c.token_ids(), "compose": about}
 
 

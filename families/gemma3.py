@@ -15,7 +15,7 @@ from __future__ import annotations
 from compose.errors import SourceError
 from compose.families.base import LAYER_TYPES
 from compose.families.gemma2 import Gemma2
-from compose.families.rope import read_rope
+from compose.families.rope import legacy_rope, read_rope
 from compose.ir.graph import Graph
 
 
@@ -23,6 +23,7 @@ class Gemma3(Gemma2):
     model_type = "gemma3_text"
     architecture = "Gemma3ForCausalLM"
     dense = "gemma3_text"
+    gguf_arch = "gemma3"
     qk_norm = True
     default_max_positions = 131072
     default_theta = 1_000_000.0
@@ -61,12 +62,18 @@ class Gemma3(Gemma2):
                           f"{where}: rope_local_base_freq"))
 
     def own_config(self, g: Graph) -> dict:
-        c = g.config
         out = super().own_config(g)
         del out["attn_logit_softcapping"]  # Gemma3TextConfig has one, but its attention never reads it
-        out["rope_parameters"] = {"full_attention": c.rope.to_json(),
-                                  "sliding_attention": (c.local_rope or c.rope).to_json()}
         return out
+
+    def rope_config(self, g: Graph) -> dict:
+        # 4.x's keys: the global rope's theta and scaling, and the local theta (4.x's local rope is always
+        # unscaled: a scaled one only transformers 5 reads).
+        c = g.config
+        local = c.local_rope or c.rope
+        legacy = legacy_rope(c.rope, c.max_positions)
+        return {"rope_parameters": {"full_attention": c.rope.to_json(), "sliding_attention": local.to_json()},
+                **legacy, "rope_local_base_freq": local.theta}
 
     def tiny_config(self, o):
         base = super().tiny_config(o)

@@ -35,11 +35,21 @@ class Phi3(Family):
     def own_config(self, g: Graph) -> dict:
         # Phi3Config reads these two at the top level (its defaults, 4096 and 1.0, would win over
         # rope_parameters'): longrope switches factors past the original context, Phi-4-mini rotates 3/4.
+        # The share that rotates goes there with the legacy rope keys (rope_config), when the rope has one:
+        # without, the default 1.0 is the rope's (so a build of a build writes the same file).
         rope = g.config.rope
-        out = {"sliding_window": g.blocks()[0][1].attn.window,
-               "partial_rotary_factor": 1.0 if rope.partial_rotary_factor is None else rope.partial_rotary_factor}
+        out = {"sliding_window": g.blocks()[0][1].attn.window}
         if rope.original_max_positions is not None:
             out["original_max_position_embeddings"] = rope.original_max_positions
+        return out
+
+    def rope_config(self, g: Graph) -> dict:
+        # transformers 4.x's Phi3Config takes a rope_scaling of exactly `type`, `short_factor` and
+        # `long_factor` (a longrope with a factor of its own it refuses by name, rather than misreading it).
+        out = super().rope_config(g)
+        if "rope_scaling" in out:
+            scaling = dict(out["rope_scaling"])
+            out["rope_scaling"] = {"type": scaling.pop("rope_type"), **scaling}
         return out
 
     def tiny_config(self, o):

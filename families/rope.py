@@ -86,3 +86,34 @@ def read_rope(c: dict, default_theta: float, where: str) -> Rope:
         else:
             out[_NUMBERS[k]] = _number(v, f"{where}: {field}.{k}")
     return Rope(**out)
+
+
+def legacy_rope(rope: Rope, max_positions: int) -> dict:
+    """transformers 4.x's config.json keys for `rope`, written next to `rope_parameters`: `rope_theta`,
+    `partial_rotary_factor` when set, and `rope_scaling` unless the rope is `default`.
+
+    transformers 5 reads them too (its config classes take `rope_scaling` over `rope_parameters` when both
+    are there), so they must say exactly what rope_parameters says, in the form from which 4.x computes the
+    same frequencies and cos/sin scale:
+    - yarn: 4.x requires `factor`; 5 derives a missing one as max_position_embeddings / the original context;
+    - longrope: 4.x reads the original context only at the top level and always derives the factor from
+      it, so that context goes to the top level, and the attention factor 5 would derive from a `factor`
+      of its own is written out.
+    """
+    out: dict = {"rope_theta": rope.theta}
+    if rope.partial_rotary_factor is not None:
+        out["partial_rotary_factor"] = rope.partial_rotary_factor
+    if rope.type == "default":
+        return out
+    scaling = {k: v for k, v in rope.to_json().items() if k not in ("rope_theta", "partial_rotary_factor")}
+    original = rope.original_max_positions
+    if rope.type == "yarn" and rope.factor is None:
+        scaling["factor"] = max_positions / original
+    if rope.type == "longrope":
+        out["original_max_position_embeddings"] = scaling.pop("original_max_position_embeddings")
+        derived = max_positions / original
+        if rope.attention_factor is None and rope.factor is not None and rope.factor != derived:
+            scaling["attention_factor"] = (1.0 if rope.factor <= 1.0 else
+                                           math.sqrt(1 + math.log(rope.factor) / math.log(original)))
+    out["rope_scaling"] = scaling
+    return out
