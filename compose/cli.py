@@ -13,6 +13,7 @@ EPILOG = """examples:
   compose export out --format onnx                   export an existing build
   compose verify out                                 re-run the onnxruntime-vs-PyTorch check
   compose generate out --prompt "Once upon" --max-new-tokens 20
+  compose extract-lora --model ft --base base -o adapter --rank 16   a LoRA of ft - base (PEFT's format)
 """
 DENSE_MOE_HELP = ("ONNX: export MoE layers densely (every expert on every token, weighted by the router): no "
                   "data-dependent shapes, n_experts/top_k times the expert FLOPs (default: sparse, a loop over experts)")
@@ -35,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
                                    "trainable names, hashes), and with --format torch a generated modeling_compose.py.")
     b.add_argument("spec", metavar="SPEC")
     b.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder (must not exist without --force)")
-    b.add_argument("--format", default="hf", help="comma-separated: hf, torch, onnx (default: hf)")
+    b.add_argument("--format", default="hf", help="comma-separated: hf, torch, onnx, gguf (llama.cpp's model.gguf, "
+                        "from the hf checkpoint) (default: hf)")
     b.add_argument("--dtype", choices=DTYPES, help="output dtype (default: the source's)")
     b.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB (default: 5GB)")
     b.add_argument("--force", action="store_true", help="replace OUT if it exists")
@@ -69,9 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--dtype", choices=DTYPES, help="dtype for the byte count")
     i.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     e = sub.add_parser("export", help="export an existing build (to ONNX)",
-                       description="Export the build in OUT to ONNX next to its weights (model.onnx, and "
-                                   "model_with_past.onnx with past_key_values.N.key/value inputs for one-model "
-                                   "builds), checked in onnxruntime; recorded in compose.json.")
+                       description="Export the build in OUT to ONNX next to its weights: model.onnx (for one-model "
+                                   "builds the decoder as Optimum's ORTModelForCausalLM loads it: input_ids, "
+                                   "attention_mask, position_ids, past_key_values.N.key/value; plus genai_config.json "
+                                   "for onnxruntime-genai), checked in onnxruntime; recorded in compose.json.")
     e.add_argument("out", metavar="OUT")
     e.add_argument("--format", default="onnx", choices=["onnx"])
     e.add_argument("--dense-moe", action="store_true", help=DENSE_MOE_HELP)
@@ -84,6 +87,20 @@ def _parser() -> argparse.ArgumentParser:
                                    "logit differs by more than 1e-4 or is not finite.")
     v.add_argument("out", metavar="OUT")
     v.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    x = sub.add_parser("extract-lora", help="write a LoRA adapter of a fine-tune's difference from its base",
+                       description="Write a PEFT LoRA adapter (adapter_config.json, adapter_model.safetensors) of "
+                                   "rank RANK from MODEL - BASE, as mergekit-extract-lora does: each linear "
+                                   "layer's difference cut to rank RANK by SVD, embeddings, head and norms saved "
+                                   "whole (modules_to_save). Load it with PEFT, or fold it back with "
+                                   "load(\"BASE+OUT\").")
+    x.add_argument("--model", required=True, help="the fine-tuned model (folder, hub id or tiny:...)")
+    x.add_argument("--base", required=True, help="the base model it was fine-tuned from")
+    x.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder (must not exist without --force)")
+    x.add_argument("--rank", type=int, required=True, help="LoRA rank r (a module narrower than r keeps its full rank)")
+    x.add_argument("--device", default="cpu", help="where the SVDs run: cpu (default) or cuda[:N]")
+    x.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    x.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     g = sub.add_parser("generate", help="generate text with a build",
                        description="Generate from OUT with the generated module and a static KV cache (decode steps "
@@ -248,6 +265,14 @@ def cmd_generate(a) -> int:
     return 0
 
 
+def cmd_extract_lora(a) -> int:
+    from compose.extract_lora import extract
+
+    out = extract(a.model, a.base, a.out, a.rank, force=a.force, device=a.device, progress=sys.stderr.isatty())
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if not args.command:
@@ -257,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         commands = {"build": cmd_build, "inspect": cmd_inspect, "export": cmd_export, "verify": cmd_verify,
-                    "generate": cmd_generate}
+                    "generate": cmd_generate, "extract-lora": cmd_extract_lora}
         return commands[args.command](args)
     except ComposeError as e:
         if args.debug:

@@ -11,7 +11,7 @@ from typing import Callable, Iterable
 from compose.errors import BuildError, SpecError
 from compose.spec import DTYPES, BuildSpec, parse_build_spec
 
-FORMATS = ("hf", "torch", "onnx")
+FORMATS = ("hf", "torch", "onnx", "gguf")
 MAX_SPEC_BYTES = 16 << 20
 
 
@@ -52,10 +52,12 @@ def load_spec(path: str | os.PathLike) -> BuildSpec:
             raise SpecError(f"{p}: not valid YAML/JSON ({str(e).splitlines()[0]})") from None
         except RecursionError:
             raise SpecError(f"{p}: nested too deeply to be a spec") from None
-        from compose.mergekit_config import is_mergekit_config, translate
+        from compose import mergekit_config, mergekit_moe_config
 
-        if is_mergekit_config(data):
-            data = {"model": translate(data, str(p))}
+        if mergekit_config.is_mergekit_config(data):
+            data = {"model": mergekit_config.translate(data, str(p))}
+        elif mergekit_moe_config.is_mergekit_moe_config(data):
+            data = {"model": mergekit_moe_config.translate(data, str(p))}
         try:
             return parse_build_spec(data, str(p))
         except RecursionError:
@@ -142,7 +144,7 @@ def build(spec, out: str | os.PathLike, *, formats: Iterable[str] = ("hf",), dty
 
 def _write(g, spec, tmp: Path, formats, shard_bytes, progress, workers, device, dense_moe, allow_nonfinite, passes,
            max_memory):
-    from compose import __version__
+    from compose import __version__, model_card
     from compose.backends import hf
     from compose.integrity import hash_files
     from compose.manifest import manifest
@@ -170,8 +172,14 @@ def _write(g, spec, tmp: Path, formats, shard_bytes, progress, workers, device, 
     if "onnx" in formats:
         onnx_record = onnx.export(tmp, dense_moe=dense_moe)
         files += onnx_record["files"]
-    record = manifest(g, version=__version__, spec=spec.model_dump(mode="json"), formats=formats,
-                      passes=list(passes), tensors=hf.tensors(g), trainable=hf.trainable_names(g),
+    if "gguf" in formats:  # read back from the hf checkpoint just written, tensor by tensor
+        from compose.backends import gguf
+
+        files += gguf.write(g, tmp)["files"]
+    spec_json, tensors, trainable = spec.model_dump(mode="json"), hf.tensors(g), hf.trainable_names(g)
+    files.append(model_card.write(tmp, spec_json, g, trainable, tensors, __version__))
+    record = manifest(g, version=__version__, spec=spec_json, formats=formats,
+                      passes=list(passes), tensors=tensors, trainable=trainable,
                       shards=written["shards"], onnx=onnx_record, files=files,
                       sha256=hash_files(tmp, files, known=written["shards"]))
     (tmp / "compose.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -202,8 +210,12 @@ def _check_size(g, formats, out: Path, limit: int | None) -> int:
 
     numel = sum(e.numel for e in hf.tensors(g).values())
     total = numel * BYTES[g.config.dtype]
-    if "onnx" in formats:  # two graphs, each with its own copy of the weights: float16 for half builds
-        total += 2 * numel * (2 if g.config.dtype in ("bfloat16", "float16") else 4)
+    if "onnx" in formats:  # one graph with its own copy of the weights: float16 for half builds
+        total += numel * (2 if g.config.dtype in ("bfloat16", "float16") else 4)
+    if "gguf" in formats:  # planning refuses what llama.cpp cannot compute, before anything is written
+        from compose.backends import gguf
+
+        total += gguf.plan(g).nbytes(g.config.dtype)
     free = shutil.disk_usage(out.parent).free
     if limit is not None and total > limit:
         raise BuildError(f"{out}: the build would write {_size(total)}, more than --max-output-size {_size(limit)}")

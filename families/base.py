@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
 from compose.errors import BuildError, SourceError
-from compose.families.rope import read_rope
+from compose.families.rope import legacy_rope, read_rope
 from compose.ir.config import ArchConfig
 from compose.ir.graph import Graph
 from compose.ir.nodes import Attention, DecoderBlock, DenseFFN, Embedding, LMHead, MoE, Norm, Op, Origin
@@ -68,6 +68,20 @@ COMMON_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_
                "rope_parameters", "partial_rotary_factor", "original_max_position_embeddings",
                "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
 """The keys every family interprets."""
+
+
+def file_fields(dtype: str) -> dict:
+    """config.json's fields about the file every output writes: the dtype under transformers 5's name
+    (`dtype`) and 4.x's (`torch_dtype`), and the transformers version it was written for (the installed
+    one, which the Hub and transformers' own warnings read)."""
+    return {"dtype": dtype, "torch_dtype": dtype, "transformers_version": transformers_version()}
+
+
+@functools.cache
+def transformers_version() -> str:
+    from importlib.metadata import version
+
+    return version("transformers")
 
 
 def int_field(c: dict, key: str, where: str, default=None, minimum: int = 1) -> int:
@@ -125,6 +139,12 @@ class Family:
     graph of this family writes it (and the generated-code target, compose_moe, when none does)."""
     generated: ClassVar[bool] = False
     """Written as compose's generated modeling code behind an `auto_map`, not as a transformers class."""
+    mergekit_moe: ClassVar[frozenset[str]] = frozenset()
+    """The mergekit-moe output architectures that take this family's models as experts (each writer's
+    `supports_config` in mergekit/moe/, 0.1.5)."""
+    gguf_arch: ClassVar[str | None] = None
+    """llama.cpp's architecture for this family's class (`general.architecture` of the GGUF file compose
+    writes, as llama.cpp's convert_hf_to_gguf.py maps the class); None: compose writes no GGUF for it."""
     features: ClassVar[Features] = Features()
     qk_norm: ClassVar[bool] = False
     """Every attention normalises its query and key heads (`self_attn.q_norm`, `k_norm`)."""
@@ -321,11 +341,17 @@ class Family:
             architectures=[self.architecture], model_type=self.model_type, vocab_size=c.vocab, hidden_size=c.hidden,
             intermediate_size=c.intermediate, num_hidden_layers=len(g.blocks()), num_attention_heads=c.heads,
             num_key_value_heads=c.kv_heads, head_dim=c.head_dim, **{self.act_key: c.act},
-            max_position_embeddings=c.max_positions,
-            rms_norm_eps=c.rms_eps, rope_parameters=c.rope.to_json(), tie_word_embeddings=c.tie_embeddings,
-            dtype=c.dtype, **c.token_ids())
+            max_position_embeddings=c.max_positions, rms_norm_eps=c.rms_eps, tie_word_embeddings=c.tie_embeddings,
+            **file_fields(c.dtype), **c.token_ids())
+        out.update(self.rope_config(g))
         out.update(self.own_config(g))
         return out
+
+    def rope_config(self, g: Graph) -> dict:
+        """config.json's rope fields for `g`: transformers 5's `rope_parameters`, and the keys transformers
+        4.x reads instead (`rope_theta`, `rope_scaling`), which say the same."""
+        c = g.config
+        return {"rope_parameters": c.rope.to_json(), **legacy_rope(c.rope, c.max_positions)}
 
     def own_config(self, g: Graph) -> dict:
         """The family's own config.json fields for `g`."""

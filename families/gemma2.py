@@ -35,6 +35,7 @@ class Gemma2(Family):
     model_type = "gemma2"
     architecture = "Gemma2ForCausalLM"
     dense = "gemma2"
+    gguf_arch = "gemma2"
     features = Features(norm="offset_rms", embed_scale=True)
     sandwich = True
     act_key = "hidden_activation"

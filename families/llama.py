@@ -20,6 +20,8 @@ class Llama(Family):
     architecture = "LlamaForCausalLM"
     dense = "llama"
     moe_targets = ("mixtral", "qwen2_moe")
+    gguf_arch = "llama"
+    mergekit_moe = frozenset({"Mixtral", "DeepSeek MoE", "Qwen MoE"})
     keys = ("attention_bias", "mlp_bias")
     tiny_options = {"tie": 0}
 

@@ -11,6 +11,8 @@ class Mistral(Family):
     architecture = "MistralForCausalLM"
     dense = "mistral"
     moe_targets = ("mixtral", "qwen2_moe")
+    gguf_arch = "llama"  # llama.cpp's converter writes Mistral as llama
+    mergekit_moe = frozenset({"Mixtral", "DeepSeek MoE", "Qwen MoE"})
     default_max_positions = 4096 * 32
     keys = ("sliding_window",)
     tiny_options = {"tie": 0, "window": 16}

@@ -23,6 +23,7 @@ class Mixtral(Family):
     model_type = "mixtral"
     architecture = "MixtralForCausalLM"
     dense = "mistral"
+    gguf_arch = "llama"  # llama.cpp's llama with stacked experts (ffn_gate_exps, ...)
     default_theta = 1e6
     default_max_positions = 4096 * 32
     keys = ("sliding_window", "num_local_experts", "num_experts_per_tok", "router_jitter_noise",

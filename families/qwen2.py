@@ -12,6 +12,8 @@ class Qwen2(Family):
     architecture = "Qwen2ForCausalLM"
     dense = "qwen2"
     moe_targets = ("qwen2_moe",)
+    gguf_arch = "qwen2"
+    mergekit_moe = frozenset({"Qwen MoE"})
     default_max_positions = 32768
     keys = ("use_sliding_window", "sliding_window", "max_window_layers", "layer_types")
     # Qwen2-0.5B ties its embeddings: so does the tiny one.

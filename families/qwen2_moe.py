@@ -25,6 +25,7 @@ class Qwen2Moe(Family):
     model_type = "qwen2_moe"
     architecture = "Qwen2MoeForCausalLM"
     dense = "qwen2"
+    gguf_arch = "qwen2moe"
     features = Features(moe_shared_gate=True, moe_weights_in_model_dtype=True)
     expert_prefix = "mlp"
     default_max_positions = 32768

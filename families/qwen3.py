@@ -13,6 +13,8 @@ class Qwen3(Family):
     architecture = "Qwen3ForCausalLM"
     dense = "qwen3"
     moe_targets = ("qwen3_moe",)
+    gguf_arch = "qwen3"
+    mergekit_moe = frozenset({"Qwen3 MoE"})
     qk_norm = True
     default_max_positions = 32768
     keys = ("attention_bias", "use_sliding_window", "sliding_window", "max_window_layers", "layer_types")

@@ -22,6 +22,7 @@ class Qwen3Moe(Family):
     model_type = "qwen3_moe"
     architecture = "Qwen3MoeForCausalLM"
     dense = "qwen3"
+    gguf_arch = "qwen3moe"
     qk_norm = True
     features = Features(moe_weights_in_model_dtype=True)
     expert_prefix = "mlp"
