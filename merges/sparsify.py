@@ -64,8 +64,13 @@ def magnitude(t, density: float, rescale: bool = False, inplace: bool = False):
     mask = _top_k_mask(w, k)
     if mask is None:
         mask = torch.zeros(t.numel(), dtype=torch.bool, device=t.device)
-        with _FULL_SORT:  # a full sort needs ~5x the tensor in scratch: one at a time
-            mask[torch.argsort(w, descending=True)[:k]] = True
+        with _FULL_SORT:  # a full sort needs several times the tensor in scratch: one at a time
+            # Sorted in place (w is ours): the permutation argsort gives (mergekit's), without a copy of
+            # the values beside the int64 order.
+            order = torch.empty(w.numel(), dtype=torch.int64, device=w.device)
+            torch.sort(w, descending=True, out=(w, order))
+            mask[order[:k]] = True
+            del order
     del w
     # x * True == x * 1.0 and x * False == x * 0.0 bit for bit: no float copy of the mask is needed
     return apply_mask(t, mask.reshape_as(t), rescale, inplace)

@@ -77,7 +77,11 @@ def sign_consensus(deltas, int8_mask: bool = False):
 
 
 PARALLEL_MIN = 1 << 20
-"""Tensors at least this large sparsify their models on parallel threads."""
+PARALLEL_MAX = 1 << 26
+"""Tensors from PARALLEL_MIN to PARALLEL_MAX elements sparsify their models on parallel threads. Larger ones
+(a large vocabulary's embedding: 394M entries at Llama-3.2-3B's shape) take one model at a time: their
+full sorts are serialised anyway, and each model's scratch (float32 magnitudes, int64 order) is several
+times the tensor."""
 
 
 def generalized_task_arithmetic(tensors, base, *, method: str, consensus: bool, sparsifier: str | None,
@@ -134,7 +138,7 @@ def generalized_task_arithmetic(tensors, base, *, method: str, consensus: bool, 
             d = sp.della(d, densities[i], epsilons[i], rescale, generator)
         deltas[i] = d                                                    # cast to b's dtype
 
-    if sparsifier != "della" and sparsifier and n > 1 and b.numel() >= PARALLEL_MIN:
+    if sparsifier != "della" and sparsifier and n > 1 and PARALLEL_MIN <= b.numel() < PARALLEL_MAX:
         # Large tensors run one model per thread (sorts and masking are single-threaded); DELLA's draws
         # depend on each model's ranks, so it stays in model order.
         with ThreadPoolExecutor(n) as pool:
