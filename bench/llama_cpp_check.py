@@ -46,44 +46,21 @@ def import_llama_cpp(cache: Path = CACHE):
     return llama_cpp
 
 
-def specs() -> dict:
-    from compose import load, moe
+def _tests():
+    """tests/test_gguf.py: its builds and its llama.cpp call, shared so the bench and the test cannot drift."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import test_gguf
 
-    qwen2 = "tiny:qwen2?layers=3"
-    return {
-        "llama": load("tiny:llama?layers=3"),
-        "llama_bf16": load("tiny:llama?layers=2&seed=3", dtype="bfloat16"),
-        "llama_f16": load("tiny:llama?layers=2&seed=4", dtype="float16"),
-        "mistral": load("tiny:mistral?layers=2&window=0"),
-        "mixtral": moe.upcycle(load("tiny:llama?layers=2"), num_experts=4, top_k=2, noise=0.02,
-                               router=moe.random(seed=1, std=0.5)),
-        "qwen2": load(qwen2),
-        "qwen3": load("tiny:qwen3?layers=2"),
-        "qwen3_moe": load("tiny:qwen3_moe?layers=2"),
-        "deepseek (DeepSeekMoE, first_k_dense=1)": moe.fine_grained(
-            load(qwen2), segments=4, routed=8, shared=2, top_k=2, first_k_dense=1, norm_topk_prob=False,
-            router=moe.random(seed=2, std=0.5)),
-        "deepseek (no shared experts)": moe.fine_grained(
-            load("tiny:llama?layers=3"), segments=2, routed=4, top_k=2, first_k_dense=1, norm_topk_prob=False,
-            router=moe.random(seed=3, std=0.5)),
-        "qwen2moe (learned shared gate)": moe.from_experts(
-            base=load("tiny:qwen2?layers=2"), experts=[load(f"tiny:qwen2?layers=2&seed={s}") for s in (1, 2, 3)],
-            shared_expert=load("tiny:qwen2?layers=2&seed=4"), shared_gate=True, top_k=2, norm_topk_prob=False,
-            router=moe.random(seed=4, std=0.5)),
-        "gemma2": load("tiny:gemma2?layers=2"),
-        "gemma3": load("tiny:gemma3?layers=6"),
-    }
+    return test_gguf
+
+
+def specs(root: Path) -> dict:
+    """The builds tests/test_gguf.py checks against llama.cpp (some are made from checkpoints under root)."""
+    return {name: spec(root) if callable(spec) else spec for name, spec in _tests()._builds().items()}
 
 
 def llama_cpp_logits(llama_cpp, path: Path, ids: list[int]):
-    import numpy as np
-
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(64, len(ids)), n_batch=len(ids), logits_all=True,
-                          n_threads=1, verbose=False, type_k=0, type_v=0)  # 0: GGML_TYPE_F32
-    llm.eval(ids)
-    out = np.array(llm.scores[: len(ids)], dtype=np.float32)
-    llm.close()
-    return out
+    return _tests().llama_cpp_logits(llama_cpp, path, ids)
 
 
 def compare(llama_cpp, folder: Path, seq: int = 40) -> dict:
@@ -126,7 +103,7 @@ def main() -> int:
     print(f"llama-cpp-python {llama_cpp.__version__}, gguf {version('gguf')}")
     print(f"{'model':<42}{'arch':<10}{'dtype':<10}{'max|diff|':>11}{'max|logit|':>12}{'argmax':>8}{'finite':>8}")
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (name, spec) in enumerate(specs().items()):
+        for i, (name, spec) in enumerate(specs(Path(tmp) / "sources").items()):
             out = build(spec, Path(tmp) / str(i), formats=["hf", "gguf"], progress=False, workers=1)
             r = gguf.GGUFReader(out / "model.gguf")
             arch = r.fields["general.architecture"].contents()

@@ -17,6 +17,7 @@ bernoulli for float16; mergekit also rounds float64 to float32 there), in the in
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 
 RESCALE_EPS = 1e-7
@@ -24,6 +25,10 @@ RESCALE_EPS = 1e-7
 
 
 _FULL_SORT = threading.Lock()
+SORT_ALONE = 1 << 26
+"""Full sorts of at least this many entries run one at a time (their scratch, float32 magnitudes and an
+int64 order, is several times the tensor); smaller ones run side by side, on as many threads as merge
+(a sort of one tensor is single-threaded in torch, so serialising them all left a core idle)."""
 
 
 def _work_dtype(t):
@@ -64,7 +69,7 @@ def magnitude(t, density: float, rescale: bool = False, inplace: bool = False):
     mask = _top_k_mask(w, k)
     if mask is None:
         mask = torch.zeros(t.numel(), dtype=torch.bool, device=t.device)
-        with _FULL_SORT:  # a full sort needs several times the tensor in scratch: one at a time
+        with _FULL_SORT if w.numel() >= SORT_ALONE else contextlib.nullcontext():
             # Sorted in place (w is ours): the permutation argsort gives (mergekit's), without a copy of
             # the values beside the int64 order.
             order = torch.empty(w.numel(), dtype=torch.int64, device=w.device)
