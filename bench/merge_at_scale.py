@@ -18,9 +18,9 @@ the script prints per job and tool:
     pip install -e '.[peer]'      # mergekit 0.1.5
     python bench/merge_at_scale.py [--cache DIR] [--jobs linear,slerp,solar,llama_pro] [--reps 1]
 
-`--jobs ties` is left out of the default: at this size compose's TIES ran over 12 minutes on 2 cores (a
-known slow spot of issue 15). With the default jobs the run takes about 15 minutes, plus about 4 to
-generate the models the first time.
+`--jobs ties` is left out of the default: at this size TIES is a full sort of every tensor in both tools
+(compose 7.7 minutes, mergekit 11 on 2 cores), which alone would double the run. With the default jobs
+the run takes about 10 minutes, plus 4 to 11 to generate the models the first time.
 
 It refuses to start without the disk space it computes (the models, two outputs of the largest job, and
 the disk probe). Nothing here is a test: the numbers are read, not asserted.
