@@ -193,7 +193,7 @@ def cmd_export(a) -> int:
     import os
 
     from compose.backends import onnx
-    from compose.integrity import manifest_of, record_files
+    from compose.integrity import forget_files, manifest_of, record_files
 
     folder = _built(a.out)
     before = {p.name for p in folder.iterdir()}
@@ -204,7 +204,11 @@ def cmd_export(a) -> int:
             if p.name not in before:
                 p.unlink()
         raise
-    manifest = record_files(folder, {**manifest_of(folder), "onnx": record}, record["files"])
+    previous = manifest_of(folder)
+    old = previous.get("onnx")
+    old = old.get("files") if isinstance(old, dict) else None
+    stale = [f for f in old if isinstance(f, str) and f not in record["files"]] if isinstance(old, list) else []
+    manifest = record_files(folder, {**forget_files(folder, previous, stale), "onnx": record}, record["files"])
     tmp = folder / "compose.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, folder / "compose.json")

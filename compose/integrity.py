@@ -71,6 +71,17 @@ def check(folder: Path, *, weights: bool = True) -> dict:
     return record
 
 
+def forget_files(folder: Path, record: dict, names: list[str]) -> dict:
+    """Delete `names` (files compose.json lists, plain names in `folder`) and drop them from the record: what
+    an earlier export wrote that a new one replaces (the old model_with_past.onnx)."""
+    listed = set(record.get("files") or [])
+    gone = {n for n in names if n in listed and Path(n).name == n and n not in (".", "..")}
+    for n in gone:
+        (folder / n).unlink(missing_ok=True)
+    hashes = {k: v for k, v in (record.get("sha256") or {}).items() if k not in gone}
+    return {**record, "files": sorted(listed - gone), "sha256": hashes}
+
+
 def record_files(folder: Path, record: dict, files: list[str]) -> dict:
     """compose.json with `files` (newly written into the folder) added to its file list and hashes."""
     hashes = dict(record.get("sha256") or {})

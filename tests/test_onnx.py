@@ -153,8 +153,19 @@ def test_cli_export_and_verify(tmp_path):
 
     out = build(load(TINY), tmp_path / "out", formats=["hf", "torch"], progress=False)
     assert main(["verify", str(out)]) == 2  # nothing exported yet: a clear error
+    # As an earlier compose exported it: a second graph, model_with_past.onnx, recorded in compose.json.
+    from compose.integrity import record_files
+
+    (out / "model_with_past.onnx").write_bytes(b"an old graph")
+    old = json.loads((out / "compose.json").read_text())
+    old = record_files(out, {**old, "onnx": {"files": ["model_with_past.onnx"]}}, ["model_with_past.onnx"])
+    (out / "compose.json").write_text(json.dumps(old))
     assert main(["export", str(out), "--format", "onnx"]) == 0
-    assert json.loads((out / "compose.json").read_text())["onnx"]["files"] == ["model.onnx", "genai_config.json"]
+    record = json.loads((out / "compose.json").read_text())
+    assert record["onnx"]["files"] == ["model.onnx", "genai_config.json"]
+    # The old graph is gone with its record: no file in the folder that compose.json does not describe.
+    assert not (out / "model_with_past.onnx").exists()
+    assert "model_with_past.onnx" not in record["files"] and "model_with_past.onnx" not in record["sha256"]
     assert main(["verify", str(out)]) == 0
 
 
