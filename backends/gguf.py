@@ -135,9 +135,10 @@ class Plan:
         return sum(math.prod(t.shape) * (4 if t.f32 else size) for t in self.tensors)
 
 
-def plan(g: Graph) -> Plan:
+def plan(g: Graph, read: Callable | None = None) -> Plan:
     """The GGUF file of `g`: its architecture, metadata and tensors, or a BuildError naming why not (the
-    front door plans before the build writes anything, so a refusal leaves nothing behind)."""
+    front door plans before the build writes anything, so a refusal leaves nothing behind). `read` (a Load ->
+    its tensor) lets the plan look at the values of the shared-expert gates (see `_zero_gate`)."""
     import importlib.util
 
     if importlib.util.find_spec("gguf") is None:  # refused here, before anything is written
@@ -155,9 +156,10 @@ def plan(g: Graph) -> Plan:
     blocks = [b for _, b in g.blocks()]
     moes = dict(moe_blocks(g))
     name = fam.gguf_arch.upper()
-    if name == "QWEN2MOE" and moes and all(isinstance(m.shared_gate, Zeros) for m in moes.values()):
+    zero = {i: _zero_gate(m.shared_gate, read) for i, m in moes.items()} if name == "QWEN2MOE" else {}
+    if name == "QWEN2MOE" and moes and all(zero.values()):
         name = "DEEPSEEK"  # compose's zero gate: NaN in llama.cpp's qwen2moe; exact as DeepSeek-MoE
-    elif name == "QWEN2MOE" and any(isinstance(m.shared_gate, Zeros) for m in moes.values()):
+    elif name == "QWEN2MOE" and any(zero.values()):
         raise BuildError("--format gguf: some shared-expert gates are compose's zeros and some are learned; "
                          "llama.cpp holds one or the other (deepseek or qwen2moe)")
     arch = ARCHS[name]
@@ -503,14 +505,28 @@ class _Checkpoint:
         return self._open[self._where[key]].get_tensor(key)
 
 
-def write(g: Graph, folder: Path, *, progress: bool = False) -> dict:
+def _zero_gate(gate, read) -> bool:
+    """Whether a shared-expert gate is all zeros (an always-on shared expert behind sigmoid(0) = 1/2): compose's
+    own `zeros`, or, with `read`, any expression whose values are zero. A DeepSeekMoE output loaded back as a
+    source (to be merged, stacked or written again) has its gate as a Load of zeros, and written as qwen2moe it
+    would give NaN in llama.cpp like the Zeros it came from. Gates are one row per layer: cheap to evaluate."""
+    if gate is None or isinstance(gate, Zeros):
+        return gate is not None
+    if read is None:
+        return False
+    from compose.ir.evaluate import Evaluator
+
+    return not bool(Evaluator([gate], read)(gate).any())
+
+
+def write(g: Graph, folder: Path, *, progress: bool = False, read: Callable | None = None) -> dict:
     """Write `folder/model.gguf` from the hf checkpoint in `folder` (written by the hf backend for `g`);
-    return what compose.json records."""
+    return what compose.json records. `read` as for `plan`."""
     import gguf
     import numpy as np
     import torch
 
-    p = plan(g)
+    p = plan(g, read)
     dtype = g.config.dtype
     arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[p.arch]]
     w = gguf.GGUFWriter(folder / FILE, arch)

@@ -175,7 +175,7 @@ def _write(g, spec, tmp: Path, formats, shard_bytes, progress, workers, device, 
     if "gguf" in formats:  # read back from the hf checkpoint just written, tensor by tensor
         from compose.backends import gguf
 
-        files += gguf.write(g, tmp)["files"]
+        files += gguf.write(g, tmp, read=lambda e: open_source(e.source).tensor(e.key))["files"]
     spec_json, tensors, trainable = spec.model_dump(mode="json"), hf.tensors(g), hf.trainable_names(g)
     files.append(model_card.write(tmp, spec_json, g, trainable, tensors, __version__))
     record = manifest(g, version=__version__, spec=spec_json, formats=formats,
@@ -215,7 +215,9 @@ def _check_size(g, formats, out: Path, limit: int | None) -> int:
     if "gguf" in formats:  # planning refuses what llama.cpp cannot compute, before anything is written
         from compose.backends import gguf
 
-        total += gguf.plan(g).nbytes(g.config.dtype)
+        from compose.sources import open_source
+
+        total += gguf.plan(g, lambda e: open_source(e.source).tensor(e.key)).nbytes(g.config.dtype)
     free = shutil.disk_usage(out.parent).free
     if limit is not None and total > limit:
         raise BuildError(f"{out}: the build would write {_size(total)}, more than --max-output-size {_size(limit)}")

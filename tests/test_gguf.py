@@ -22,7 +22,7 @@ gguf = pytest.importorskip("gguf")
 
 from conftest import save_hf_model
 
-from compose import load, moe
+from compose import load, merge, moe
 from compose.errors import BuildError
 from compose.pipeline import build
 
@@ -461,3 +461,27 @@ def test_sharded_checkpoint_is_read_through_its_index(tmp_path):
     got = {t.name: _as_torch(t) for t in _reader(out).tensors}
     want = _expected(out, "llama")
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_deepseekmoe_output_used_as_a_source_is_still_deepseek(tmp_path):
+    """A DeepSeekMoE output loaded back (to be merged or written again) holds its shared gates as zeros on
+    disk, not as compose's `zeros`: the plan looks at their values, so it is written as llama.cpp's deepseek
+    again (as qwen2moe its sigmoid(0) is 0/0 = NaN in llama.cpp), with the same tensors as the first build."""
+    spec = _builds()["deepseek"]
+    first = build(spec, tmp_path / "first", formats=["hf", "gguf"], progress=False)
+    again = build(load(str(first)), tmp_path / "again", formats=["hf", "gguf"], progress=False)
+    merged = build(merge.linear(load(str(first)), load(str(first)), weight=[0.5, 0.5]), tmp_path / "merged",
+                   formats=["hf", "gguf"], progress=False)
+    want = {t.name: _as_torch(t) for t in _reader(first).tensors}
+    for out in (again, merged):
+        r = _reader(out)
+        assert r.fields["general.architecture"].contents() == "deepseek"
+        got = {t.name: _as_torch(t) for t in r.tensors}
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want), out.name
+    # A learned gate that is not zero stays qwen2moe.
+    assert _reader(built_qwen2moe(tmp_path)).fields["general.architecture"].contents() == "qwen2moe"
+
+
+def built_qwen2moe(tmp_path):
+    return build(_builds()["qwen2moe"], tmp_path / "qwen2moe", formats=["hf", "gguf"], progress=False)
