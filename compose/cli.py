@@ -70,13 +70,15 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--dot", metavar="FILE", help="also write the graph as Graphviz DOT to FILE")
     i.add_argument("--dtype", choices=DTYPES, help="dtype for the byte count")
     i.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
-    e = sub.add_parser("export", help="export an existing build (to ONNX)",
-                       description="Export the build in OUT to ONNX next to its weights: model.onnx (for one-model "
-                                   "builds the decoder as Optimum's ORTModelForCausalLM loads it: input_ids, "
-                                   "attention_mask, position_ids, past_key_values.N.key/value; plus genai_config.json "
-                                   "for onnxruntime-genai), checked in onnxruntime; recorded in compose.json.")
+    e = sub.add_parser("export", help="export an existing build (to ONNX or GGUF)",
+                       description="Export the build in OUT next to its weights, recorded in compose.json. onnx: "
+                                   "model.onnx (for one-model builds the decoder as Optimum's ORTModelForCausalLM "
+                                   "loads it: input_ids, attention_mask, position_ids, past_key_values.N.key/value; "
+                                   "plus genai_config.json for onnxruntime-genai), checked in onnxruntime. gguf: "
+                                   "model.gguf for llama.cpp, from the build's own checkpoint (its sha256 checked "
+                                   "first).")
     e.add_argument("out", metavar="OUT")
-    e.add_argument("--format", default="onnx", choices=["onnx"])
+    e.add_argument("--format", default="onnx", choices=["onnx", "gguf"])
     e.add_argument("--dense-moe", action="store_true", help=DENSE_MOE_HELP)
     e.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
@@ -195,6 +197,12 @@ def cmd_export(a) -> int:
     from compose.backends import onnx
     from compose.integrity import forget_files, manifest_of, record_files
 
+    if a.format == "gguf":
+        if a.dense_moe:
+            from compose.errors import BuildError
+
+            raise BuildError("--dense-moe: applies to --format onnx")
+        return _export_gguf(a)
     folder = _built(a.out)
     before = {p.name for p in folder.iterdir()}
     try:
@@ -214,6 +222,34 @@ def cmd_export(a) -> int:
     os.replace(tmp, folder / "compose.json")
     print(f"exported {', '.join(record['files'])} (opset {record['opset']}); "
           f"max |onnxruntime - torch| = {max(record['check'].values()):.1e}")
+    return 0
+
+
+def _export_gguf(a) -> int:
+    import json
+    import os
+
+    from compose.integrity import manifest_of, record_files
+    from compose.pipeline import export_gguf
+
+    folder = _built(a.out, weights=True)  # GGUF copies the weights: they must be the ones recorded
+    if (folder / "model.gguf").exists():  # written in place: a failed rewrite would leave half a file
+        from compose.errors import BuildError
+
+        raise BuildError(f"{folder / 'model.gguf'}: already exported (remove it to export again)")
+    before = {p.name for p in folder.iterdir()}
+    try:
+        files = export_gguf(folder)["files"]
+    except BaseException:  # a failed export leaves no file behind that compose.json does not record
+        for p in folder.iterdir():
+            if p.name not in before:
+                p.unlink()
+        raise
+    manifest = record_files(folder, manifest_of(folder), files)
+    tmp = folder / "compose.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, folder / "compose.json")
+    print(f"exported {', '.join(files)}")
     return 0
 
 

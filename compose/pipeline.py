@@ -185,6 +185,19 @@ def _write(g, spec, tmp: Path, formats, shard_bytes, progress, workers, device, 
     (tmp / "compose.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
+def export_gguf(folder: Path) -> dict:
+    """`folder/model.gguf` for an existing build, from its own checkpoint read back as a source (the plan
+    refuses what llama.cpp cannot hold before anything is written); what compose.json records."""
+    from compose.backends import gguf
+    from compose.dsl import load
+    from compose.sources import open_source
+
+    g = compile_graph(load(str(folder)), verify_each=True)
+    read = lambda e: open_source(e.source).tensor(e.key)  # noqa: E731
+    gguf.plan(g, read)
+    return gguf.write(g, folder, read=read)
+
+
 def _check_not_a_source(out: Path) -> None:
     """An output that is, lies inside or holds a source would overwrite the model it reads (with --force)."""
     from compose.sources import opened_folders

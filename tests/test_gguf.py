@@ -485,3 +485,42 @@ def test_a_deepseekmoe_output_used_as_a_source_is_still_deepseek(tmp_path):
 
 def built_qwen2moe(tmp_path):
     return build(_builds()["qwen2moe"], tmp_path / "qwen2moe", formats=["hf", "gguf"], progress=False)
+
+
+def test_cli_export_gguf_of_an_existing_build(tmp_path, capsys):
+    """`compose export OUT --format gguf` writes the model.gguf the build would have written with --format
+    gguf (the same tensors and metadata), records it in compose.json, and refuses a tampered shard by name."""
+    from compose.cli import main
+
+    spec = _builds()["deepseek"]
+    direct = build(spec, tmp_path / "direct", formats=["hf", "gguf"], progress=False)
+    out = build(spec, tmp_path / "out", progress=False)
+    assert not (out / "model.gguf").exists()
+    assert main(["export", str(out), "--format", "gguf"]) == 0
+    a, b = _reader(direct), _reader(out)
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    assert all(torch.equal(_as_torch(x), _as_torch(y)) for x, y in zip(a.tensors, b.tensors))
+    keys = [k for k in a.fields if not k.startswith("GGUF.")]
+    assert keys == [k for k in b.fields if not k.startswith("GGUF.")]
+    assert all(a.fields[k].contents() == b.fields[k].contents() for k in keys)
+    record = json.loads((out / "compose.json").read_text())
+    assert "model.gguf" in record["files"] and "model.gguf" in record["sha256"]
+    from compose.integrity import check
+
+    check(out, weights=True)  # every recorded file, model.gguf included, matches its sha256
+    capsys.readouterr()
+    assert main(["export", str(out), "--format", "gguf"]) == 2  # written in place: never over a recorded one
+    assert "already exported" in capsys.readouterr().err
+    # A refusal writes nothing; a shard that changed since the build is named.
+    phi = build(load("tiny:phi3?layers=1"), tmp_path / "phi", progress=False)
+    before = sorted(p.name for p in phi.iterdir())
+    assert main(["export", str(phi), "--format", "gguf"]) == 2
+    assert sorted(p.name for p in phi.iterdir()) == before
+    with open(out / "model.safetensors", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\0\0\0\0")
+    gguf_bytes = (out / "model.gguf").read_bytes()
+    capsys.readouterr()
+    assert main(["export", str(out), "--format", "gguf"]) == 2
+    assert "model.safetensors" in capsys.readouterr().err
+    assert (out / "model.gguf").read_bytes() == gguf_bytes  # the refused export left the recorded file alone
