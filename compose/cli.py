@@ -191,9 +191,6 @@ def _built(out: str, *, weights: bool = False):
 
 
 def cmd_export(a) -> int:
-    import json
-    import os
-
     from compose.backends import onnx
     from compose.integrity import forget_files, manifest_of, record_files
 
@@ -204,31 +201,19 @@ def cmd_export(a) -> int:
             raise BuildError("--dense-moe: applies to --format onnx")
         return _export_gguf(a)
     folder = _built(a.out)
-    before = {p.name for p in folder.iterdir()}
-    try:
-        record = onnx.export(folder, dense_moe=a.dense_moe)
-    except BaseException:  # a failed export leaves no graph behind that compose.json does not record
-        for p in folder.iterdir():
-            if p.name not in before:
-                p.unlink()
-        raise
+    record = _exporting(folder, lambda: onnx.export(folder, dense_moe=a.dense_moe))
     previous = manifest_of(folder)
     old = previous.get("onnx")
     old = old.get("files") if isinstance(old, dict) else None
     stale = [f for f in old if isinstance(f, str) and f not in record["files"]] if isinstance(old, list) else []
-    manifest = record_files(folder, {**forget_files(folder, previous, stale), "onnx": record}, record["files"])
-    tmp = folder / "compose.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, folder / "compose.json")
+    _save_manifest(folder, record_files(folder, {**forget_files(folder, previous, stale), "onnx": record},
+                                        record["files"]))
     print(f"exported {', '.join(record['files'])} (opset {record['opset']}); "
           f"max |onnxruntime - torch| = {max(record['check'].values()):.1e}")
     return 0
 
 
 def _export_gguf(a) -> int:
-    import json
-    import os
-
     from compose.integrity import manifest_of, record_files
     from compose.pipeline import export_gguf
 
@@ -237,20 +222,33 @@ def _export_gguf(a) -> int:
         from compose.errors import BuildError
 
         raise BuildError(f"{folder / 'model.gguf'}: already exported (remove it to export again)")
+    files = _exporting(folder, lambda: export_gguf(folder))["files"]
+    _save_manifest(folder, record_files(folder, manifest_of(folder), files))
+    print(f"exported {', '.join(files)}")
+    return 0
+
+
+def _exporting(folder, export):
+    """export(); when it fails, the files it added to `folder` are removed, so that no file is left behind
+    that compose.json does not record."""
     before = {p.name for p in folder.iterdir()}
     try:
-        files = export_gguf(folder)["files"]
-    except BaseException:  # a failed export leaves no file behind that compose.json does not record
+        return export()
+    except BaseException:
         for p in folder.iterdir():
             if p.name not in before:
                 p.unlink()
         raise
-    manifest = record_files(folder, manifest_of(folder), files)
+
+
+def _save_manifest(folder, manifest: dict) -> None:
+    """compose.json replaced in one rename: a reader sees the old record or the new one, never half."""
+    import json
+    import os
+
     tmp = folder / "compose.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, folder / "compose.json")
-    print(f"exported {', '.join(files)}")
-    return 0
 
 
 def cmd_verify(a) -> int:
