@@ -484,27 +484,6 @@ def _tensor(values):
 
 # -- writing -----------------------------------------------------------------------------------------------
 
-class _Checkpoint:
-    """The build's safetensors, read tensor by tensor (memory-mapped; nothing kept between reads)."""
-
-    def __init__(self, folder: Path):
-        from safetensors import safe_open
-
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            where = json.loads(index.read_text())["weight_map"]
-        else:
-            where = None
-        files = sorted(set(where.values())) if where else ["model.safetensors"]
-        self._open = {f: safe_open(str(folder / f), framework="pt") for f in files}
-        self._where = where or {k: "model.safetensors" for k in self._open["model.safetensors"].keys()}  # noqa: SIM118 (not a dict)
-
-    def get(self, key: str):
-        if key not in self._where:
-            raise BuildError(f"--format gguf: the hf checkpoint has no tensor {key}")
-        return self._open[self._where[key]].get_tensor(key)
-
-
 def _zero_gate(gate, read) -> bool:
     """Whether a shared-expert gate is all zeros (an always-on shared expert behind sigmoid(0) = 1/2): compose's
     own `zeros`, or, with `read`, any expression whose values are zero. A DeepSeekMoE output loaded back as a
@@ -519,9 +498,10 @@ def _zero_gate(gate, read) -> bool:
     return not bool(Evaluator([gate], read)(gate).any())
 
 
-def write(g: Graph, folder: Path, *, progress: bool = False, read: Callable | None = None) -> dict:
-    """Write `folder/model.gguf` from the hf checkpoint in `folder` (written by the hf backend for `g`);
-    return what compose.json records. `read` as for `plan`."""
+def write(g: Graph, folder: Path, *, checkpoint: Callable, read: Callable | None = None) -> dict:
+    """Write `folder/model.gguf` from the hf checkpoint in `folder` (written by the hf backend for `g`), whose
+    tensors `checkpoint(name)` reads one at a time (the front door's reader of a model folder); return what
+    compose.json records. `read` as for `plan`."""
     import gguf
     import numpy as np
     import torch
@@ -546,9 +526,11 @@ def write(g: Graph, folder: Path, *, progress: bool = False, read: Callable | No
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    ckpt = _Checkpoint(folder)
     for t, kind in zip(p.tensors, qtypes):
-        data = [ckpt.get(k) for k in t.keys]
+        try:
+            data = [checkpoint(k) for k in t.keys]
+        except KeyError as e:
+            raise BuildError(f"--format gguf: the hf checkpoint has no tensor {e.args[0]}") from None
         x = t.make(data) if t.make is not None else data[0]
         if tuple(x.shape) != t.shape:
             raise BuildError(f"--format gguf: tensor {t.name} came out {tuple(x.shape)}, expected {t.shape} "

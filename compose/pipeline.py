@@ -148,7 +148,7 @@ def _write(g, spec, tmp: Path, formats, shard_bytes, progress, workers, device, 
     from compose.backends import hf
     from compose.integrity import hash_files
     from compose.manifest import manifest
-    from compose.sources import open_source
+    from compose.sources import FolderSource, open_source
 
     # A model no transformers class holds (CALM, CogVLM, a Gemma MoE) is written as generated code: it is
     # what config.json's auto_map loads. ONNX is exported from the generated module, so it needs the code
@@ -175,7 +175,7 @@ def _write(g, spec, tmp: Path, formats, shard_bytes, progress, workers, device, 
     if "gguf" in formats:  # read back from the hf checkpoint just written, tensor by tensor
         from compose.backends import gguf
 
-        files += gguf.write(g, tmp, read=lambda e: open_source(e.source).tensor(e.key))["files"]
+        files += gguf.write(g, tmp, read=_read_load, checkpoint=FolderSource(tmp).tensor)["files"]
     spec_json, tensors, trainable = spec.model_dump(mode="json"), hf.tensors(g), hf.trainable_names(g)
     files.append(model_card.write(tmp, spec_json, g, trainable, tensors, __version__))
     record = manifest(g, version=__version__, spec=spec_json, formats=formats,
@@ -190,12 +190,17 @@ def export_gguf(folder: Path) -> dict:
     refuses what llama.cpp cannot hold before anything is written); what compose.json records."""
     from compose.backends import gguf
     from compose.dsl import load
-    from compose.sources import open_source
+    from compose.sources import FolderSource
 
     g = compile_graph(load(str(folder)), verify_each=True)
-    read = lambda e: open_source(e.source).tensor(e.key)  # noqa: E731
-    gguf.plan(g, read)
-    return gguf.write(g, folder, read=read)
+    return gguf.write(g, folder, read=_read_load, checkpoint=FolderSource(folder).tensor)
+
+
+def _read_load(e):
+    """A Load's tensor, from its opened source (what backends are given to read sources with)."""
+    from compose.sources import open_source
+
+    return open_source(e.source).tensor(e.key)
 
 
 def _check_not_a_source(out: Path) -> None:
@@ -228,9 +233,7 @@ def _check_size(g, formats, out: Path, limit: int | None) -> int:
     if "gguf" in formats:  # planning refuses what llama.cpp cannot compute, before anything is written
         from compose.backends import gguf
 
-        from compose.sources import open_source
-
-        total += gguf.plan(g, lambda e: open_source(e.source).tensor(e.key)).nbytes(g.config.dtype)
+        total += gguf.plan(g, _read_load).nbytes(g.config.dtype)
     free = shutil.disk_usage(out.parent).free
     if limit is not None and total > limit:
         raise BuildError(f"{out}: the build would write {_size(total)}, more than --max-output-size {_size(limit)}")
