@@ -80,8 +80,8 @@ def extract(model_ref: str, base_ref: str, out, rank: int, *, force: bool = Fals
 
     from compose.backends.shards import write_shard
     from compose.output import OutputFolder, absolute
-    from compose.pipeline import check_device
-    from compose.sources import clear_cache, open_source, opened_folders
+    from compose.pipeline import check_device, check_not_a_source
+    from compose.sources import clear_cache, open_source
 
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise BuildError(f"--rank: must be a positive integer, got {rank!r}")
@@ -89,9 +89,7 @@ def extract(model_ref: str, base_ref: str, out, rank: int, *, force: bool = Fals
     clear_cache()
     base, model = open_source(base_ref), open_source(model_ref)
     out = absolute(out)
-    for folder in opened_folders():
-        if out == folder or folder in out.parents or out in folder.parents:
-            raise BuildError(f"-o {out}: overlaps the source folder {folder}; choose an output outside both models")
+    check_not_a_source(out)
     plan = _plan(base, model, rank)
 
     def tensors():

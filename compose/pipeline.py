@@ -129,7 +129,7 @@ def build(spec, out: str | os.PathLike, *, formats: Iterable[str] = ("hf",), dty
         spec = as_build_spec(spec)
         passes = tuple(p for p in DEFAULT_PIPELINE if fuse or p not in FUSION)
         g = compile_graph(spec, dtype=dtype, passes=passes, verify_each=True)
-        _check_not_a_source(out)
+        check_not_a_source(out)
         total = _check_size(g, formats, out, limit)
         if progress:
             print(f"compose: writing {_size(total)} to {out}", file=sys.stderr)
@@ -203,7 +203,7 @@ def _read_load(e):
     return open_source(e.source).tensor(e.key)
 
 
-def _check_not_a_source(out: Path) -> None:
+def check_not_a_source(out: Path) -> None:
     """An output that is, lies inside or holds a source would overwrite the model it reads (with --force)."""
     from compose.sources import opened_folders
 

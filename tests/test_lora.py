@@ -367,6 +367,13 @@ def test_extract_refuses(pair, tmp_path):
 
         extract(str(other), str(base), tmp_path / "o", 4)
     assert not (tmp_path / "o").exists()
+    # An output inside a source, or one that holds it (with --force it would be deleted), is refused.
+    before = sorted(p.name for p in base.iterdir())
+    with pytest.raises(ComposeError, match="lies inside the source folder"):
+        extract(str(ft), str(base), base / "adapter", 4)
+    with pytest.raises(ComposeError, match="holds the source folder"):
+        extract(str(ft), str(base), base.parent, 4, force=True)
+    assert sorted(p.name for p in base.iterdir()) == before
 
 
 # -- LoRA on a LLaMA-Pro build -----------------------------------------------------------------------------
