@@ -31,14 +31,14 @@ composites and generated classes. Two representations make compose's own outputs
   expert widths there (`expert_shared_count`), so it is padded with zero rows and columns, which add 0.
 - Tied embeddings on an architecture whose loader requires `output.weight` (qwen2moe) are written twice.
 
-Vocabulary: a build with tokenizer.json gets its tokens, types and merges (byte-level BPE as llama.cpp's
-`gpt2` model, SentencePiece-style BPE as `llama`) and the special token ids; a build without a tokenizer
-(the built-in tiny models) gets `tokenizer.ggml.model = "none"` and `vocab_size`, which llama.cpp loads as
-that many placeholder tokens: the model evaluates token ids, and text cannot be tokenized.
+Vocabulary (backends/gguf_vocab.py): a build with tokenizer.json gets its tokens, types and merges
+(byte-level BPE as llama.cpp's `gpt2` model with the pre-tokenizer named for its split regex,
+SentencePiece-style BPE as `llama`) and the special token ids; a build without a tokenizer (the built-in
+tiny models) gets `tokenizer.ggml.model = "none"` and `vocab_size`, which llama.cpp loads as that many
+placeholder tokens: the model evaluates token ids, and text cannot be tokenized.
 """
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,6 +50,7 @@ from compose.ir.nodes import DenseFFN, MoE
 from compose.ir.weights import Zeros
 
 from compose import families
+from compose.backends import gguf_vocab
 from compose.errors import BuildError
 
 FILE = "model.gguf"
@@ -77,9 +78,12 @@ class Arch:
     qk_norm: bool = False
     sandwich: bool = False
     square_attention: bool = False
+    """The loader wants q and o projections of width x width (heads * head_dim = hidden)."""
     act: tuple[str, ...] = ("silu",)
     """The MLP activations (transformers' names) the graph builder computes."""
-    """The loader wants q and o projections of width x width (heads * head_dim = hidden)."""
+    fused: bool = False
+    """q/k/v as one attn_qkv and gate/up as one ffn_up (gate rows first: llama.cpp's SWIGLU takes silu of
+    the first half), as Phi-3 stores them; otherwise separate, as every other converter writes them."""
 
 
 _GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")
@@ -95,6 +99,9 @@ ARCHS: dict[str, Arch] = {
                      square_attention=True),
     "GEMMA2": Arch(windows="per_layer", tied_only=True, sandwich=True, act=_GELU_TANH),
     "GEMMA3": Arch(windows="per_layer", qk_norm=True, sandwich=True, act=_GELU_TANH),
+    # Phi-3 and Phi-4: llama.cpp ignores sliding_window (src/models/phi3.cpp), so a window shorter than the
+    # context is refused like any other window on an architecture without one.
+    "PHI3": Arch(square_attention=True, fused=True),
 }
 """The architectures compose writes, by their names in gguf.MODEL_ARCH (llama.cpp's, upper-cased). llama's
 MoE layers are Mixtral's (a llama with n_expert > 0)."""
@@ -126,6 +133,8 @@ class Plan:
     tensors: list[Out] = field(default_factory=list)
     meta: list[tuple[str, tuple]] = field(default_factory=list)
     """GGUFWriter method name and arguments, in order."""
+    vocab: gguf_vocab.Vocab = gguf_vocab.NONE
+    """The vocabulary, decided from the tokenizer files the build copies (see `_tokenizer_folder`)."""
 
     def add(self, method: str, *args) -> None:
         self.meta.append((method, args))
@@ -152,7 +161,7 @@ def plan(g: Graph, read: Callable | None = None) -> Plan:
         raise BuildError(f"--format gguf: llama.cpp has no architecture for {fam.architecture}"
                          + (" (compose's generated class)" if fam.generated else "")
                          + "; compose writes GGUF for Llama, Mistral, Mixtral, Qwen2, Qwen2-MoE, Qwen3, Qwen3-MoE, "
-                           "Gemma 2 and Gemma 3")
+                           "Gemma 2, Gemma 3, Phi-3 and Phi-4")
     blocks = [b for _, b in g.blocks()]
     moes = dict(moe_blocks(g))
     name = fam.gguf_arch.upper()
@@ -166,7 +175,7 @@ def plan(g: Graph, read: Callable | None = None) -> Plan:
     where = f"--format gguf (llama.cpp {name.lower()})"
     c = g.config
     _check_attention(g, arch, where)
-    p = Plan(name)
+    p = Plan(name, vocab=gguf_vocab.decide(_tokenizer_folder(g)))
     dense = [i for i, b in enumerate(blocks) if i not in moes]
     if moes:
         _check_moe(g, moes, dense, arch, where)
@@ -254,6 +263,19 @@ def _target(g: Graph):
     return families.get(g.state.target.family)
 
 
+def _tokenizer_folder(g: Graph) -> Path | None:
+    """Where the build's tokenizer files come from: the tokenizer source's folder (copied into the build), or
+    a merged tokenizer's base folder (its pre-tokenizer is the base's); None for a model without one."""
+    ref = g.state.tokenizer
+    if ref is None:
+        return None
+    if isinstance(ref, str):
+        from compose.sources import open_source
+
+        return open_source(ref).folder
+    return ref.folder
+
+
 def _checkpoint_names(fam, prefix: str, b) -> dict[str, str]:
     """IR name (Hugging Face's Llama / Qwen2-MoE local names) -> the target class's checkpoint name."""
     ir = list(b.params())
@@ -272,8 +294,12 @@ def _check_attention(g: Graph, arch: Arch, where: str) -> None:
         raise BuildError(f"{where}: the MLP activation {c.act!r}; llama.cpp's architecture computes {arch.act[0]}")
     for name, b in g.blocks():
         a = b.attn
-        if a.fused:
-            raise BuildError(f"{where}: node {name} has fused q/k/v; llama.cpp's converter reads separate ones")
+        if a.fused != arch.fused:
+            raise BuildError(f"{where}: node {name} has {'fused' if a.fused else 'separate'} q/k/v; llama.cpp's "
+                             f"architecture reads {'separate' if a.fused else 'fused'} ones")
+        if a.fused and (a.qkv_bias or a.o_bias or (isinstance(b.ffn, DenseFFN) and b.ffn.bias)):
+            raise BuildError(f"{where}: node {name} has fused projections with biases, which llama.cpp's "
+                             "architecture does not have")
         if a.qk_norm != arch.qk_norm:
             raise BuildError(f"{where}: node {name} has {'a' if a.qk_norm else 'no'} q/k norm, and llama.cpp's "
                              f"architecture has {'one' if arch.qk_norm else 'none'}")
@@ -283,8 +309,10 @@ def _check_attention(g: Graph, arch: Arch, where: str) -> None:
             raise BuildError(f"{where}: node {name} attends within a sliding window of {a.window}, and llama.cpp's "
                              "architecture attends to every earlier token; it would compute other logits past "
                              f"{a.window} tokens")
-        if isinstance(b.ffn, DenseFFN) and b.ffn.fused:
-            raise BuildError(f"{where}: node {name} has a fused gate/up projection")
+        if isinstance(b.ffn, DenseFFN) and b.ffn.fused != arch.fused:
+            raise BuildError(f"{where}: node {name} has {'a fused' if b.ffn.fused else 'separate'} gate/up "
+                             f"projection{'' if b.ffn.fused else 's'}, and llama.cpp's architecture reads "
+                             f"{'separate' if b.ffn.fused else 'fused'} ones")
         if arch.square_attention and a.heads * a.head_dim != c.hidden:
             raise BuildError(f"{where}: node {name} has {a.heads} heads of {a.head_dim}, not the width {c.hidden}; "
                              "llama.cpp's architecture has square q and o projections")
@@ -350,6 +378,10 @@ def _rope(p: Plan, rope, head_dim: int, where: str):
                 smooth = (old / wavelen - low) / (high - low)
                 out.append(1 / ((1 - smooth) / factor + smooth))
         return out
+    if rope.type == "longrope":
+        raise BuildError(f"{where}: rope type 'longrope'; llama.cpp picks its long or short factors by the context "
+                         "size it is run with, and transformers by each sequence's length, so short prompts in a "
+                         "long context would get other logits")
     raise BuildError(f"{where}: rope type {rope.type!r}; compose writes GGUF for default, linear and llama3 ropes "
                      "(llama.cpp computes the others' scaling its own way)")
 
@@ -387,9 +419,12 @@ def _block(out, T, i: int, b, ckpt: dict[str, str], arch: Arch, name: str, norm,
     out(T.ATTN_NORM, ckpt["input_layernorm.weight"], (c.hidden,), i, norm)
     perm_q = (lambda ts, n=a.heads: _permute(ts[0], n)) if arch.permute_qk else None
     perm_k = (lambda ts, n=a.kv_heads: _permute(ts[0], n)) if arch.permute_qk else None
-    out(T.ATTN_Q, ckpt["self_attn.q_proj.weight"], (q_rows, c.hidden), i, perm_q)
-    out(T.ATTN_K, ckpt["self_attn.k_proj.weight"], (kv_rows, c.hidden), i, perm_k)
-    out(T.ATTN_V, ckpt["self_attn.v_proj.weight"], (kv_rows, c.hidden), i)
+    if a.fused:  # checked unbiased and unpermuted (NEOX) in the plan
+        out(T.ATTN_QKV, ckpt["self_attn.qkv_proj.weight"], (q_rows + 2 * kv_rows, c.hidden), i)
+    else:
+        out(T.ATTN_Q, ckpt["self_attn.q_proj.weight"], (q_rows, c.hidden), i, perm_q)
+        out(T.ATTN_K, ckpt["self_attn.k_proj.weight"], (kv_rows, c.hidden), i, perm_k)
+        out(T.ATTN_V, ckpt["self_attn.v_proj.weight"], (kv_rows, c.hidden), i)
     if a.qkv_bias:
         out(T.ATTN_Q, ckpt["self_attn.q_proj.bias"], (q_rows,), i, perm_q, ".bias")
         out(T.ATTN_K, ckpt["self_attn.k_proj.bias"], (kv_rows,), i, perm_k, ".bias")
@@ -408,8 +443,11 @@ def _block(out, T, i: int, b, ckpt: dict[str, str], arch: Arch, name: str, norm,
     f = b.ffn
     if isinstance(f, DenseFFN):
         w = f.intermediate
-        out(T.FFN_GATE, ckpt["mlp.gate_proj.weight"], (w, c.hidden), i)
-        out(T.FFN_UP, ckpt["mlp.up_proj.weight"], (w, c.hidden), i)
+        if f.fused:
+            out(T.FFN_UP, ckpt["mlp.gate_up_proj.weight"], (2 * w, c.hidden), i)
+        else:
+            out(T.FFN_GATE, ckpt["mlp.gate_proj.weight"], (w, c.hidden), i)
+            out(T.FFN_UP, ckpt["mlp.up_proj.weight"], (w, c.hidden), i)
         out(T.FFN_DOWN, ckpt["mlp.down_proj.weight"], (c.hidden, w), i)
         if f.bias:
             if name != "LLAMA":
@@ -498,22 +536,24 @@ def _zero_gate(gate, read) -> bool:
     return not bool(Evaluator([gate], read)(gate).any())
 
 
-def write(g: Graph, folder: Path, *, checkpoint: Callable, read: Callable | None = None) -> dict:
+def write(g: Graph, folder: Path, *, checkpoint: Callable, read: Callable | None = None,
+          planned: Plan | None = None) -> dict:
     """Write `folder/model.gguf` from the hf checkpoint in `folder` (written by the hf backend for `g`), whose
     tensors `checkpoint(name)` reads one at a time (the front door's reader of a model folder); return what
-    compose.json records. `read` as for `plan`."""
+    compose.json records. `planned` is `plan(g, read)` when the caller has it (made before the build wrote
+    anything)."""
     import gguf
     import numpy as np
     import torch
 
-    p = plan(g, read)
+    p = planned or plan(g, read)
     dtype = g.config.dtype
     arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[p.arch]]
     w = gguf.GGUFWriter(folder / FILE, arch)
     w.add_name("compose build")
     for method, args in p.meta:
         getattr(w, method)(*args)
-    tokenizer = _write_vocab(w, folder, g)
+    tokenizer = gguf_vocab.write(w, folder if p.vocab.model != "none" else None, g.config.vocab)
     qtypes = []
     for t in p.tensors:
         kind = "F32" if t.f32 else _GGML[dtype]
@@ -546,73 +586,3 @@ def write(g: Graph, folder: Path, *, checkpoint: Callable, read: Callable | None
         del data, x, arr
     w.close()
     return {"files": [FILE], "architecture": arch, "tensors": len(p.tensors), "tokenizer": tokenizer}
-
-
-def _write_vocab(w, folder: Path, g: Graph) -> str:
-    """The vocabulary llama.cpp reads (see the module docstring); returns the tokenizer model written."""
-    import gguf
-
-    vocab = g.config.vocab
-    path = folder / "tokenizer.json"
-    if not path.is_file():
-        if (folder / "tokenizer.model").is_file():
-            raise BuildError("--format gguf: the tokenizer is a SentencePiece tokenizer.model without tokenizer.json; "
-                             "compose writes GGUF vocabularies from tokenizer.json")
-        w.add_tokenizer_model("none")  # llama.cpp: `vocab_size` placeholder tokens, ids in and logits out
-        return "none"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        model = data["model"]
-        kind = model["type"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise BuildError(f"{path}: not a tokenizers tokenizer.json ({e})") from None
-    if kind == "BPE" and not model.get("byte_fallback", False):
-        tokens, types, scores = _bpe_tokens(data, path)
-        name = gguf.BpeVocab.tokenizer_model  # byte-level BPE: llama.cpp's gpt2
-    elif kind == "BPE":
-        try:
-            v = gguf.LlamaHfVocab(folder)
-        except (FileNotFoundError, TypeError) as e:
-            raise BuildError(f"{path}: a byte-fallback BPE tokenizer llama.cpp's converter does not read ({e})") from None
-        tokens, scores, types = [], [], []
-        for text, score, typ in v.all_tokens():
-            tokens.append(text.decode("utf-8"))
-            scores.append(score)
-            types.append(int(typ))
-        name = gguf.LlamaHfVocab.tokenizer_model  # SentencePiece-style: llama.cpp's llama
-    else:
-        raise BuildError(f"{path}: a {kind} tokenizer; compose writes GGUF vocabularies for BPE tokenizers")
-    if len(tokens) > vocab:
-        raise BuildError(f"{path}: {len(tokens)} tokens, more than the model's vocab_size {vocab}")
-    for i in range(len(tokens), vocab):  # as the converter pads: rows the tokenizer never produces
-        tokens.append(f"[PAD{i}]")
-        types.append(int(gguf.TokenType.UNUSED))
-        scores.append(-1000.0)
-    w.add_tokenizer_model(name)
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    if name == gguf.LlamaHfVocab.tokenizer_model:
-        w.add_token_scores(scores)
-    w.add_token_types(types)
-    special = gguf.SpecialVocab(folder, load_merges=name == gguf.BpeVocab.tokenizer_model, n_vocab=vocab)
-    special.add_to_gguf(w, quiet=True)
-    return name
-
-
-def _bpe_tokens(data: dict, path: Path):
-    """Byte-level BPE tokens in id order, typed as the converter types them: added special tokens CONTROL,
-    other added tokens USER_DEFINED, the rest NORMAL."""
-    import gguf
-
-    by_id = {i: t for t, i in data["model"]["vocab"].items()}
-    kinds = {}
-    for a in data.get("added_tokens") or []:
-        by_id[a["id"]] = a["content"]
-        kinds[a["id"]] = gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED
-    n = max(by_id) + 1 if by_id else 0
-    missing = [i for i in range(n) if i not in by_id]
-    if missing:
-        raise BuildError(f"{path}: token ids {missing[:5]} have no token; llama.cpp needs every id below {n}")
-    tokens = [by_id[i] for i in range(n)]
-    types = [int(kinds.get(i, gguf.TokenType.NORMAL)) for i in range(n)]
-    return tokens, types, [0.0] * n

@@ -110,7 +110,29 @@ def main() -> int:
             c = compare(llama_cpp, out, a.seq)
             print(f"{name:<42}{arch:<10}{c['dtype']:<10}{c['max_abs_diff']:>11.2e}{c['max_abs_logit']:>12.3f}"
                   f"{c['argmax_agree']:>8.2f}{c['finite']!s:>8}")
+        tokenization(llama_cpp, Path(tmp) / "tok")
     return 0
+
+
+def tokenization(llama_cpp, root: Path) -> None:
+    """llama.cpp's ids for tests/test_gguf.py's TEXT against transformers', for a tokenizer.json of each split
+    compose names: with the pre-tokenizer compose writes, and with `default` (what it wrote before)."""
+    from transformers import AutoTokenizer
+
+    from compose import load
+    from compose.pipeline import build
+
+    t = _tests()
+    print(f"\n{'pre-tokenizer':<16}{'tokens':>8}{'written: equal':>16}{'default: equal':>16}")
+    for pre, make in t.PRE_TOKENIZERS.items():
+        split, ignore_merges = make()
+        src = t._byte_level_source(root / pre / "src", split, ignore_merges)
+        out = build(load(str(src)), root / pre / "out", formats=["hf", "gguf"], progress=False)
+        want = AutoTokenizer.from_pretrained(src).encode(t.TEXT, add_special_tokens=False)
+        have = t.llama_cpp_tokens(llama_cpp, out / "model.gguf", t.TEXT)
+        default = t.llama_cpp_tokens(llama_cpp, t.with_pre(out / "model.gguf", "default", root / pre / "d.gguf"),
+                                     t.TEXT)
+        print(f"{pre:<16}{len(want):>8}{str(have == want):>16}{str(default == want):>16}")
 
 
 if __name__ == "__main__":

@@ -130,12 +130,13 @@ def build(spec, out: str | os.PathLike, *, formats: Iterable[str] = ("hf",), dty
         passes = tuple(p for p in DEFAULT_PIPELINE if fuse or p not in FUSION)
         g = compile_graph(spec, dtype=dtype, passes=passes, verify_each=True)
         check_not_a_source(out)
-        total = _check_size(g, formats, out, limit)
+        gguf_plan = _plan_gguf(g) if "gguf" in formats else None  # refuses what llama.cpp cannot compute
+        total = _check_size(g, formats, out, limit, gguf_plan)
         if progress:
             print(f"compose: writing {_size(total)} to {out}", file=sys.stderr)
         try:
             _write(g, spec, folder.tmp, formats, shard_bytes, progress, workers, device, dense_moe, allow_nonfinite,
-                   passes, memory)
+                   passes, memory, gguf_plan)
         except OSError as e:
             raise BuildError(f"{e.filename or out}: cannot write the build ({e.strerror or e})") from None
         folder.commit()
@@ -143,7 +144,7 @@ def build(spec, out: str | os.PathLike, *, formats: Iterable[str] = ("hf",), dty
 
 
 def _write(g, spec, tmp: Path, formats, shard_bytes, progress, workers, device, dense_moe, allow_nonfinite, passes,
-           max_memory):
+           max_memory, gguf_plan):
     from compose import __version__, model_card
     from compose.backends import hf
     from compose.integrity import hash_files
@@ -175,7 +176,7 @@ def _write(g, spec, tmp: Path, formats, shard_bytes, progress, workers, device, 
     if "gguf" in formats:  # read back from the hf checkpoint just written, tensor by tensor
         from compose.backends import gguf
 
-        files += gguf.write(g, tmp, read=_read_load, checkpoint=FolderSource(tmp).tensor)["files"]
+        files += gguf.write(g, tmp, planned=gguf_plan, checkpoint=FolderSource(tmp).tensor)["files"]
     spec_json, tensors, trainable = spec.model_dump(mode="json"), hf.tensors(g), hf.trainable_names(g)
     files.append(model_card.write(tmp, spec_json, g, trainable, tensors, __version__))
     record = manifest(g, version=__version__, spec=spec_json, formats=formats,
@@ -220,7 +221,14 @@ def _check_not_inside(out: Path, path: Path, what: str) -> None:
         raise BuildError(f"-o {out}: holds {what} {path}; choose an output outside every input")
 
 
-def _check_size(g, formats, out: Path, limit: int | None) -> int:
+def _plan_gguf(g):
+    """The GGUF file's plan, before the build writes anything (a refusal leaves nothing behind)."""
+    from compose.backends import gguf
+
+    return gguf.plan(g, _read_load)
+
+
+def _check_size(g, formats, out: Path, limit: int | None, gguf_plan=None) -> int:
     """The bytes the build will write; refused, before the first byte, when more than the free disk or
     --max-output-size."""
     from compose.backends import hf
@@ -230,10 +238,8 @@ def _check_size(g, formats, out: Path, limit: int | None) -> int:
     total = numel * BYTES[g.config.dtype]
     if "onnx" in formats:  # one graph with its own copy of the weights: float16 for half builds
         total += numel * (2 if g.config.dtype in ("bfloat16", "float16") else 4)
-    if "gguf" in formats:  # planning refuses what llama.cpp cannot compute, before anything is written
-        from compose.backends import gguf
-
-        total += gguf.plan(g, _read_load).nbytes(g.config.dtype)
+    if gguf_plan is not None:
+        total += gguf_plan.nbytes(g.config.dtype)
     free = shutil.disk_usage(out.parent).free
     if limit is not None and total > limit:
         raise BuildError(f"{out}: the build would write {_size(total)}, more than --max-output-size {_size(limit)}")

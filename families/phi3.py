@@ -19,6 +19,7 @@ class Phi3(Family):
     dense = "phi3"
     moe_targets = ()
     fused = True
+    gguf_arch = "phi3"  # llama.cpp's phi3 reads the fused attn_qkv and gate/up as they are stored
     default_max_positions = 4096
     keys = ("sliding_window", "resid_pdrop", "embd_pdrop")
     tiny_options = {"tie": 0}

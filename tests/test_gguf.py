@@ -53,6 +53,7 @@ def _builds():
                                      shared_expert=load("tiny:qwen2?layers=2&seed=4"), shared_gate=True,
                                      top_k=2, norm_topk_prob=False, router=moe.random(seed=4, std=0.5)),
         "gemma2": load("tiny:gemma2?layers=2"),
+        "phi3": load("tiny:phi3?layers=2"),  # fused q/k/v and gate/up, untied head (Phi-4's layout)
         "gemma3": load("tiny:gemma3?layers=6"),
         # transformers' own Gemma checkpoints (tests/conftest.py): soft-caps that bend the logits, a sliding
         # pattern of their own, Gemma 3's linearly scaled global rope next to its local theta
@@ -68,7 +69,7 @@ def _builds():
 ARCH = {"llama": "llama", "llama_bf16": "llama", "llama_f16": "llama", "mistral": "llama", "mixtral": "llama",
         "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3moe", "deepseek": "deepseek",
         "deepseek_unshared": "deepseek", "qwen2moe": "qwen2moe", "gemma2": "gemma2", "gemma3": "gemma3",
-        "gemma2_hf": "gemma2", "gemma3_hf": "gemma3"}
+        "gemma2_hf": "gemma2", "gemma3_hf": "gemma3", "phi3": "phi3"}
 
 
 @pytest.fixture(scope="session")
@@ -308,19 +309,31 @@ def test_tokenizer_json_is_written(tmp_path):
 
 # -- refusals: by name, before anything is written -------------------------------------------------------
 
+def _phi3_longrope(root: Path):
+    return load(str(save_hf_model(root / "src", "phi3", layers=1, max_position_embeddings=128,
+                                  original_max_position_embeddings=32, sliding_window=None,
+                                  rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                                   "short_factor": [1.0] * 8, "long_factor": [2.0] * 8})))
+
+
 REFUSED = {
-    "sliding window": (lambda: load("tiny:mistral?layers=2&window=16"), "sliding window of 16"),
-    "renormalised qwen2moe": (lambda: moe.fine_grained(load("tiny:qwen2?layers=2"), segments=2, routed=4, shared=1,
-                                                       norm_topk_prob=True), "norm_topk_prob"),
-    "dense after moe": (lambda: moe.fine_grained(load("tiny:llama?layers=4"), segments=2, routed=4, shared=1,
-                                                 every=2, norm_topk_prob=False), "layer 2 is dense after an MoE layer"),
-    "qwen3moe dense layer": (lambda: moe.upcycle(load("tiny:qwen3?layers=3"), num_experts=4, first_k_dense=1),
+    "sliding window": (lambda root: load("tiny:mistral?layers=2&window=16"), "sliding window of 16"),
+    "renormalised qwen2moe": (lambda root: moe.fine_grained(load("tiny:qwen2?layers=2"), segments=2, routed=4,
+                                                            shared=1, norm_topk_prob=True), "norm_topk_prob"),
+    "dense after moe": (lambda root: moe.fine_grained(load("tiny:llama?layers=4"), segments=2, routed=4, shared=1,
+                                                      every=2, norm_topk_prob=False),
+                        "layer 2 is dense after an MoE layer"),
+    "qwen3moe dense layer": (lambda root: moe.upcycle(load("tiny:qwen3?layers=3"), num_experts=4, first_k_dense=1),
                              "layer 0 is dense"),
-    "qwen3moe unnormalised": (lambda: moe.upcycle(load("tiny:qwen3?layers=2"), num_experts=4, norm_topk_prob=False),
-                              "norm_topk_prob False"),
-    "generated class": (lambda: moe.upcycle(load("tiny:gemma2?layers=2"), num_experts=4),
+    "qwen3moe unnormalised": (lambda root: moe.upcycle(load("tiny:qwen3?layers=2"), num_experts=4,
+                                                       norm_topk_prob=False), "norm_topk_prob False"),
+    "generated class": (lambda root: moe.upcycle(load("tiny:gemma2?layers=2"), num_experts=4),
                         "compose's generated class"),
-    "phi3": (lambda: load("tiny:phi3?layers=2"), "llama.cpp has no architecture for Phi3ForCausalLM"),
+    # llama.cpp's phi3 ignores sliding_window (Phi-3-mini-4k's 2047); its longrope picks the factors by the
+    # context it is given, not by the sequence's length as transformers does
+    "phi3 window": (lambda root: load(str(save_hf_model(root / "src", "phi3", layers=1, sliding_window=16))),
+                    "sliding window of 16"),
+    "phi3 longrope": (_phi3_longrope, "rope type 'longrope'"),
 }
 
 
@@ -329,9 +342,9 @@ def test_refused_by_name_before_writing(tmp_path, case):
     spec, words = REFUSED[case]
     out = tmp_path / "out"
     with pytest.raises(BuildError, match="--format gguf") as e:
-        build(spec(), out, formats=["hf", "gguf"], progress=False)
+        build(spec(tmp_path), out, formats=["hf", "gguf"], progress=False)
     assert words in str(e.value)
-    assert not out.exists() and not list(tmp_path.iterdir())
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] in ([], ["src"])
 
 
 def test_composite_refused(tmp_path):
@@ -454,6 +467,126 @@ def test_sentencepiece_style_tokenizer_json_is_written_as_llama(tmp_path):
     assert len(_field(r, "tokenizer.ggml.scores")) == 340
 
 
+# -- pre-tokenizers: the split llama.cpp computes, named for the regex tokenizer.json holds ------------------
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+TEXT = ("I'll pay 1234567 dollars, don't you think?\n\n  Hello   World!!\t3.14159 na\u00efve caf\u00e9 "
+        "\u6771\u4eac HELLO'S 2024-12-03\r\n  end  ")
+"""Digits in runs longer than three, contractions in both cases, runs of spaces, newlines and tabs, and
+non-ASCII letters: where the pre-tokenizers differ from one another and from llama.cpp's `default`."""
+
+
+def _byte_level_source(folder: Path, pre, ignore_merges: bool = False) -> Path:
+    """A tiny Llama with a byte-level BPE tokenizer.json trained (seeded corpus) behind the `pre` split."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(ignore_merges=ignore_merges))
+    tok.pre_tokenizer = pre
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT, "the quick brown fox, 12 345 678!", "hello world 999"] * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=416, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=1)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+def _split(regex: str):
+    from tokenizers import Regex, pre_tokenizers
+
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+PRE_TOKENIZERS = {
+    "llama-bpe": lambda: (_split(LLAMA3_SPLIT), True),  # Llama 3's tokenizer.json ignores merges too
+    "qwen2": lambda: (_split(QWEN2_SPLIT), False),
+    "gpt-2": lambda: (__import__("tokenizers").pre_tokenizers.ByteLevel(add_prefix_space=False), False),
+}
+
+
+@pytest.mark.parametrize("pre", list(PRE_TOKENIZERS))
+def test_pre_tokenizer_is_named_and_llama_cpp_tokenizes_as_transformers(tmp_path, pre):
+    """`tokenizer.ggml.pre` names the split the tokenizer.json holds; where llama.cpp is built, its ids for
+    TEXT equal transformers' (with `default`, the name written before, they did not)."""
+    from transformers import AutoTokenizer
+
+    split, ignore_merges = PRE_TOKENIZERS[pre]()
+    src = _byte_level_source(tmp_path / "src", split, ignore_merges)
+    out = build(load(str(src)), tmp_path / "out", formats=["hf", "gguf"], progress=False)
+    r = _reader(out)
+    assert _field(r, "tokenizer.ggml.model") == "gpt2" and _field(r, "tokenizer.ggml.pre") == pre
+    want = AutoTokenizer.from_pretrained(src).encode(TEXT, add_special_tokens=False)
+    assert llama_cpp_tokens(_llama_cpp(), out / "model.gguf", TEXT) == want
+
+
+def llama_cpp_tokens(llama_cpp, path: Path, text: str) -> list[int]:
+    """llama.cpp's ids for `text` (no BOS, special tokens as text), from the GGUF's vocabulary alone."""
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        return llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+    finally:
+        llm.close()
+
+
+def with_pre(path: Path, pre: str, out: Path) -> Path:
+    """A copy of the GGUF at `path` naming the pre-tokenizer `pre`, through gguf's own metadata tool."""
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+
+    reader = gguf.GGUFReader(path)
+    copy_with_new_metadata(reader, gguf.GGUFWriter(out, _field(reader, "general.architecture")),
+                           {"tokenizer.ggml.pre": MetadataDetails(gguf.GGUFValueType.STRING, pre)}, [])
+    return out
+
+
+def test_default_pre_tokenizer_splits_otherwise(tmp_path):
+    """The test above can fail: llama.cpp's `default` split tokenizes TEXT differently from a Llama 3
+    tokenizer (so a file named `default`, as compose wrote before, decoded other ids)."""
+    from transformers import AutoTokenizer
+
+    split, ignore_merges = PRE_TOKENIZERS["llama-bpe"]()
+    src = _byte_level_source(tmp_path / "src", split, ignore_merges)
+    out = build(load(str(src)), tmp_path / "out", formats=["hf", "gguf"], progress=False)
+    llama_cpp = _llama_cpp()
+    assert _field(_reader(out), "tokenizer.ggml.pre") == "llama-bpe"
+    have = llama_cpp_tokens(llama_cpp, with_pre(out / "model.gguf", "default", tmp_path / "default.gguf"), TEXT)
+    assert have != AutoTokenizer.from_pretrained(src).encode(TEXT, add_special_tokens=False)
+
+
+@pytest.mark.parametrize("case", ["unknown split", "prefix space", "whitespace split"])
+def test_pre_tokenizer_llama_cpp_does_not_compute_is_refused_before_writing(tmp_path, case):
+    from tokenizers import pre_tokenizers
+
+    split = {"unknown split": lambda: _split(r"\p{L}+|\p{N}+|[^\s\p{L}\p{N}]+|\s+"),
+             "prefix space": lambda: pre_tokenizers.ByteLevel(add_prefix_space=True),
+             "whitespace split": lambda: pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                                   pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                                           use_regex=False)])}[case]()
+    src = _byte_level_source(tmp_path / "src", split)
+    out = tmp_path / "out"
+    with pytest.raises(BuildError, match="tokenizer.json") as e:
+        build(load(str(src)), out, formats=["hf", "gguf"], progress=False)
+    assert {"unknown split": "regex llama.cpp does not compute", "prefix space": "prefix space",
+            "whitespace split": "WhitespaceSplit + ByteLevel"}[case] in str(e.value)
+    assert not out.exists()
+
+
+def test_sentencepiece_model_without_tokenizer_json_is_refused_before_writing(tmp_path):
+    src = save_hf_model(tmp_path / "src", "llama", layers=1)
+    (src / "tokenizer.model").write_bytes(b"\x0a\x00")  # copied by the build, and llama.cpp reads none of it
+    out = tmp_path / "out"
+    with pytest.raises(BuildError, match="tokenizer.model is a SentencePiece tokenizer without tokenizer.json"):
+        build(load(str(src)), out, formats=["hf", "gguf"], progress=False)
+    assert not out.exists()
+
+
 def test_sharded_checkpoint_is_read_through_its_index(tmp_path):
     out = build(load("tiny:llama?layers=2"), tmp_path / "out", formats=["hf", "gguf"], progress=False,
                 max_shard_size="40kB")
@@ -512,10 +645,12 @@ def test_cli_export_gguf_of_an_existing_build(tmp_path, capsys):
     assert main(["export", str(out), "--format", "gguf"]) == 2  # written in place: never over a recorded one
     assert "already exported" in capsys.readouterr().err
     # A refusal writes nothing; a shard that changed since the build is named.
-    phi = build(load("tiny:phi3?layers=1"), tmp_path / "phi", progress=False)
-    before = sorted(p.name for p in phi.iterdir())
-    assert main(["export", str(phi), "--format", "gguf"]) == 2
-    assert sorted(p.name for p in phi.iterdir()) == before
+    qwen3moe = build(moe.upcycle(load("tiny:qwen3?layers=2"), num_experts=4, norm_topk_prob=False),
+                     tmp_path / "qwen3moe", progress=False)
+    before = sorted(p.name for p in qwen3moe.iterdir())
+    assert main(["export", str(qwen3moe), "--format", "gguf"]) == 2
+    assert "norm_topk_prob False" in capsys.readouterr().err
+    assert sorted(p.name for p in qwen3moe.iterdir()) == before
     with open(out / "model.safetensors", "r+b") as f:
         f.seek(-4, 2)
         f.write(b"\0\0\0\0")
