@@ -110,10 +110,12 @@ def _pick(logits, temperature: float, top_k: int | None, top_p: float | None, ge
 
 
 def generate(module, model, input_ids, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, seed: int = 0, cuda_graph: bool | None = None, **inputs):
-    """input_ids (B, T) -> (B, T + max_new_tokens). `inputs` go to the prompt's step: CogVLM's
-    token_type_ids and images, CALM's augment_ids (the augmenting model's own prompt). cuda_graph: decode
-    steps replay a CUDA graph; None = whenever the model is on CUDA."""
+             top_p: float | None = None, seed: int = 0, cuda_graph: bool | None = None, attention_mask=None,
+             **inputs):
+    """input_ids (B, T) -> (B, T + max_new_tokens). attention_mask (B, T): a left-padded batch (1: a real
+    token, 0: padding; single-model builds), each row continuing as it would alone. `inputs` go to the
+    prompt's step: CogVLM's token_type_ids and images, CALM's augment_ids (the augmenting model's own
+    prompt). cuda_graph: decode steps replay a CUDA graph; None = whenever the model is on CUDA."""
     import torch
 
     device = input_ids.device
@@ -121,7 +123,7 @@ def generate(module, model, input_ids, max_new_tokens: int, *, temperature: floa
         cuda_graph = device.type == "cuda"
     if cuda_graph and device.type != "cuda":
         raise BuildError(f"CUDA graphs need the model on a CUDA device; it is on {device}")
-    prefill, decode, counters = _steps(module, model, input_ids, max_new_tokens, inputs)
+    prefill, decode, counters = _steps(module, model, input_ids, max_new_tokens, inputs, attention_mask)
     if cuda_graph:
         decode = _graphed(decode, counters)
     generator = torch.Generator().manual_seed(seed)
@@ -135,10 +137,13 @@ def generate(module, model, input_ids, max_new_tokens: int, *, temperature: floa
     return torch.cat(out, dim=1)
 
 
-def _steps(module, model, input_ids, max_new_tokens: int, inputs: dict):
+def _steps(module, model, input_ids, max_new_tokens: int, inputs: dict, attention_mask=None):
     """(prefill, decode, counters) for the build's kind: two functions of token ids to logits over one set
     of static caches, and the caches' counters (the tensors a step moves on)."""
     k = kind(module)
+    if attention_mask is not None and k != "single":
+        raise BuildError(f"attention_mask: the runtime pads single-model builds only; a {k} build's own "
+                         "generate(..., attention_mask=...) decodes a padded batch")
     allowed = {"single": set(), "calm": {"augment_ids"}, "cogvlm": {"token_type_ids", "images"}}[k]
     if set(inputs) - allowed:
         raise BuildError(f"a {k} build takes no {', '.join(sorted(set(inputs) - allowed))} "
@@ -147,6 +152,8 @@ def _steps(module, model, input_ids, max_new_tokens: int, inputs: dict):
     dtype, device = next(model.parameters()).dtype, input_ids.device
     if k == "single":
         cache = StaticKVCache.for_config(model.model.config, B, max_len, dtype, device)
+        if attention_mask is not None:
+            return _padded_steps(model, cache, input_ids, attention_mask)
         step = lambda ids: model(ids, cache)  # noqa: E731
         return step, step, cache.counters()
     if k == "calm":
@@ -157,6 +164,40 @@ def _steps(module, model, input_ids, max_new_tokens: int, inputs: dict):
     cache = StaticCogVLMCache(model.model.config, B, max_len, dtype, device)
     return ((lambda ids: model(ids, inputs.get("token_type_ids"), inputs.get("images"), cache)),
             (lambda ids: model(ids, None, None, cache)), cache.counters())
+
+
+def _padded_steps(model, cache: StaticKVCache, input_ids, attention_mask):
+    """Steps for a left-padded batch. The mask covers every cache slot, and is fixed for the whole
+    generation: the prompt's padding hidden, every later slot real (the causal rule hides those not
+    written yet), so a decode step has fixed inputs. Rotary positions count each row's real tokens, as
+    transformers counts them: the prompt's from its mask, then one device counter per row (B,) that each
+    decode step reads and moves on, like the cache's own position."""
+    import torch
+
+    mask = attention_mask.to(input_ids.device)
+    if mask.shape != input_ids.shape:
+        raise BuildError(f"attention_mask: shape {tuple(mask.shape)}, expected the prompt's {tuple(input_ids.shape)}")
+    real = mask.bool()
+    if bool((mask != real.long()).any()):
+        raise BuildError("attention_mask: must hold only 0 (padding) and 1 (a real token)")
+    if bool((real[:, :-1] & ~real[:, 1:]).any()) or not bool(real[:, -1].all()):
+        raise BuildError("attention_mask: rows must be left-padded (padding, then real tokens up to the last "
+                         "column), as generation continues after each row's last token")
+    B, T = input_ids.shape
+    full = torch.ones((B, cache.max_len), dtype=torch.long, device=input_ids.device)
+    full[:, :T] = real.long()
+    prompt_positions = (real.long().cumsum(dim=-1) - 1).clamp(min=0)  # padding: 0, never attended to
+    next_position = real.long().sum(dim=-1)  # (B,) each row's real tokens so far
+
+    def prefill(ids):
+        return model(ids, cache, full, prompt_positions)
+
+    def decode(ids):
+        logits = model(ids, cache, full, next_position[:, None])
+        next_position.add_(1)
+        return logits
+
+    return prefill, decode, cache.counters() + [next_position]
 
 
 def _warm_up(decode, ids, counters: list, runs: int = 2) -> None:

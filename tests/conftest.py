@@ -86,12 +86,12 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def traced_decode_step(module, model, ids, inputs=None):
+def traced_decode_step(module, model, ids, inputs=None, attention_mask=None):
     """(the runtime's decode step traced by dynamo with fullgraph=True, the same step eager): a step that
     reads a tensor on the host (as CUDA-graph capture forbids) fails to trace."""
     from compose.backends import runtime
 
-    prefill, decode, counters = runtime._steps(module, model, ids, 4, inputs or {})
+    prefill, decode, counters = runtime._steps(module, model, ids, 4, inputs or {}, attention_mask)
     torch._dynamo.reset()
     with torch.no_grad():
         token = prefill(ids)[:, -1:].argmax(-1)

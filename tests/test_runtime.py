@@ -55,6 +55,62 @@ def test_static_cache_greedy_equals_transformers_generate(builds, name):
     assert torch.equal(ours, model.generate(ids, 14))  # the generated module's own (growing) cache
 
 
+def _left_padded(B=3, T=9, seed=4):
+    """A prompt batch whose rows hold 9, 5 and 7 real tokens after their padding (ids 0 there)."""
+    ids = token_ids(batch=B, seq=T, seed=seed)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate((0, 4, 2)[:B]):
+        mask[row, :pad] = 0
+        ids[row, :pad] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "phi3", "gemma2", "gemma3", "mixtral", "qwen2_moe"])
+def test_left_padded_batch_decodes_as_transformers_and_as_each_row_alone(builds, name):
+    """A left-padded batch on the static cache: transformers' generate of the same padded batch (its own
+    masks and positions), and each row decoded alone, give the same tokens. Mistral's window of 16 is
+    passed (9 + 12 tokens), with padding inside the cache's slots."""
+    module, model = runtime.load(builds[name])
+    ids, mask = _left_padded()
+    ours = runtime.generate(module, model, ids, 12, attention_mask=mask)
+    hf = load_hf(builds[name])
+    hf.generation_config.eos_token_id = None  # the runtime decodes max_new_tokens; transformers would stop
+    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    assert torch.equal(ours, ref)
+    # step by step, the real tokens' logits are those of transformers' one forward over the padded sequence
+    prefill, decode, _ = runtime._steps(module, model, ids, 12, {}, mask)
+    with torch.no_grad():
+        steps = [prefill(ids)] + [decode(ours[:, t:t + 1]) for t in range(ids.size(1), ours.size(1) - 1)]
+        full = hf(ours, attention_mask=torch.nn.functional.pad(mask, (0, 12), value=1)).logits[:, :-1]
+    real = torch.nn.functional.pad(mask, (0, 11), value=1).bool()
+    torch.testing.assert_close(torch.cat(steps, 1)[real], full[real], rtol=0, atol=1e-5)
+    for row in range(ids.size(0)):
+        real = ids[row:row + 1, mask[row] == 1]
+        assert torch.equal(ours[row:row + 1, ids.size(1) - real.size(1):], runtime.generate(module, model, real, 12))
+
+
+def test_left_padded_decode_step_traces_as_one_graph(builds):
+    """The padded decode step reads no tensor on the host either (its mask and position counter are device
+    tensors of fixed shape), so it can be captured as a CUDA graph."""
+    ids, mask = _left_padded()
+    for name in ("llama", "mistral"):
+        traced, expected = traced_decode_step(*runtime.load(builds[name]), ids, attention_mask=mask)
+        assert torch.equal(traced, expected), name
+
+
+def test_bad_attention_mask_is_named(builds):
+    from compose.errors import BuildError
+
+    module, model = runtime.load(builds["llama"])
+    ids, mask = _left_padded()
+    for bad, words in ((mask.flip(1), "left-padded"), (mask[:, 1:], "shape"), (mask * 2, "only 0")):
+        with pytest.raises(BuildError, match=words):
+            runtime.generate(module, model, ids, 2, attention_mask=bad)
+    calm_module, calm_model = runtime.load(builds["calm"])
+    with pytest.raises(BuildError, match="single-model builds only"):
+        runtime.generate(calm_module, calm_model, ids, 2, attention_mask=mask)
+
+
 def _perturbed(build_dir):
     """The build's module and model with every weight nudged: CALM's and CogVLM's new layers start as
     exact no-ops (zero o_proj), which would hide a cache that feeds them the wrong keys."""
@@ -174,6 +230,9 @@ def test_cuda_graph_decoding_equals_eager(builds, name):
     ids = token_ids(batch=1, seq=8).cuda()
     eager = runtime.generate(module, model, ids, 16, cuda_graph=False)
     assert torch.equal(runtime.generate(module, model, ids, 16, cuda_graph=True), eager)
+    ids, mask = (t.cuda() for t in _left_padded())  # a padded batch: its mask and position counter
+    eager = runtime.generate(module, model, ids, 16, cuda_graph=False, attention_mask=mask)
+    assert torch.equal(runtime.generate(module, model, ids, 16, cuda_graph=True, attention_mask=mask), eager)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
