@@ -134,7 +134,8 @@ class Plan:
     meta: list[tuple[str, tuple]] = field(default_factory=list)
     """GGUFWriter method name and arguments, in order."""
     vocab: gguf_vocab.Vocab = gguf_vocab.NONE
-    """The vocabulary, decided from the tokenizer files the build copies (see `_tokenizer_folder`)."""
+    """The vocabulary, decided from the tokenizer files the build copies (see `_tokenizer_folder`): its
+    refusals come before anything is written."""
 
     def add(self, method: str, *args) -> None:
         self.meta.append((method, args))
@@ -553,7 +554,8 @@ def write(g: Graph, folder: Path, *, checkpoint: Callable, read: Callable | None
     w.add_name("compose build")
     for method, args in p.meta:
         getattr(w, method)(*args)
-    tokenizer = gguf_vocab.write(w, folder if p.vocab.model != "none" else None, g.config.vocab)
+    # decided again on the build's own copy: a merged tokenizer's files exist only once the build wrote them
+    tokenizer = gguf_vocab.write(w, folder, g.config.vocab)
     qtypes = []
     for t in p.tensors:
         kind = "F32" if t.f32 else _GGML[dtype]
