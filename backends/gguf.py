@@ -145,10 +145,11 @@ class Plan:
         return sum(math.prod(t.shape) * (4 if t.f32 else size) for t in self.tensors)
 
 
-def plan(g: Graph, read: Callable | None = None) -> Plan:
+def plan(g: Graph, read: Callable | None, open_source: Callable) -> Plan:
     """The GGUF file of `g`: its architecture, metadata and tensors, or a BuildError naming why not (the
     front door plans before the build writes anything, so a refusal leaves nothing behind). `read` (a Load ->
-    its tensor) lets the plan look at the values of the shared-expert gates (see `_zero_gate`)."""
+    its tensor) lets the plan look at the values of the shared-expert gates (see `_zero_gate`);
+    `open_source` (a source reference -> its source) finds the tokenizer files the build copies."""
     import importlib.util
 
     if importlib.util.find_spec("gguf") is None:  # refused here, before anything is written
@@ -176,7 +177,7 @@ def plan(g: Graph, read: Callable | None = None) -> Plan:
     where = f"--format gguf (llama.cpp {name.lower()})"
     c = g.config
     _check_attention(g, arch, where)
-    p = Plan(name, vocab=gguf_vocab.decide(_tokenizer_folder(g)))
+    p = Plan(name, vocab=gguf_vocab.decide(_tokenizer_folder(g, open_source)))
     dense = [i for i, b in enumerate(blocks) if i not in moes]
     if moes:
         _check_moe(g, moes, dense, arch, where)
@@ -264,15 +265,13 @@ def _target(g: Graph):
     return families.get(g.state.target.family)
 
 
-def _tokenizer_folder(g: Graph) -> Path | None:
+def _tokenizer_folder(g: Graph, open_source: Callable) -> Path | None:
     """Where the build's tokenizer files come from: the tokenizer source's folder (copied into the build), or
     a merged tokenizer's base folder (its pre-tokenizer is the base's); None for a model without one."""
     ref = g.state.tokenizer
     if ref is None:
         return None
     if isinstance(ref, str):
-        from compose.sources import open_source
-
         return open_source(ref).folder
     return ref.folder
 
@@ -335,7 +334,8 @@ def _check_moe(g: Graph, moes: dict[int, MoE], dense: list[int], arch: Arch, whe
                          "first layers dense (first_k_dense)")
     for i, m in moes.items():
         if m.router.norm_topk_prob != arch.norm_topk:
-            raise BuildError(f"{where}: layer {i} {'renormalises' if m.router.norm_topk_prob else 'does not renormalise'}"
+            verb = "renormalises" if m.router.norm_topk_prob else "does not renormalise"
+            raise BuildError(f"{where}: layer {i} {verb}"
                              f" its top-k routing weights (norm_topk_prob {m.router.norm_topk_prob}), and llama.cpp "
                              f"always {'does' if arch.norm_topk else 'does not'}; build with "
                              f"norm_topk_prob={arch.norm_topk} for llama.cpp")
@@ -463,7 +463,8 @@ def _block(out, T, i: int, b, ckpt: dict[str, str], arch: Arch, name: str, norm,
         n, w = f.router.experts, f.intermediate
         out(T.FFN_GATE_INP, ckpt["mlp.gate.weight"], (n, c.hidden), i)
         stack = lambda ts: _stack(ts)
-        for t, proj, shape in ((T.FFN_GATE_EXP, "gate_proj", (n, w, c.hidden)), (T.FFN_UP_EXP, "up_proj", (n, w, c.hidden)),
+        for t, proj, shape in ((T.FFN_GATE_EXP, "gate_proj", (n, w, c.hidden)),
+                               (T.FFN_UP_EXP, "up_proj", (n, w, c.hidden)),
                                (T.FFN_DOWN_EXP, "down_proj", (n, c.hidden, w))):
             out(t, [ckpt[f"mlp.experts.{e}.{proj}.weight"] for e in range(n)], shape, i, stack)
         if name == "QWEN2MOE":
@@ -537,17 +538,15 @@ def _zero_gate(gate, read) -> bool:
     return not bool(Evaluator([gate], read)(gate).any())
 
 
-def write(g: Graph, folder: Path, *, checkpoint: Callable, read: Callable | None = None,
-          planned: Plan | None = None) -> dict:
+def write(g: Graph, folder: Path, *, checkpoint: Callable, planned: Plan) -> dict:
     """Write `folder/model.gguf` from the hf checkpoint in `folder` (written by the hf backend for `g`), whose
     tensors `checkpoint(name)` reads one at a time (the front door's reader of a model folder); return what
-    compose.json records. `planned` is `plan(g, read)` when the caller has it (made before the build wrote
-    anything)."""
+    compose.json records. `planned` is `plan(g, ...)`, made before the build wrote anything."""
     import gguf
     import numpy as np
     import torch
 
-    p = planned or plan(g, read)
+    p = planned
     dtype = g.config.dtype
     arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[p.arch]]
     w = gguf.GGUFWriter(folder / FILE, arch)

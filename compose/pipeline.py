@@ -194,7 +194,7 @@ def export_gguf(folder: Path) -> dict:
     from compose.sources import FolderSource
 
     g = compile_graph(load(str(folder)), verify_each=True)
-    return gguf.write(g, folder, read=_read_load, checkpoint=FolderSource(folder).tensor)
+    return gguf.write(g, folder, planned=_plan_gguf(g), checkpoint=FolderSource(folder).tensor)
 
 
 def _read_load(e):
@@ -224,8 +224,9 @@ def _check_not_inside(out: Path, path: Path, what: str) -> None:
 def _plan_gguf(g):
     """The GGUF file's plan, before the build writes anything (a refusal leaves nothing behind)."""
     from compose.backends import gguf
+    from compose.sources import open_source
 
-    return gguf.plan(g, _read_load)
+    return gguf.plan(g, _read_load, open_source)
 
 
 def _check_size(g, formats, out: Path, limit: int | None, gguf_plan=None) -> int:
