@@ -94,12 +94,28 @@ def _parser() -> argparse.ArgumentParser:
                        description="Write a PEFT LoRA adapter (adapter_config.json, adapter_model.safetensors) of "
                                    "rank RANK from MODEL - BASE, as mergekit-extract-lora does: each linear "
                                    "layer's difference cut to rank RANK by SVD, embeddings, head and norms saved "
-                                   "whole (modules_to_save). Load it with PEFT, or fold it back with "
-                                   "load(\"BASE+OUT\").")
+                                   "whole (modules_to_save), changed biases of the adapted layers as PEFT saves "
+                                   "trained ones (bias: lora_only); the options are mergekit-extract-lora's. Load "
+                                   "it with PEFT, or fold it back with load(\"BASE+OUT\").")
     x.add_argument("--model", required=True, help="the fine-tuned model (folder, hub id or tiny:...)")
     x.add_argument("--base", required=True, help="the base model it was fine-tuned from")
     x.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder (must not exist without --force)")
     x.add_argument("--rank", type=int, required=True, help="LoRA rank r (a module narrower than r keeps its full rank)")
+    x.add_argument("--sv-epsilon", type=float, default=0.0, metavar="EPS",
+                   help="also drop singular values <= EPS (default 0: keep RANK); the ranks then depend on the "
+                        "values, so the factors are computed before writing and held in memory")
+    x.add_argument("--no-distribute-scale", dest="distribute_scale", action="store_false",
+                   help="put the singular values in A (A = S Vh, B = U) instead of sqrt(S) in each")
+    x.add_argument("--embed-lora", action="store_true",
+                   help="decompose the embeddings and head too, instead of saving them whole")
+    x.add_argument("--save-module", action="append", default=[], metavar="NAME",
+                   help="save the modules named NAME (a last name such as o_proj, or a full name) whole; repeatable")
+    x.add_argument("-i", "--include-regex", action="append", default=[], metavar="RE",
+                   help="consider only the modules whose name RE matches (re.search); repeatable")
+    x.add_argument("-e", "--exclude-regex", action="append", default=[], metavar="RE",
+                   help="leave out the modules whose name RE matches; repeatable")
+    x.add_argument("--skip-undecomposable", action="store_true",
+                   help="leave out the tensors of modules that are not linear (the norms) instead of saving them whole")
     x.add_argument("--device", default="cpu", help="where the SVDs run: cpu (default) or cuda[:N]")
     x.add_argument("--force", action="store_true", help="replace OUT if it exists")
     x.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
@@ -306,7 +322,12 @@ def cmd_generate(a) -> int:
 def cmd_extract_lora(a) -> int:
     from compose.extract_lora import extract
 
-    out = extract(a.model, a.base, a.out, a.rank, force=a.force, device=a.device, progress=sys.stderr.isatty())
+    from compose.extract_lora import Options
+
+    o = Options(a.rank, sv_epsilon=a.sv_epsilon, distribute_scale=a.distribute_scale, embed_lora=a.embed_lora,
+                save_modules=tuple(a.save_module), include=tuple(a.include_regex), exclude=tuple(a.exclude_regex),
+                skip_undecomposable=a.skip_undecomposable)
+    out = extract(a.model, a.base, a.out, o, force=a.force, device=a.device, progress=sys.stderr.isatty())
     print(f"wrote {out}")
     return 0
 

@@ -1,37 +1,94 @@
 """`compose extract-lora`: a PEFT LoRA adapter of rank r from the difference of two models.
 
-The same adapter mergekit-extract-lora (mergekit 0.1.5, scripts/extract_lora.py) writes, by its math:
+The same adapter mergekit-extract-lora (mergekit 0.1.5, scripts/extract_lora.py) writes, by its math and
+with its options:
 - every linear layer's task vector delta = fine-tuned - base is cut to rank r = min(--rank, its smaller
-  side) by SVD, delta ~ U S Vh, with the singular values split evenly: A = sqrt(S) Vh[:r], B = U[:, :r]
-  sqrt(S) (so B @ A is the best rank-r approximation, and neither factor carries all the scale);
-- the embeddings, the head and every tensor of a layer that is not linear (the norms) are saved whole, in
-  `modules_to_save` under their modules' last names, as mergekit does without --embed-lora;
+  side, the count of singular values above --sv-epsilon) by SVD, delta ~ U S Vh. With distribute_scale
+  (the default) the singular values are split evenly, A = sqrt(S) Vh[:r], B = U[:, :r] sqrt(S); without,
+  A = S Vh[:r], B = U[:, :r]. Either way B @ A is the best rank-r approximation;
+- the embeddings and the head are saved whole in `modules_to_save` (their modules' last names), or with
+  --embed-lora decomposed: the head as a linear layer, the input embedding transposed (PEFT's
+  lora_embedding_A [r, vocab] and lora_embedding_B [hidden, r]);
+- a tensor of a module that is not linear (the norms) is saved whole, or left out with
+  --skip-undecomposable; --save-module saves the modules of that name whole; --include-regex /
+  --exclude-regex choose the modules considered at all (searched in the module's name, as mergekit does);
 - adapter_config.json has lora_alpha = r (a scale of exactly 1) and, for modules whose rank came out
   lower than r, the same rank in rank_pattern and alpha_pattern (their patterns escaped, so a dot is a dot).
-Where compose differs: the task vector is taken in float32 (mergekit subtracts in the stored dtype first,
-which rounds a bf16 delta before the SVD); biases are not extracted (mergekit writes `lora_B.bias`, which
-PEFT's LoRA layers have no place for unless lora_bias is set), so models whose biases differ are refused.
+Where compose differs:
+- the task vector is taken in float32 (mergekit subtracts in the stored dtype first, which rounds a bf16
+  delta before the SVD);
+- biases: mergekit writes the bias difference as `lora_B.bias` without `lora_bias` in the config, so PEFT
+  drops it (and with `lora_bias` PEFT adds a bias to every target, and cannot merge those whose base layer
+  has none). compose writes the fine-tuned biases of the adapted layers as `base_layer.bias` with
+  `bias: lora_only`, which is how PEFT itself saves trained biases: PEFT loads and merges them;
+- a module whose every singular value is at or below --sv-epsilon (rank 0, which PEFT cannot hold) is
+  written as a rank-1 pair of zeros: exactly no change.
 
 It streams: the header is planned from the shapes, then one module at a time is read, decomposed, written
-and freed; the output appears complete or not at all (compose.output).
+and freed; the output appears complete or not at all (compose.output). With --sv-epsilon the ranks depend
+on the values, so the factors are computed first and held (the adapter's own size) before writing.
 """
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from compose.errors import BuildError, SourceError
 
 PREFIX = "base_model.model."
-FULL_RANK = ("model.embed_tokens.weight", "lm_head.weight")
-"""Tensors saved whole, never decomposed: the vocabulary-sized ones (mergekit's default, no --embed-lora)."""
+EMBED, HEAD = "model.embed_tokens", "lm_head"
+"""The vocabulary-sized modules: saved whole unless --embed-lora (mergekit's get_input/output_embeddings)."""
 
 
-def _plan(base, model, rank: int):
-    """[(kind, tensor name, output entries)]: kind `lora` (SVD) or `full` (saved whole), in the model's order."""
-    from compose.backends.shards import ST_CODES, Entry
+@dataclass(frozen=True)
+class Options:
+    """mergekit-extract-lora's options, under its flag names."""
+
+    rank: int
+    sv_epsilon: float = 0.0
+    distribute_scale: bool = True
+    embed_lora: bool = False
+    save_modules: tuple[str, ...] = ()
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    skip_undecomposable: bool = False
+
+    def check(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise BuildError(f"--rank: must be a positive integer, got {self.rank!r}")
+        eps = self.sv_epsilon
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+            raise BuildError(f"--sv-epsilon: must be a finite number >= 0, got {eps!r}")
+        for flag, patterns in (("--include-regex", self.include), ("--exclude-regex", self.exclude)):
+            for p in patterns:
+                try:
+                    re.compile(p)
+                except re.error as e:
+                    raise BuildError(f"{flag}: {p!r} is not a valid regular expression ({e})") from None
+        for m in self.save_modules:
+            if not m or not isinstance(m, str):
+                raise BuildError(f"--save-module: must be a module name, got {m!r}")
+
+
+@dataclass
+class Module:
+    """One module of the model and what the adapter holds for it: kind `lora`, `embed` (transposed LoRA),
+    `full` (saved whole) or `skip`; `bias` is its bias tensor's name, if any."""
+
+    name: str
+    kind: str
+    weight: str | None = None
+    bias: str | None = None
+    rank: int = 0
+
+
+def _modules(base, model, o: Options) -> list[Module]:
+    """The model's modules in its tensor order, each with what mergekit's plan_extraction does with it."""
+    from compose.backends.shards import ST_CODES
 
     base_keys, model_keys = set(base.keys()), set(model.keys())
     if base_keys != model_keys:
@@ -39,7 +96,7 @@ def _plan(base, model, rank: int):
         side = "the fine-tuned model" if model_keys - base_keys else "the base model"
         raise SourceError(f"{base.ref} and {model.ref} hold different tensors: {extra[0]} is only in {side} "
                           "(extract-lora needs two models of one architecture)")
-    plan = []
+    by_name: dict[str, Module] = {}
     for key in model.keys():
         shape, dtype = model.meta(key)
         bshape, _ = base.meta(key)
@@ -47,92 +104,163 @@ def _plan(base, model, rank: int):
             raise SourceError(f"{key} has shape {list(shape)} in {model.ref} but {list(bshape)} in {base.ref}")
         if dtype not in ST_CODES:
             raise SourceError(f"{model.ref}: tensor {key} is {dtype}; extract-lora reads floating-point weights")
-        if key.endswith(".bias"):
-            plan.append(("bias", key, []))
-        elif len(shape) == 2 and key.endswith(".weight") and key not in FULL_RANK:
-            module = key.removesuffix(".weight")
-            r = min(rank, *shape)
-            plan.append(("lora", key, [Entry(f"{PREFIX}{module}.lora_A.weight", (r, shape[1]), dtype),
-                                       Entry(f"{PREFIX}{module}.lora_B.weight", (shape[0], r), dtype)]))
-        elif len(shape) <= 2:
-            plan.append(("full", key, [Entry(f"{PREFIX}{key}", tuple(shape), dtype)]))
+        name, _, leaf = key.rpartition(".")
+        m = by_name.setdefault(name, Module(name, ""))
+        if leaf == "bias":
+            m.bias = key
         else:
-            raise SourceError(f"{model.ref}: tensor {key} has {len(shape)} dimensions; extract-lora decomposes "
-                              "linear layers (a fused expert tensor is not one yet)")
-    return plan
+            m.weight = key  # a module's one other tensor (weight, or a norm's scale under another leaf name)
+    saved = list(o.save_modules)
+    out = []
+    for m in by_name.values():
+        last = m.name.rpartition(".")[2]
+        if m.name in (EMBED, HEAD) and not o.embed_lora and not any(re.search(e, m.name) for e in o.exclude):
+            if last not in saved:
+                saved.append(last)
+        linear = m.weight is not None and m.weight.endswith(".weight") and len(model.meta(m.weight)[0]) == 2
+        if m.name in saved or last in saved:
+            m.kind = "full"
+        elif o.include and not any(re.search(r, m.name) for r in o.include) or any(
+                re.search(e, m.name) for e in o.exclude):
+            m.kind = "skip"
+        elif linear:
+            m.kind = "embed" if m.name == EMBED else "lora"
+            shape = model.meta(m.weight)[0]
+            m.rank = min(o.rank, *shape)
+        elif m.weight is not None and len(model.meta(m.weight)[0]) > 2:
+            raise SourceError(f"{model.ref}: tensor {m.weight} has {len(model.meta(m.weight)[0])} dimensions; "
+                              "extract-lora decomposes linear layers (a fused expert tensor is not one yet; "
+                              "--exclude-regex leaves it out)")
+        elif o.skip_undecomposable:
+            m.kind = "skip"
+        else:
+            m.kind = "full"
+            if last not in saved:
+                saved.append(last)
+        out.append(m)
+    if not any(m.kind in ("lora", "embed") for m in out):
+        raise BuildError("extract-lora: no linear layer is left to decompose (check --include-regex, "
+                         "--exclude-regex and --save-module)")
+    return out
 
 
-def decompose(delta, rank: int):
-    """(A, B) of rank min(rank, smaller side) with B @ A the truncated SVD of `delta`, the singular values
-    split as their square roots between the two (mergekit's distribute_scale)."""
+def decompose(delta, rank: int, *, sv_epsilon: float = 0.0, distribute_scale: bool = True):
+    """(A, B) with B @ A the truncated SVD of `delta`, of rank min(rank, smaller side, count of singular
+    values > sv_epsilon); the singular values split as their square roots between the two
+    (distribute_scale) or all in A. Rank 0 comes out as a rank-1 pair of zeros."""
     import torch
 
     u, s, vh = torch.linalg.svd(delta.to(torch.float32), full_matrices=False)
     r = min(rank, s.shape[0])
-    root = torch.sqrt(s[:r])
-    return root[:, None] * vh[:r], u[:, :r] * root[None, :]
+    if sv_epsilon > 0:
+        r = min(int((s > sv_epsilon).sum().item()), r)
+    if r == 0:
+        return delta.new_zeros((1, delta.shape[1]), dtype=torch.float32), delta.new_zeros(
+            (delta.shape[0], 1), dtype=torch.float32)
+    if distribute_scale:
+        root = torch.sqrt(s[:r])
+        return root[:, None] * vh[:r], u[:, :r] * root[None, :]
+    return s[:r, None] * vh[:r], u[:, :r].clone()
 
 
-def extract(model_ref: str, base_ref: str, out, rank: int, *, force: bool = False, device: str = "cpu",
+def extract(model_ref: str, base_ref: str, out, rank: int | Options, *, force: bool = False, device: str = "cpu",
             progress: bool = False) -> Path:
-    """Write a rank-`rank` adapter of `model_ref` - `base_ref` into the folder `out`."""
+    """Write an adapter of `model_ref` - `base_ref` into the folder `out` (`rank`: the rank, or Options)."""
     import torch
 
-    from compose.backends.shards import write_shard
+    from compose.backends.shards import Entry, write_shard
     from compose.output import OutputFolder, absolute
     from compose.pipeline import check_device, check_not_a_source
     from compose.sources import clear_cache, open_source
 
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise BuildError(f"--rank: must be a positive integer, got {rank!r}")
+    o = rank if isinstance(rank, Options) else Options(rank)
+    o.check()
     check_device(device)
     clear_cache()
     base, model = open_source(base_ref), open_source(model_ref)
     out = absolute(out)
     check_not_a_source(out)
-    plan = _plan(base, model, rank)
+    modules = _modules(base, model, o)
+    lora = [m for m in modules if m.kind in ("lora", "embed")]
+    # mergekit writes no bias for a LoRA layer in a form PEFT reads; PEFT's own form is the whole trained
+    # bias of each adapted layer (bias: lora_only), written when any of them changed.
+    biased = [m for m in lora if m.bias is not None]
+    with_bias = any(_differs(base.tensor(m.bias), model.tensor(m.bias)) for m in biased)
+
+    def factors(m: Module):
+        b, f = base.tensor(m.weight).to(device), model.tensor(m.weight).to(device)
+        delta = f.to(torch.float32) - b.to(torch.float32)
+        a, bb = decompose(delta.T if m.kind == "embed" else delta, m.rank, sv_epsilon=o.sv_epsilon,
+                          distribute_scale=o.distribute_scale)
+        dtype = getattr(torch, model.meta(m.weight)[1])
+        return a.to(dtype).cpu(), bb.to(dtype).cpu()
+
+    held = {}
+    if o.sv_epsilon > 0:  # the ranks depend on the values: decomposed before the header is planned
+        for i, m in enumerate(lora):
+            if progress:
+                print(f"\rcompose: extract-lora SVD {i + 1}/{len(lora)} {m.name}", end="", file=sys.stderr)
+            held[m.name] = factors(m)
+            m.rank = held[m.name][0].shape[0]
+        if progress:
+            print(file=sys.stderr)
+
+    entries, jobs = [], []
+    for m in modules:
+        if m.kind == "skip":
+            continue
+        if m.kind == "full":
+            for key in (m.weight, m.bias):
+                if key is not None:
+                    entries.append(Entry(f"{PREFIX}{key}", tuple(model.meta(key)[0]), model.meta(key)[1]))
+                    jobs.append((m, "full", key))
+            continue
+        shape, dtype = model.meta(m.weight)
+        rows, cols = (shape[1], shape[0]) if m.kind == "embed" else shape
+        a, b = ("lora_embedding_A", "lora_embedding_B") if m.kind == "embed" else ("lora_A.weight", "lora_B.weight")
+        entries += [Entry(f"{PREFIX}{m.name}.{a}", (m.rank, cols), dtype),
+                    Entry(f"{PREFIX}{m.name}.{b}", (rows, m.rank), dtype)]
+        jobs.append((m, "lora", None))
+        if with_bias and m.bias is not None:
+            entries.append(Entry(f"{PREFIX}{m.name}.base_layer.bias", tuple(model.meta(m.bias)[0]),
+                                 model.meta(m.bias)[1]))
+            jobs.append((m, "full", m.bias))
 
     def tensors():
-        for i, (kind, key, entries) in enumerate(plan):
+        for i, (m, kind, key) in enumerate(jobs):
             if progress:
-                print(f"\rcompose: extract-lora {i + 1}/{len(plan)} {key}", end="", file=sys.stderr)
+                print(f"\rcompose: extract-lora {i + 1}/{len(jobs)} {key or m.name}", end="", file=sys.stderr)
             if kind == "full":
                 yield model.tensor(key)
-                continue
-            b, m = base.tensor(key).to(device), model.tensor(key).to(device)
-            delta = m.to(torch.float32) - b.to(torch.float32)
-            if kind == "bias":
-                if delta.abs().max().item() != 0:
-                    raise SourceError(f"{key} differs between {model.ref} and {base.ref}; extract-lora does not "
-                                      "extract biases (PEFT's LoRA has no place for them)")
-                continue
-            a, bb = decompose(delta, rank)
-            yield a.to(getattr(torch, entries[0].dtype)).cpu()
-            yield bb.to(getattr(torch, entries[1].dtype)).cpu()
-            del b, m, delta
+            else:
+                yield from held.pop(m.name, None) or factors(m)
 
-    entries = [e for _, _, es in plan for e in es]
     with OutputFolder(out, force) as folder:
         write_shard(folder.tmp / "adapter_model.safetensors", entries, tensors())
         if progress:
             print(file=sys.stderr)
-        (folder.tmp / "adapter_config.json").write_text(json.dumps(_config(base, plan, rank), indent=2) + "\n")
+        config = _config(base, modules, o, with_bias)
+        (folder.tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         folder.commit()
     return out
 
 
-def _config(base, plan, rank: int) -> dict:
+def _differs(a, b) -> bool:
+    return a.shape != b.shape or not bool((a == b).all())
+
+
+def _config(base, modules: list[Module], o: Options, with_bias: bool) -> dict:
     """adapter_config.json as mergekit-extract-lora writes it (sorted, so the file is deterministic)."""
-    ranks = {key.removesuffix(".weight"): entries[0].shape[0] for kind, key, entries in plan if kind == "lora"}
-    top = max(ranks.values(), default=rank)
-    lower = {re.escape(m): r for m, r in ranks.items() if r != top}
-    saved = sorted({key.rpartition(".")[0].rpartition(".")[2] for kind, key, _ in plan if kind == "full"})
+    ranks = {m.name: m.rank for m in modules if m.kind in ("lora", "embed")}
+    top = max(ranks.values())
+    lower = {re.escape(name): r for name, r in ranks.items() if r != top}
+    saved = set(o.save_modules) | {m.name.rpartition(".")[2] for m in modules if m.kind == "full"}
     return {
         "base_model_name_or_path": base.ref,
         "peft_type": "LORA",
         "use_rslora": False,
-        "target_modules": sorted({m.rpartition(".")[2] for m in ranks}),
-        "modules_to_save": saved,
+        "target_modules": sorted({name.rpartition(".")[2] for name in ranks}),
+        "modules_to_save": sorted(saved),
         "task_type": "CAUSAL_LM",
         "r": top,
         "lora_alpha": top,
@@ -140,5 +268,6 @@ def _config(base, plan, rank: int) -> dict:
         "alpha_pattern": dict(lower),
         "lora_dropout": 0.0,
         "fan_in_fan_out": False,
+        "bias": "lora_only" if with_bias else "none",
         "inference_mode": True,
     }

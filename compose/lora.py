@@ -12,7 +12,9 @@ What it folds is what PEFT's `merge_and_unload` computes for a plain LoRA adapte
 - LoRA on embeddings (`lora_embedding_A/B`, the product transposed); a saved `base_layer` (PEFT's
   `save_embedding_layers`) replaces the base tensor first;
 - `modules_to_save`: the adapter's full copy replaces the base tensor;
-- `fan_in_fan_out` is ignored, as PEFT ignores it for `nn.Linear` (every layer compose adapts is one).
+- `fan_in_fan_out` is ignored, as PEFT ignores it for `nn.Linear` (every layer compose adapts is one);
+- `bias: lora_only`: the trained biases of the adapted layers, saved whole as `<module>.base_layer.bias`,
+  replace the base model's.
 Anything else that changes the math (DoRA, LoRA biases, layer replication, activated LoRA, ...) is refused
 by its field name rather than folded wrongly. An adapter is untrusted input: every shape is checked
 against the base weight, the scale must be finite, and its weight file must lie inside its folder.
@@ -117,6 +119,11 @@ class AdapterSource(FolderSource):
             suffix = next((s for s in suffixes if name.endswith(s)), None)
             if suffix is not None:
                 role, target = suffixes[suffix], name[: -len(suffix)] + ".weight"
+            elif name.endswith(".base_layer.bias"):
+                if self.settings["bias"] != "lora_only":
+                    raise SourceError(f"{weights}: tensor {key} is a trained bias, but {CONFIG} says bias "
+                                      f"{self.settings['bias']!r} (PEFT writes these with bias: lora_only)")
+                role, target = "bias", name.removesuffix(".base_layer.bias") + ".bias"
             elif ".lora_magnitude_vector" in name:
                 raise SourceError(f"{weights}: tensor {key} is DoRA's magnitude vector; compose folds plain LoRA only")
             elif ".lora_" in name:
@@ -139,6 +146,9 @@ class AdapterSource(FolderSource):
                                   "and LoRA-adapted")
             if "base" in roles and not lora:
                 raise SourceError(f"{weights}: {roles['base']} is a base layer without a LoRA")
+            if "bias" in roles and not {"A", "B"} <= set(out.get(target.removesuffix(".bias") + ".weight", {})):
+                raise SourceError(f"{weights}: {roles['bias']} is the bias of a layer without a LoRA (bias: "
+                                  "lora_only trains the biases of the adapted layers only)")
         return out
 
     # -- the fold ----------------------------------------------------------------------------------------
@@ -154,14 +164,14 @@ class AdapterSource(FolderSource):
         if roles is None:
             return base
         where = f"{self.folder / WEIGHTS}"
-        for role in ("full", "base"):
+        for role in ("full", "base", "bias"):
             if role in roles:
                 new = self._load(roles[role])
                 if new.shape != base.shape:
                     raise SourceError(f"{where}: tensor {roles[role]} has shape {list(new.shape)}, but the base "
                                       f"model's {name} is {list(base.shape)}")
                 base = new
-        if "full" in roles:
+        if "full" in roles or "bias" in roles:
             return base
         embed = "embed_A" in roles
         a, b = self._load(roles["embed_A" if embed else "A"]), self._load(roles["embed_B" if embed else "B"])
@@ -229,9 +239,9 @@ def _check_config(path: Path) -> dict:
     rslora = c.get("use_rslora", False)
     if not isinstance(rslora, bool):
         raise SourceError(f"{path}: use_rslora must be true or false, got {rslora!r}")
-    if c.get("bias", "none") != "none":
-        raise SourceError(f"{path}: bias {c.get('bias')!r}: trained biases of the base model are not supported "
-                          "(only bias: none)")
+    if c.get("bias", "none") not in ("none", "lora_only"):
+        raise SourceError(f"{path}: bias {c.get('bias')!r}: trained biases of layers without a LoRA are not "
+                          "supported (only bias: none or lora_only)")
     if not isinstance(c.get("fan_in_fan_out", False), bool):
         raise SourceError(f"{path}: fan_in_fan_out must be true or false, got {c.get('fan_in_fan_out')!r}")
     patterns = {}
@@ -251,7 +261,8 @@ def _check_config(path: Path) -> dict:
     saved = c.get("modules_to_save") or []
     if not isinstance(saved, list) or not all(isinstance(m, str) and m for m in saved):
         raise SourceError(f"{path}: modules_to_save must be a list of module names, got {saved!r}")
-    return {"r": r, "lora_alpha": alpha, "use_rslora": rslora, "modules_to_save": saved, **patterns}
+    return {"r": r, "lora_alpha": alpha, "use_rslora": rslora, "modules_to_save": saved,
+            "bias": c.get("bias", "none"), **patterns}
 
 
 def _positive_int(v) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -123,6 +124,41 @@ def test_peft_forward_unmerged_agrees(zoo):
     live = PeftModel.from_pretrained(load_hf(base), adapters["embed_saved"]).eval()
     ids = token_ids()
     torch.testing.assert_close(logits(load_hf(out), ids), logits(live, ids), rtol=0, atol=1e-5)
+
+
+def test_fold_of_trained_biases_matches_peft(tmp_path):
+    """bias: lora_only (PEFT trains the biases of the layers it adapts and saves them whole as
+    `base_layer.bias`): the fold replaces those biases, as PEFT's merge does."""
+    from peft import LoraConfig, get_peft_model
+
+    base = save_hf_model(tmp_path / "base", "qwen2", seed=0, layers=LAYERS, perturb_all=True)
+    torch.manual_seed(1)
+    model = get_peft_model(load_hf(base), LoraConfig(init_lora_weights=False, r=4, lora_alpha=8, bias="lora_only",
+                                                     target_modules=["q_proj", "o_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("q_proj.base_layer.bias"):
+                p.add_(0.5 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "ad")
+    ad = tmp_path / "ad"
+    assert any(k.endswith("q_proj.base_layer.bias") for k in _adapter_tensors(ad))
+    out = _build(compose.load(f"{base}+{ad}"), tmp_path / "out")
+    want, got, plain = peft_merged(base, ad).state_dict(), read_tensors(out), read_tensors(base)
+    q = "model.layers.0.self_attn.q_proj.bias"
+    assert not torch.equal(want[q], plain[q])
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7, msg=k)
+    # The same tensor under bias: none, or the bias of a layer without a LoRA, is refused by name.
+    none = _copy(ad, tmp_path / "none")
+    _edit_config(none, bias="none")
+    _refused(base, none, tmp_path / "o1", "is a trained bias, but adapter_config.json says bias 'none'")
+    from safetensors.torch import load_file, save_file
+
+    stray = _copy(ad, tmp_path / "stray")
+    t = load_file(stray / "adapter_model.safetensors")
+    t["base_model.model.model.layers.0.self_attn.k_proj.base_layer.bias"] = torch.zeros(32)
+    save_file(t, stray / "adapter_model.safetensors")
+    _refused(base, stray, tmp_path / "o2", "k_proj.base_layer.bias is the bias of a layer without a LoRA")
 
 
 # -- hostile and unsupported adapters ----------------------------------------------------------------------
@@ -266,12 +302,12 @@ def test_mergekit_yaml_with_lora_matches_mergekit(zoo, tmp_path):
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    """A base and a fine-tune of it: every weight nudged, the projections by a rank-8 change plus noise
-    (so a rank-8 adapter captures most of it and a full-rank one all of it)."""
+    """A base and a fine-tune of it (Qwen2: q/k/v have biases): every weight and bias nudged, the projections
+    by a rank-8 change plus noise (so a rank-8 adapter captures most of it and a full-rank one all of it)."""
     from safetensors.torch import load_file, save_file
 
     root = tmp_path_factory.mktemp("extract")
-    base = save_hf_model(root / "base", "llama", seed=0, layers=LAYERS)
+    base = save_hf_model(root / "base", "qwen2", seed=0, layers=LAYERS, perturb_all=True)
     ft = root / "ft"
     shutil.copytree(base, ft)
     g = torch.Generator().manual_seed(7)
@@ -285,20 +321,39 @@ def pair(tmp_path_factory):
     return root, base, ft
 
 
-def _extract(base: Path, ft: Path, out: Path, rank: int) -> Path:
-    assert main(["extract-lora", "--model", str(ft), "--base", str(base), "-o", str(out), "--rank", str(rank)]) == 0
+def _extract(base: Path, ft: Path, out: Path, rank: int, *flags: str) -> Path:
+    assert main(["extract-lora", "--model", str(ft), "--base", str(base), "-o", str(out), "--rank", str(rank),
+                 *flags]) == 0
     return out
 
 
-def _products(folder: Path) -> dict[str, torch.Tensor]:
-    """Module -> B @ A (individual factors may differ by a sign per singular vector), and the full tensors."""
-    t = read_tensors(folder) if (folder / "model.safetensors").exists() else _adapter_tensors(folder)
+def _mergekit_extract(base: Path, ft: Path, out: Path, rank: int, *flags: str) -> Path:
+    pytest.importorskip("mergekit")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "mergekit.scripts.extract_lora", "--model", str(ft), "--base-model",
+                    str(base), "--out-path", str(out), "--max-rank", str(rank), *flags], check=True, env=env,
+                   capture_output=True)
+    return out
+
+
+def _products(folder: Path, base: Path) -> dict[str, torch.Tensor]:
+    """Module -> B @ A (individual factors may differ by a sign per singular vector; a LoRA embedding's
+    product is the transposed delta), the full tensors, and each bias change: compose's `base_layer.bias`
+    (the fine-tuned bias) less the base's, mergekit's `lora_B.bias` (the difference itself)."""
+    t = _adapter_tensors(folder)
+    plain = read_tensors(base)
     out = {}
     for k, v in t.items():
-        if ".lora_A." in k:
-            out[k.replace(".lora_A.weight", "")] = t[k.replace("lora_A", "lora_B")] @ v
-        elif ".lora_B." not in k:
-            out[k] = v
+        name = k.removeprefix("base_model.model.")
+        if ".lora_A." in k or ".lora_embedding_A" in k:
+            out[name.split(".lora_")[0]] = t[k.replace("_A", "_B")] @ v
+        elif name.endswith(".base_layer.bias"):
+            module = name.removesuffix(".base_layer.bias")
+            out[module + ".bias_delta"] = v - plain[module + ".bias"]
+        elif name.endswith(".lora_B.bias"):
+            out[name.removesuffix(".lora_B.bias") + ".bias_delta"] = v
+        elif ".lora_B" not in k:
+            out[name] = v
     return out
 
 
@@ -308,32 +363,101 @@ def _adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "adapter_model.safetensors")
 
 
-@pytest.mark.peer
-def test_extract_matches_mergekit_extract_lora(pair, tmp_path):
-    pytest.importorskip("mergekit")
-    from peft import PeftModel
-
-    _, base, ft = pair
-    ours = _extract(base, ft, tmp_path / "ours", 8)
-    theirs = tmp_path / "mk"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "-m", "mergekit.scripts.extract_lora", "--model", str(ft), "--base-model",
-                    str(base), "--out-path", str(theirs), "--max-rank", "8"], check=True, env=env,
-                   capture_output=True)
-    a, b = _products(ours), _products(theirs)
+def _same_adapter(ours: Path, theirs: Path, base: Path) -> None:
+    a, b = _products(ours, base), _products(theirs, base)
     assert set(a) == set(b)
     for k in b:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
     ca, cb = (json.loads((f / "adapter_config.json").read_text()) for f in (ours, theirs))
-    for field in ("peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out"):
+    for field in ("peft_type", "r", "lora_alpha", "use_rslora", "fan_in_fan_out"):
         assert ca[field] == cb[field], field
+    for field in ("rank_pattern", "alpha_pattern"):  # compose escapes the names (a dot matches only a dot)
+        assert {re.sub(r"\\(.)", r"\1", k): v for k, v in ca[field].items()} == cb[field], field
     for field in ("target_modules", "modules_to_save"):
         assert sorted(ca[field]) == sorted(cb[field]), field
-    # PEFT loads both, and they compute the same model.
-    ids = token_ids()
-    mine = PeftModel.from_pretrained(load_hf(base), ours).merge_and_unload().eval()
-    ref = PeftModel.from_pretrained(load_hf(base), theirs).merge_and_unload().eval()
-    torch.testing.assert_close(logits(mine, ids), logits(ref, ids), rtol=0, atol=1e-5)
+
+
+@pytest.mark.peer
+def test_extract_matches_mergekit_extract_lora(pair, tmp_path):
+    from peft import PeftModel
+
+    _, base, ft = pair
+    ours = _extract(base, ft, tmp_path / "ours", 8)
+    theirs = _mergekit_extract(base, ft, tmp_path / "mk", 8)
+    _same_adapter(ours, theirs, base)
+    # PEFT loads both and computes the same weights; the biases are where the two differ: PEFT drops
+    # mergekit's lora_B.bias (its config has no lora_bias) and reads compose's bias: lora_only.
+    mine = PeftModel.from_pretrained(load_hf(base), ours).merge_and_unload().eval().state_dict()
+    ref = PeftModel.from_pretrained(load_hf(base), theirs).merge_and_unload().eval().state_dict()
+    want, plain = read_tensors(ft), read_tensors(base)
+    biases = [k for k in want if k.endswith(".bias")]
+    assert biases and all(not torch.equal(want[k], plain[k]) for k in biases)
+    for k in want:
+        if k.endswith(".bias"):
+            torch.testing.assert_close(mine[k], want[k], rtol=0, atol=0, msg=k)
+            torch.testing.assert_close(ref[k], plain[k], rtol=0, atol=0, msg=k)
+        else:
+            torch.testing.assert_close(mine[k], ref[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("flags", [
+    # ranks from the values (8 for the projections' rank-8 change, capped at 16 for the noise of the vocabulary
+    # tensors), LoRA on the embedding (transposed) and head, all the scale in A, a module saved whole by its
+    # last name, another left out, no norms. (mergekit 0.1.5 crashes on --save-module unless nothing else
+    # is added to modules_to_save: its click tuple has no append, so this run skips the norms.)
+    ("--sv-epsilon", "0.2", "--embed-lora", "--no-distribute-scale", "--save-module", "o_proj",
+     "-e", r"layers\.1\.mlp\.down", "--skip-undecomposable"),
+    # only the attention (the norms are not included; the vocabulary tensors are saved whole all the same)
+    ("-i", "self_attn"),
+], ids=["epsilon_embed_scale_save_exclude_skip", "include"])
+def test_extract_options_match_mergekit(pair, tmp_path, flags):
+    _, base, ft = pair
+    ours = _extract(base, ft, tmp_path / "ours", 16, *flags)
+    theirs = _mergekit_extract(base, ft, tmp_path / "mk", 16, *flags)
+    _same_adapter(ours, theirs, base)
+    # The factors themselves, not only their products (which do not show where the scale went): equal up
+    # to the sign of each singular vector.
+    a, b = _adapter_tensors(ours), _adapter_tensors(theirs)
+    for k in (k for k in b if "lora_" in k and not k.endswith(".bias")):
+        torch.testing.assert_close(a[k].abs(), b[k].abs(), rtol=1e-3, atol=1e-5, msg=k)
+    # PEFT loads both (the embedding's LoRA included) to the same weights
+    from peft import PeftModel
+
+    mine = PeftModel.from_pretrained(load_hf(base), ours).merge_and_unload().state_dict()
+    ref = PeftModel.from_pretrained(load_hf(base), theirs).merge_and_unload().state_dict()
+    plain = read_tensors(base)
+    assert not torch.equal(mine["model.embed_tokens.weight"], plain["model.embed_tokens.weight"])
+    for k in (k for k in plain if not k.endswith(".bias")):
+        torch.testing.assert_close(mine[k], ref[k], rtol=1e-5, atol=1e-6, msg=k)
+    cfg = json.loads((ours / "adapter_config.json").read_text())
+    if "--embed-lora" in flags:
+        assert {"embed_tokens", "lm_head"} <= set(cfg["target_modules"]) and cfg["r"] == 16
+        assert set(cfg["rank_pattern"].values()) == {8}
+        assert cfg["modules_to_save"] == ["o_proj"] and not any("layers.1.mlp.down" in k or "norm" in k for k in a)
+    else:
+        assert set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+        assert cfg["modules_to_save"] == ["embed_tokens", "lm_head"]
+        assert not any("norm" in k or "mlp" in k for k in a)
+
+
+def test_extract_epsilon_above_every_singular_value_is_no_change(pair, tmp_path):
+    """A module whose every singular value is cut (rank 0, which PEFT cannot hold) comes out as a rank-1 pair of
+    zeros: PEFT loads it and the merged module is the base's."""
+    from peft import PeftModel
+
+    _, base, ft = pair
+    ad = _extract(base, ft, tmp_path / "ad", 4, "--sv-epsilon", "1e9", "-i", r"layers\.0\.self_attn\.q_proj$")
+    t = _adapter_tensors(ad)
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+    assert t[f"{q}.lora_A.weight"].shape == (1, 64) and not t[f"{q}.lora_A.weight"].any()
+    merged = PeftModel.from_pretrained(load_hf(base), ad).merge_and_unload().state_dict()
+    plain, want = read_tensors(base), read_tensors(ft)
+    w = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(merged[w], plain[w])
+    # ...while the bias of the adapted layer changed, and the vocabulary tensors were saved whole
+    for k in ("model.layers.0.self_attn.q_proj.bias", "model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(merged[k], want[k]), k
 
 
 def test_full_rank_extraction_reproduces_the_fine_tune(pair, tmp_path):
@@ -359,12 +483,18 @@ def test_full_rank_extraction_reproduces_the_fine_tune(pair, tmp_path):
 
 def test_extract_refuses(pair, tmp_path):
     _, base, ft = pair
-    assert main(["extract-lora", "--model", str(ft), "--base", str(base), "-o", str(tmp_path / "o"),
-                 "--rank", "0"]) == 2
+    for flags in (["--rank", "0"], ["--rank", "4", "--sv-epsilon", "nan"], ["--rank", "4", "--sv-epsilon", "-1"],
+                  ["--rank", "4", "-e", "("], ["--rank", "4", "-i", "no_such_module"]):
+        assert main(["extract-lora", "--model", str(ft), "--base", str(base), "-o", str(tmp_path / "o"), *flags]) == 2
+    from compose.extract_lora import Options, extract
+
+    for options, match in ((Options(4, sv_epsilon=float("inf")), "--sv-epsilon: must be a finite number"),
+                           (Options(4, exclude=("[",)), "--exclude-regex: '\\[' is not a valid"),
+                           (Options(4, exclude=("proj",)), "no linear layer is left to decompose")):
+        with pytest.raises(ComposeError, match=match):
+            extract(str(ft), str(base), tmp_path / "o", options)
     other = save_hf_model(tmp_path / "deeper", "llama", seed=0, layers=LAYERS + 1)
     with pytest.raises(ComposeError, match="only in the fine-tuned model"):
-        from compose.extract_lora import extract
-
         extract(str(other), str(base), tmp_path / "o", 4)
     assert not (tmp_path / "o").exists()
     # An output inside a source, or one that holds it (with --force it would be deleted), is refused.
