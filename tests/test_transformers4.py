@@ -68,10 +68,11 @@ def transformers4() -> Path:
     return folder
 
 
-def run_transformers4(folder: Path, cases: dict, tmp: Path) -> dict:
-    """The worker's result for `cases` (name -> {"folder", "ids"}), computed under transformers 4.x."""
+def run_transformers4(folder: Path, cases: dict, tmp: Path, generate: dict | None = None) -> dict:
+    """The worker's result for `cases` (name -> {"folder", "ids"}) and `generate` (name -> {"folder", "ids",
+    "mask", "runs"}), computed under transformers 4.x."""
     job, out = tmp / "job.json", tmp / "result.pt"
-    job.write_text(json.dumps({"cases": cases, "out": str(out)}))
+    job.write_text(json.dumps({"cases": cases, "generate": generate or {}, "out": str(out)}))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     r = subprocess.run([sys.executable, str(HERE / "transformers4_worker.py"), str(job)], env=env,
@@ -172,13 +173,70 @@ def _ids(folder: Path, seed: int) -> torch.Tensor:
     return torch.randint(0, vocab, (2, SEQ), generator=torch.Generator().manual_seed(seed))
 
 
+GENERATED = ("calm", "cogvlm", "gemma2_moe")
+"""The outputs whose `generate` is compose's generated wrapper on transformers' GenerationMixin (the others are
+transformers' own classes)."""
+PAD = 0
+RUNS = [dict(do_sample=False, max_new_tokens=8, eos_token_id=3, pad_token_id=PAD, num_beams=1),
+        dict(do_sample=False, max_new_tokens=6, num_beams=3, num_return_sequences=2, pad_token_id=PAD)]
+"""Greedy with an eos (rows stop at different steps, and are padded after), and beams (the cache reordered)."""
+
+
+def _perturbed(out: Path, dest: Path) -> Path:
+    """A copy of `out` whose weights are all moved off their init (seeded by name), so that CALM's
+    cross-attention and CogVLM's visual expert reach the logits: at init both compute their source exactly."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(out, dest)
+    tensors = load_file(dest / "model.safetensors")
+    for k, v in tensors.items():
+        g = torch.Generator().manual_seed(sum(map(ord, k)))
+        scale = 0.5 if k.startswith("cross.") and k.endswith("o_proj.weight") else 0.05
+        tensors[k] = v + scale * torch.randn(v.shape, generator=g)
+    save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})
+    return dest
+
+
+def _padded_rows(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(9)
+    rows = [torch.randint(4, vocab, (n,), generator=g) for n in (21, 14, 9)]
+    ids = torch.full((3, 21), PAD)
+    mask = torch.zeros(3, 21, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, 21 - len(r):], mask[b, 21 - len(r):] = r, 1
+    return ids, mask
+
+
 @pytest.fixture(scope="module")
 def logits4(transformers4, outputs, tmp_path_factory):
     cases = {name: {"folder": str(out), "ids": _ids(out, i).tolist()} for i, (name, (out, _)) in
              enumerate(sorted(outputs.items()))}
-    result = run_transformers4(transformers4, cases, tmp_path_factory.mktemp("t4job"))
+    root = tmp_path_factory.mktemp("t4gen")
+    generate = {}
+    for name in GENERATED:
+        folder = _perturbed(outputs[name][0], root / name)
+        ids, mask = _padded_rows(json.loads((folder / "config.json").read_text())["vocab_size"])
+        generate[name] = {"folder": str(folder), "ids": ids.tolist(), "mask": mask.tolist(), "runs": RUNS}
+    result = run_transformers4(transformers4, cases, tmp_path_factory.mktemp("t4job"), generate)
     assert result["version"].startswith("4."), result["version"]
+    result["generate_cases"] = generate
     return result
+
+
+@pytest.mark.parametrize("name", GENERATED)
+def test_transformers4_generate_is_transformers5s(outputs, logits4, name):
+    """The generated wrapper's generate() under transformers 4.x's GenerationMixin gives the tokens transformers
+    5's gives on the same (perturbed) folder: a left-padded batch, greedy with eos and with beams."""
+    assert f"generate:{name}" not in logits4["errors"], logits4["errors"][f"generate:{name}"]
+    case = logits4["generate_cases"][name]
+    model = AutoModelForCausalLM.from_pretrained(case["folder"], dtype=torch.float32, trust_remote_code=True).eval()
+    ids, mask = torch.tensor(case["ids"]), torch.tensor(case["mask"])
+    for run, got in zip(RUNS, logits4["generated"][name], strict=True):
+        want = model.generate(ids, attention_mask=mask, **run)
+        assert torch.equal(got, want), run
+    # the perturbation reaches the tokens: the model differs from its unperturbed build
+    plain = AutoModelForCausalLM.from_pretrained(outputs[name][0], dtype=torch.float32, trust_remote_code=True)
+    assert not torch.equal(plain.eval().generate(ids, attention_mask=mask, **RUNS[0]), logits4["generated"][name][0])
 
 
 NAMES = ["llama_llama3_pro", "llama_linear", "llama_dynamic", "llama_yarn", "llama_longrope", "llama_longrope_factor",

@@ -3,9 +3,10 @@ transformers 4 was installed into first on PYTHONPATH (the venv's transformers 5
 the venv). It imports nothing of compose: it is a user of the output, as Optimum or vLLM would be.
 
     python transformers4_worker.py job.json
-job.json: {"cases": {name: {"folder": ..., "ids": [[...]]}}, "out": path}. Writes `out` (torch.save):
+job.json: {"cases": {name: {"folder": ..., "ids": [[...]]}}, "generate": {name: {"folder": ..., "ids": [[...]],
+"mask": [[...]], "runs": [generate's keyword arguments, ...]}}, "out": path}. Writes `out` (torch.save):
 {"version": transformers.__version__, "logits": {name: tensor}, "errors": {name: traceback},
- "configs": {name: {rope_theta, rope_scaling, class}}}.
+ "configs": {name: {rope_theta, rope_scaling, class}}, "generated": {name: [tensor per run]}}.
 """
 from __future__ import annotations
 
@@ -40,6 +41,16 @@ def main(job_path: str) -> None:
                                        "rope_scaling": json.dumps(getattr(config, "rope_scaling", None))}
         except Exception:  # noqa: BLE001 -- each case's failure is reported by the test that reads it
             result["errors"][name] = traceback.format_exc(limit=6)
+    # transformers 4.x's own GenerationMixin.generate on the model the folder's auto_map names
+    result["generated"] = {}
+    for name, case in job.get("generate", {}).items():
+        try:
+            dtype = {"dtype" if version >= (4, 56) else "torch_dtype": torch.float32}
+            model = AutoModelForCausalLM.from_pretrained(case["folder"], trust_remote_code=True, **dtype).eval()
+            ids, mask = torch.tensor(case["ids"]), torch.tensor(case["mask"])
+            result["generated"][name] = [model.generate(ids, attention_mask=mask, **run) for run in case["runs"]]
+        except Exception:  # noqa: BLE001
+            result["errors"][f"generate:{name}"] = traceback.format_exc(limit=8)
     torch.save(result, job["out"])
 
 
