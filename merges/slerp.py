@@ -40,16 +40,23 @@ def slerp(tensors, base, *, seed=None, name="", t):
     if a.numel() == 0:
         return v0.clone()
     spans = [(s, min(s + CHUNK, a.numel())) for s in range(0, a.numel(), CHUNK)]
+    # Two float32 chunk buffers, reused for every pass (fresh temporaries per chunk fragment the allocator's
+    # heap: about the size of the tensor again in anonymous memory at 3B). In-place ops on the same values
+    # round as the expressions they replace, so the results are mergekit's bit for bit.
+    n = min(CHUNK, a.numel())
+    buf_a = torch.empty(n, dtype=dtype, device=v0.device)
+    buf_b = torch.empty(n, dtype=dtype, device=v0.device)
 
-    def part(x, span):
-        return x[span[0]:span[1]].to(dtype)
+    def part(buf, x, span):
+        return buf[:span[1] - span[0]].copy_(x[span[0]:span[1]])
 
-    norm_a = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(part(a, s)) for s in spans]))
-    norm_b = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(part(b, s)) for s in spans]))
+    norm_a = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(part(buf_a, a, s)) for s in spans]))
+    norm_b = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(part(buf_b, b, s)) for s in spans]))
     norm_a = torch.where(norm_a > EPS, norm_a, 1)                   # a zero vector keeps its values
     norm_b = torch.where(norm_b > EPS, norm_b, 1)
     # each chunk is normalised before multiplying, so large weights cannot overflow the dot product
-    dot = torch.stack([(part(a, s) / norm_a * (part(b, s) / norm_b)).sum() for s in spans]).sum().clamp(-1, 1)
+    dot = torch.stack([part(buf_a, a, s).div_(norm_a).mul_(part(buf_b, b, s).div_(norm_b)).sum()
+                       for s in spans]).sum().clamp(-1, 1)
     linear = dot.abs() > DOT_THRESHOLD
     theta = torch.acos(torch.where(linear, 0, dot))
     sin_theta = torch.sin(theta)
@@ -58,7 +65,7 @@ def slerp(tensors, base, *, seed=None, name="", t):
 
     out = torch.empty_like(a)                                        # in the inputs' dtype
     for s in spans:
-        out[s[0]:s[1]] = coef_a * part(a, s) + coef_b * part(b, s)
+        out[s[0]:s[1]] = part(buf_a, a, s).mul_(coef_a).add_(part(buf_b, b, s).mul_(coef_b))
     return out.reshape(v0.shape)
 
 
