@@ -179,8 +179,12 @@ GENAI_SCRIPT = """
 @pytest.mark.parametrize("name", FAMILIES)
 def test_onnxruntime_genai_decodes_as_transformers_does(onnx_build, genai_path, name):
     """onnxruntime-genai's generic decoder, configured by genai_config.json alone, greedily decodes the
-    tokens transformers 5 decodes. (Rows of equal length: genai 0.18's append_tokens takes every id of
-    a batch as a real token, pad ids included, so it has no left padding to compare.)"""
+    tokens transformers 5 decodes: a batch of rows of equal length through its Generator (genai 0.18's
+    append_tokens takes every id of a batch as a real token, pad ids included, so it has no left padding
+    to compare), and prompts of different lengths one request at a time through its Engine. (Several
+    requests at once in the Engine decode wrong tokens for the shorter ones: it right-pads their prompts,
+    and its decode-step attention_mask leaves 0 at the last slot, where the graph appends the new token's
+    key, as if the cache were written in place.)"""
     import onnxruntime as ort
 
     out = onnx_build(name, SPECS[name])
@@ -209,3 +213,34 @@ def test_onnxruntime_genai_decodes_as_transformers_does(onnx_build, genai_path, 
     for row, tokens in enumerate(got["tokens"]):  # genai stops a row at eos; transformers pads it after
         assert tokens == want[row, :len(tokens)].tolist(), row
         assert len(tokens) == want.size(1) or tokens[-1] == config["model"]["eos_token_id"]
+    # Prompts of different lengths, one request at a time through genai's Engine (each its own sequence):
+    # the tokens transformers decodes from each prompt alone.
+    got = _consumer(genai_path, GENAI_ENGINE_SCRIPT, {"folder": str(out), "rows": ROWS, "new_tokens": NEW_TOKENS})
+    for row, tokens in zip(ROWS, got["tokens"]):
+        alone = _transformers(out, torch.tensor([row]), torch.ones(1, len(row), dtype=torch.long),
+                              config["model"]["pad_token_id"]).sequences[0, len(row):].tolist()
+        assert tokens == alone[:len(tokens)] and (len(tokens) == NEW_TOKENS
+                                                  or tokens[-1] == config["model"]["eos_token_id"]), row
+
+
+GENAI_ENGINE_SCRIPT = """
+    import json, sys
+    import numpy as np
+    import onnxruntime_genai as og
+
+    req = json.loads(sys.argv[1])
+    model = og.Model(req["folder"])
+    out = []
+    for row in req["rows"]:
+        engine = og.Engine(model)
+        request = engine.create_request()
+        options = og.TurnOptions(request)
+        options.set_do_sample(False)
+        options.set_max_generated_tokens(req["new_tokens"])
+        request.begin_turn(np.array(row, dtype=np.int32), options)
+        events, tokens = engine.create_event_buffer(64), []
+        while engine.has_pending_requests():
+            tokens += [int(e.token) for e in engine.run(events)]
+        out.append(tokens)
+    print(json.dumps({"tokens": out}))
+"""
