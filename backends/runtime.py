@@ -83,8 +83,6 @@ def calm_cache(module, model, batch: int, max_len: int, context_len: int, dtype,
 
 def load(folder: str | Path, device: str = "cpu", dtype: str | None = None):
     """(generated module, model in eval mode on `device`) for the build in `folder`."""
-    import torch
-
     module = load_module(Path(folder))
     model = module.ComposeForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
     return module, model

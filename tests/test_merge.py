@@ -1,16 +1,15 @@
 """Merging whole models: the DSL, parameter resolution, determinism, the IR, and bad input."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
 
-from compose import build, depth_upscale, expand_blocks, layers, load, merge, stack
+from compose import build, depth_upscale, expand_blocks, layers, load, merge
 from compose.errors import SpecError
 from compose.ir import print_graph
 from compose.pipeline import compile_graph
-from conftest import load_hf, logits, manifest, read_tensors, save_hf_model, token_ids
+from conftest import load_hf, logits, read_tensors, save_hf_model, token_ids
 
 
 @pytest.fixture(scope="module")
