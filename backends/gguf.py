@@ -267,8 +267,11 @@ def _target(g: Graph):
 
 def _tokenizer_folder(g: Graph, open_source: Callable) -> Path | None:
     """Where the build's tokenizer files come from: the tokenizer source's folder (copied into the build), or
-    a merged tokenizer's base folder (its pre-tokenizer is the base's); None for a model without one."""
+    a merged tokenizer's first base's folder (a merge adds or strips tokens, and keeps its base's
+    pre-tokenizer; a merge of merges, its base's base's); None for a model without one."""
     ref = g.state.tokenizer
+    while ref is not None and not isinstance(ref, str) and ref.folder is None:
+        ref = ref.base
     if ref is None:
         return None
     if isinstance(ref, str):

@@ -478,8 +478,9 @@ TEXT = ("I'll pay 1234567 dollars, don't you think?\n\n  Hello   World!!\t3.1415
 non-ASCII letters: where the pre-tokenizers differ from one another and from llama.cpp's `default`."""
 
 
-def _byte_level_source(folder: Path, pre, ignore_merges: bool = False) -> Path:
-    """A tiny Llama with a byte-level BPE tokenizer.json trained (seeded corpus) behind the `pre` split."""
+def _byte_level_source(folder: Path, pre, ignore_merges: bool = False, extra: str = "", seed: int = 0) -> Path:
+    """A tiny Llama with a byte-level BPE tokenizer.json trained (seeded corpus, plus `extra`) behind the
+    `pre` split."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
@@ -488,9 +489,9 @@ def _byte_level_source(folder: Path, pre, ignore_merges: bool = False) -> Path:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([TEXT, "the quick brown fox, 12 345 678!", "hello world 999"] * 20, trainer)
+    tok.train_from_iterator([TEXT, "the quick brown fox, 12 345 678!", "hello world 999", extra] * 20, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=416, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=1)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
@@ -576,6 +577,47 @@ def test_pre_tokenizer_llama_cpp_does_not_compute_is_refused_before_writing(tmp_
     assert {"unknown split": "regex llama.cpp does not compute", "prefix space": "prefix space",
             "whitespace split": "WhitespaceSplit + ByteLevel"}[case] in str(e.value)
     assert not out.exists()
+
+
+def _merged_twice(root: Path, split, ignore_merges: bool = False):
+    """A merge of a merge, each with tokenizer_source union: the outer merged tokenizer's base is the inner
+    merged one, whose base is the first source (sources with vocabularies of their own)."""
+    src = [_byte_level_source(root / name, split, ignore_merges, extra=extra, seed=i)
+           for i, (name, extra) in enumerate((("a", ""), ("b", "zebra quagga 7777"), ("c", "xylophone jukebox")))]
+    inner = merge.linear([load(str(src[0])), load(str(src[1]))], weights=[0.5, 0.5], tokenizer_source="union")
+    return merge.linear([inner, load(str(src[2]))], weights=[0.5, 0.5], tokenizer_source="union"), src
+
+
+def test_a_merged_tokenizer_of_a_merged_tokenizer_is_planned_from_the_first_base(tmp_path):
+    """The pre-tokenizer of a merged vocabulary is its base's; for a merge of merges, the base's base's. The plan
+    finds it (before this, it saw no tokenizer there, and the refusal below came only once the hf files were
+    written); llama.cpp, where built, tokenizes as the merged tokenizer does."""
+    from transformers import AutoTokenizer
+
+    from compose.lower.tokenizer import MergedTokenizer
+    from compose.pipeline import _plan_gguf, compile_graph
+
+    split, ignore_merges = PRE_TOKENIZERS["llama-bpe"]()
+    spec, src = _merged_twice(tmp_path / "src", split, ignore_merges)
+    g = compile_graph(spec)
+    assert isinstance(g.state.tokenizer, MergedTokenizer) and isinstance(g.state.tokenizer.base, MergedTokenizer)
+    assert _plan_gguf(g).vocab.pre == "llama-bpe"
+    out = build(spec, tmp_path / "out", formats=["hf", "gguf"], progress=False)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert len(tok) > len(AutoTokenizer.from_pretrained(src[0]))  # the union holds b's and c's own tokens
+    assert _field(_reader(out), "tokenizer.ggml.pre") == "llama-bpe"
+    assert len(_field(_reader(out), "tokenizer.ggml.tokens")) == json.loads((out / "config.json").read_text())[
+        "vocab_size"]
+    text = TEXT + " zebra quagga xylophone"
+    assert llama_cpp_tokens(_llama_cpp(), out / "model.gguf", text) == tok.encode(text, add_special_tokens=False)
+
+
+def test_a_merged_tokenizer_of_a_merged_tokenizer_is_refused_in_the_plan(tmp_path):
+    from compose.pipeline import _plan_gguf, compile_graph
+
+    spec, _ = _merged_twice(tmp_path / "src", _split(r"\p{L}+|\p{N}+|[^\s\p{L}\p{N}]+|\s+"))
+    with pytest.raises(BuildError, match="regex llama.cpp does not compute"):
+        _plan_gguf(compile_graph(spec))
 
 
 def test_sentencepiece_model_without_tokenizer_json_is_refused_before_writing(tmp_path):
