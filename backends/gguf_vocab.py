@@ -40,6 +40,11 @@ llama.cpp 0.3.36's vocabulary loader maps to the same regex (its adapted form of
 GPT2 = "gpt-2"
 """A bare ByteLevel pre-tokenizer with its own regex: GPT-2's split, llama.cpp's `gpt-2`."""
 
+IGNORES_MERGES = {"llama-bpe", "tekken"}
+"""The pre-tokenizers for which llama.cpp's loader sets ignore_merges (a pre-token that is itself in the
+vocabulary is that one token, whatever the merges would make of it); for the others it applies the merges.
+tokenizer.json says which its own BPE does (`model.ignore_merges`), and a GGUF cannot say otherwise."""
+
 
 @dataclass(frozen=True)
 class Vocab:
@@ -70,7 +75,14 @@ def decide(folder: Path | None) -> Vocab:
         raise BuildError(f"{path}: a {kind} tokenizer; compose writes GGUF vocabularies for BPE tokenizers")
     if data["model"].get("byte_fallback", False):
         return Vocab("llama")  # SentencePiece-style: llama.cpp splits on its own, no pre-tokenizer
-    return Vocab("gpt2", _pre(data.get("pre_tokenizer"), path))
+    pre = _pre(data.get("pre_tokenizer"), path)
+    ignores = bool(data["model"].get("ignore_merges", False))
+    if ignores != (pre in IGNORES_MERGES):
+        raise BuildError(f"{path}: its BPE {'ignores' if ignores else 'applies'} merges to words in its vocabulary "
+                         f"(ignore_merges {str(ignores).lower()}), and llama.cpp's {pre!r} pre-tokenizer "
+                         f"{'applies' if ignores else 'ignores'} them: llama.cpp would tokenize some words "
+                         "differently; compose cannot write this tokenizer to GGUF")
+    return Vocab("gpt2", pre)
 
 
 def _read(path: Path) -> dict:

@@ -579,6 +579,51 @@ def test_pre_tokenizer_llama_cpp_does_not_compute_is_refused_before_writing(tmp_
     assert not out.exists()
 
 
+def _unreachable_word_source(folder: Path, split, ignore_merges: bool) -> Path:
+    """A byte-level BPE whose vocabulary holds the word "abc" that its merges never make (only a+b): with
+    ignore_merges it is one token, without it "ab" + "c"."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {t: i for i, t in enumerate(["<s>", "</s>", *alphabet, "ab", "abc"])}
+    tok = Tokenizer(models.BPE(vocab, [("a", "b")], ignore_merges=ignore_merges))
+    tok.pre_tokenizer = split
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    assert fast.convert_ids_to_tokens(fast.encode("abc", add_special_tokens=False)) == (
+        ["abc"] if ignore_merges else ["ab", "c"])
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0,
+                      eos_token_id=1)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2"])
+def test_ignore_merges_must_be_the_pre_tokenizers(tmp_path, pre):
+    """llama.cpp's llama-bpe ignores merges for words in the vocabulary and its qwen2 applies them, whatever the
+    file says: a tokenizer.json that does the other is refused before writing; where llama.cpp is built, it
+    shows why (its ids for "abc" follow the pre-tokenizer's rule, not the tokenizer's)."""
+    from transformers import AutoTokenizer
+
+    split = _split(LLAMA3_SPLIT if pre == "llama-bpe" else QWEN2_SPLIT)
+    ignores = pre == "llama-bpe"
+    wrong = _unreachable_word_source(tmp_path / "wrong", split, not ignores)
+    with pytest.raises(BuildError, match=f"llama.cpp's '{pre}' pre-tokenizer {'ignores' if ignores else 'applies'}"):
+        build(load(str(wrong)), tmp_path / "out_wrong", formats=["hf", "gguf"], progress=False)
+    assert not (tmp_path / "out_wrong").exists()
+    right = _unreachable_word_source(tmp_path / "right", split, ignores)
+    out = build(load(str(right)), tmp_path / "out", formats=["hf", "gguf"], progress=False)
+    assert _field(_reader(out), "tokenizer.ggml.pre") == pre
+    text = "abc xabc abc"
+    got = llama_cpp_tokens(_llama_cpp(), out / "model.gguf", text)
+    assert got == AutoTokenizer.from_pretrained(right).encode(text, add_special_tokens=False)
+    assert got != AutoTokenizer.from_pretrained(wrong).encode(text, add_special_tokens=False)
+
+
 def _merged_twice(root: Path, split, ignore_merges: bool = False):
     """A merge of a merge, each with tokenizer_source union: the outer merged tokenizer's base is the inner
     merged one, whose base is the first source (sources with vocabularies of their own)."""
