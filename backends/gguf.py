@@ -202,7 +202,7 @@ def plan(g: Graph, read: Callable | None, open_source: Callable) -> Plan:
     p.add("add_layer_norm_rms_eps", c.rms_eps)
     p.add("add_vocab_size", c.vocab)
     p.add("add_file_type", int(getattr(gguf.LlamaFileType, _FILE_TYPE[c.dtype])))
-    rope_freqs = _rope(p, c.rope, c.head_dim, where)
+    rope_freqs = _rope(p, c, c.head_dim, where)
     if c.local_rope is not None:
         if c.local_rope.type != "default" or c.local_rope.partial_rotary_factor not in (None, 1.0):
             raise BuildError(f"{where}: the sliding layers' rope is {c.local_rope.type}; llama.cpp scales only the "
@@ -355,12 +355,16 @@ def _check_moe(g: Graph, moes: dict[int, MoE], dense: list[int], arch: Arch, whe
             raise BuildError(f"{where}: layer {i}'s shared expert has biases or a fused gate/up")
 
 
-def _rope(p: Plan, rope, head_dim: int, where: str):
+def _rope(p: Plan, c, head_dim: int, where: str):
     """Rope metadata (and llama3's per-frequency factors, as the converter's rope_freqs tensor)."""
     import gguf
 
+    rope = c.rope
     p.add("add_rope_freq_base", rope.theta)
     if rope.type == "default":
+        return None
+    if rope.type == "yarn":
+        _yarn(p, c, head_dim, where)
         return None
     if rope.type == "linear":
         p.add("add_rope_scaling_type", gguf.RopeScalingType.LINEAR)
@@ -386,8 +390,37 @@ def _rope(p: Plan, rope, head_dim: int, where: str):
         raise BuildError(f"{where}: rope type 'longrope'; llama.cpp picks its long or short factors by the context "
                          "size it is run with, and transformers by each sequence's length, so short prompts in a "
                          "long context would get other logits")
-    raise BuildError(f"{where}: rope type {rope.type!r}; compose writes GGUF for default, linear and llama3 ropes "
-                     "(llama.cpp computes the others' scaling its own way)")
+    raise BuildError(f"{where}: rope type {rope.type!r}; compose writes GGUF for default, linear, llama3 and yarn "
+                     "ropes (llama.cpp computes the others' scaling its own way)")
+
+
+def _yarn(p: Plan, c, head_dim: int, where: str) -> None:
+    """YaRN as llama.cpp computes it (0.3.36: ggml's rope_yarn and llama-context's attention factor): the
+    ramp between the correction dims of beta_fast = 32 and beta_slow = 1 over the original context, floored
+    and ceiled, and cos/sin scaled by 1 + 0.1 ln(factor) times `rope.scaling.attn_factor`. transformers'
+    YaRN is the same function for those betas; what llama.cpp cannot be told (other betas, an unfloored
+    ramp, DeepSeek's mscale) is refused."""
+    import gguf
+
+    from compose.codegen.rope import yarn
+
+    r = c.rope
+    if (r.beta_fast or 32) != 32 or (r.beta_slow or 1) != 1:
+        raise BuildError(f"{where}: YaRN with beta_fast {r.beta_fast} and beta_slow {r.beta_slow}; llama.cpp reads "
+                         "no betas for this architecture and uses 32 and 1")
+    if r.truncate is False:
+        raise BuildError(f"{where}: YaRN with truncate false; llama.cpp always floors and ceils the ramp's ends")
+    if r.mscale or r.mscale_all_dim:
+        raise BuildError(f"{where}: YaRN with mscale/mscale_all_dim (DeepSeek's attention factor); compose writes "
+                         "GGUF for the default attention factor or an explicit attention_factor")
+    s = yarn(c, head_dim)
+    factor = s["rope_factor"]
+    p.add("add_rope_scaling_type", gguf.RopeScalingType.YARN)
+    p.add("add_rope_scaling_factor", factor)
+    p.add("add_rope_scaling_orig_ctx_len", r.original_max_positions)
+    llama_cpp_scale = 1.0 + 0.1 * math.log(factor)  # ggml multiplies cos and sin by this for every yarn rope
+    if s["rope_attention_factor"] != llama_cpp_scale:
+        p.add("add_rope_scaling_attn_factors", s["rope_attention_factor"] / llama_cpp_scale)
 
 
 def _gemma(p: Plan, g: Graph, name: str, where: str) -> None:

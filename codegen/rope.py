@@ -12,7 +12,8 @@ from compose.errors import BuildError
 from compose.ir.config import ArchConfig
 
 
-def _yarn(cfg: ArchConfig, dim: int) -> dict:
+def yarn(cfg: ArchConfig, dim: int) -> dict:
+    """YaRN's scalars as transformers computes them (the GGUF writer uses them too)."""
     r = cfg.rope
     original = r.original_max_positions
     factor = r.factor if r.factor is not None else cfg.max_positions / original
@@ -80,7 +81,7 @@ def rope_attrs(cfg: ArchConfig) -> dict:
                    rope_high_freq_wavelen=original / r.high_freq_factor,
                    rope_smooth_span=r.high_freq_factor - r.low_freq_factor)
     elif r.type == "yarn":
-        out.update(_yarn(cfg, dim))
+        out.update(yarn(cfg, dim))
     elif r.type == "longrope":
         out.update(_longrope(cfg, dim))
     elif r.type != "default":

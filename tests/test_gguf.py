@@ -20,7 +20,7 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from conftest import save_hf_model
+from conftest import VOCAB, save_hf_model
 
 from compose import load, merge, moe
 from compose.errors import BuildError
@@ -413,6 +413,72 @@ def test_llama_cpp_logits_match_transformers(built, name):
     assert (have.argmax(-1) == want.argmax(-1)).mean() >= 0.9
 
 
+YARN = {"rope_type": "yarn", "rope_theta": 20000.0, "factor": 4.0, "original_max_position_embeddings": 32}
+YARN_CASES = {
+    "qwen2": ("qwen2", YARN),
+    "llama": ("llama", YARN),
+    # an attention factor of its own (not 0.1 ln(factor) + 1): rope.scaling.attn_factor carries the ratio
+    "llama_attention_factor": ("llama", {**YARN, "attention_factor": 1.3}),
+}
+
+
+@pytest.mark.parametrize("case", list(YARN_CASES))
+def test_yarn_rope_in_llama_cpp_is_transformers(tmp_path, case):
+    """YaRN (Qwen2.5's long context): llama.cpp's logits over 80 positions, most of them past the original 32,
+    equal transformers' (f32). Without the YaRN keys (a plain rope) llama.cpp's differ, so the check can fail."""
+    llama_cpp = _llama_cpp()
+    from conftest import load_hf
+
+    family, rope = YARN_CASES[case]
+    src = _sharp_attention(save_hf_model(tmp_path / "src", family, layers=2, perturb_all=True, rope_parameters=rope,
+                                         max_position_embeddings=128))
+    out = build(load(str(src)), tmp_path / "out", formats=["hf", "gguf"], progress=False)
+    r = _reader(out)
+    assert _field(r, f"{ARCH[family]}.rope.scaling.type") == "yarn"
+    assert _field(r, f"{ARCH[family]}.rope.scaling.original_context_length") == 32
+    ids = torch.randint(0, VOCAB, (1, 80), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = load_hf(src)(ids).logits[0].numpy()
+    have = llama_cpp_logits(llama_cpp, out / "model.gguf", ids[0].tolist())
+    scale = max(1.0, float(np.abs(want).max()))
+    diff = float(np.abs(have - want).max())
+    print(f"yarn {case}: max |llama.cpp - transformers| = {diff:.2e} (max |logit| {scale:.2f})")
+    assert diff <= 1e-4 * scale
+    plain = with_metadata(out / "model.gguf", {f"{ARCH[family]}.rope.scaling.type": "none"}, tmp_path / "plain.gguf")
+    assert float(np.abs(llama_cpp_logits(llama_cpp, plain, ids[0].tolist()) - want).max()) > 1e-2 * scale
+    key = f"{ARCH[family]}.rope.scaling.attn_factor"
+    assert (key in r.fields) == ("attention_factor" in rope)
+    if key in r.fields:  # ...and without it, llama.cpp's cos/sin scale is the default one
+        bare = with_metadata(out / "model.gguf", {}, tmp_path / "bare.gguf", remove=(key,))
+        assert float(np.abs(llama_cpp_logits(llama_cpp, bare, ids[0].tolist()) - want).max()) > 1e-2 * scale
+
+
+def _sharp_attention(folder: Path) -> Path:
+    """The model at `folder` with q and k scaled up, so that attention is peaked and its logits depend on the
+    rotary angles and the cos/sin scale (at init's small weights every score is about 0: nearly uniform)."""
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(folder / "model.safetensors")
+    for k in t:
+        if k.endswith(("q_proj.weight", "k_proj.weight")):
+            t[k] = t[k] * 6
+    save_file(t, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize("rope, match", [
+    ({**YARN, "beta_fast": 16.0}, "beta_fast 16.0"),
+    ({**YARN, "truncate": False}, "truncate false"),
+    ({**YARN, "mscale": 1.0, "mscale_all_dim": 1.0}, "mscale"),
+    ({"rope_type": "dynamic", "rope_theta": 20000.0, "factor": 2.0}, "rope type 'dynamic'"),
+])
+def test_ropes_llama_cpp_cannot_be_told_are_refused(tmp_path, rope, match):
+    src = save_hf_model(tmp_path / "src", "llama", layers=1, rope_parameters=rope, max_position_embeddings=128)
+    with pytest.raises(BuildError, match=match):
+        build(load(str(src)), tmp_path / "out", formats=["hf", "gguf"], progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_llama3_rope_factors_are_transformers_frequencies(tmp_path):
     """Llama 3.1's rope as llama.cpp reads it: rope_freqs divides each default frequency down to the one
     transformers' own rotary embedding uses."""
@@ -539,11 +605,17 @@ def llama_cpp_tokens(llama_cpp, path: Path, text: str) -> list[int]:
 
 def with_pre(path: Path, pre: str, out: Path) -> Path:
     """A copy of the GGUF at `path` naming the pre-tokenizer `pre`, through gguf's own metadata tool."""
+    return with_metadata(path, {"tokenizer.ggml.pre": pre}, out)
+
+
+def with_metadata(path: Path, strings: dict[str, str], out: Path, remove: tuple[str, ...] = ()) -> Path:
+    """A copy of the GGUF at `path` with these string keys set and `remove` left out, through gguf's own
+    metadata tool."""
     from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
 
     reader = gguf.GGUFReader(path)
     copy_with_new_metadata(reader, gguf.GGUFWriter(out, _field(reader, "general.architecture")),
-                           {"tokenizer.ggml.pre": MetadataDetails(gguf.GGUFValueType.STRING, pre)}, [])
+                           {k: MetadataDetails(gguf.GGUFValueType.STRING, v) for k, v in strings.items()}, remove)
     return out
 
 
