@@ -124,7 +124,9 @@ def _parser() -> argparse.ArgumentParser:
                        description="Generate from OUT with the generated module and a static KV cache (decode steps "
                                    "replayed as CUDA graphs on CUDA). Greedy unless --temperature > 0.")
     g.add_argument("out", metavar="OUT")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", required=True, action="append",
+                   help="the text to continue; repeat it for a batch (left-padded, each prompt continued as it "
+                        "would be alone; one-model builds)")
     g.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate, 1 to 65536 (default: 32)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy; > 0 samples")
     g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (k >= 1)")
@@ -308,21 +310,30 @@ def cmd_generate(a) -> int:
     folder = _built(a.out)
     module, model = runtime.load(folder, a.device, a.dtype)
     encode, decode = text_tokenizer(folder, model.model.config.vocab_size)
-    ids = encode(a.prompt)[None].to(a.device)
+    rows = [encode(p) for p in a.prompt]
+    width = max(len(r) for r in rows)
     limit = getattr(model.model.config, "max_positions", None)
-    if limit and ids.size(1) + a.max_new_tokens > limit:
-        print(f"compose: warning: the prompt's {ids.size(1)} tokens plus {a.max_new_tokens} new ones exceed the "
+    if limit and width + a.max_new_tokens > limit:
+        print(f"compose: warning: the prompt's {width} tokens plus {a.max_new_tokens} new ones exceed the "
               f"{limit} positions the model was trained on", file=sys.stderr)
-    out = runtime.generate(module, model, ids, a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-                           top_p=a.top_p, seed=a.seed, cuda_graph=False if a.no_cuda_graph else None)
-    print(decode(out[0].tolist()))
+    if len(rows) == 1:
+        ids, mask, pads = rows[0][None], None, [0]
+    else:  # left-padded: the pad id is never attended to, so any id does
+        import torch
+
+        pads = [width - len(r) for r in rows]
+        ids = torch.stack([torch.cat((r.new_zeros(n), r)) for r, n in zip(rows, pads)])
+        mask = (torch.arange(width)[None] >= torch.tensor(pads)[:, None]).long().to(a.device)
+    out = runtime.generate(module, model, ids.to(a.device), a.max_new_tokens, temperature=a.temperature,
+                           top_k=a.top_k, top_p=a.top_p, seed=a.seed, attention_mask=mask,
+                           cuda_graph=False if a.no_cuda_graph else None)
+    for row, n in zip(out.tolist(), pads):
+        print(decode(row[n:]))
     return 0
 
 
 def cmd_extract_lora(a) -> int:
-    from compose.extract_lora import extract
-
-    from compose.extract_lora import Options
+    from compose.extract_lora import Options, extract
 
     o = Options(a.rank, sv_epsilon=a.sv_epsilon, distribute_scale=a.distribute_scale, embed_lora=a.embed_lora,
                 save_modules=tuple(a.save_module), include=tuple(a.include_regex), exclude=tuple(a.exclude_regex),

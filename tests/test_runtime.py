@@ -220,7 +220,17 @@ def test_cli_generate(builds, capsys):
     from compose.cli import main
 
     assert main(["generate", str(builds["llama"]), "--prompt", "Once upon", "--max-new-tokens", "5"]) == 0
-    assert capsys.readouterr().out.startswith("<1>Once upon")
+    alone = capsys.readouterr().out
+    assert alone.startswith("<1>Once upon")
+    # several prompts: a left-padded batch, each line what that prompt gives alone
+    assert main(["generate", str(builds["llama"]), "--prompt", "Hi", "--max-new-tokens", "5"]) == 0
+    short = capsys.readouterr().out
+    assert main(["generate", str(builds["llama"]), "--prompt", "Once upon", "--prompt", "Hi",
+                 "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out == alone + short
+    # a composite build's runtime takes one prompt at a time, and says so
+    assert main(["generate", str(builds["calm"]), "--prompt", "a", "--prompt", "bc", "--max-new-tokens", "2"]) == 2
+    assert "pads single-model builds only" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
