@@ -111,9 +111,9 @@ def generate(module, model, input_ids, max_new_tokens: int, *, temperature: floa
              top_p: float | None = None, seed: int = 0, cuda_graph: bool | None = None, attention_mask=None,
              **inputs):
     """input_ids (B, T) -> (B, T + max_new_tokens). attention_mask (B, T): a left-padded batch (1: a real
-    token, 0: padding; single-model builds), each row continuing as it would alone. `inputs` go to the
-    prompt's step: CogVLM's token_type_ids and images, CALM's augment_ids (the augmenting model's own
-    prompt). cuda_graph: decode steps replay a CUDA graph; None = whenever the model is on CUDA."""
+    token, 0: padding; one-model and CALM builds), each row continuing as it would alone. `inputs` go to
+    the prompt's step: CogVLM's token_type_ids and images, CALM's augment_ids (the augmenting model's own
+    prompt) and their augment_attention_mask (its left padding). cuda_graph: decode steps replay a CUDA graph; None = whenever the model is on CUDA."""
     import torch
 
     device = input_ids.device
@@ -139,10 +139,11 @@ def _steps(module, model, input_ids, max_new_tokens: int, inputs: dict, attentio
     """(prefill, decode, counters) for the build's kind: two functions of token ids to logits over one set
     of static caches, and the caches' counters (the tensors a step moves on)."""
     k = kind(module)
-    if attention_mask is not None and k != "single":
-        raise BuildError(f"attention_mask: the runtime pads single-model builds only; a {k} build's own "
+    if attention_mask is not None and k == "cogvlm":
+        raise BuildError("attention_mask: the runtime pads one-model and CALM builds; a cogvlm build's own "
                          "generate(..., attention_mask=...) decodes a padded batch")
-    allowed = {"single": set(), "calm": {"augment_ids"}, "cogvlm": {"token_type_ids", "images"}}[k]
+    allowed = {"single": set(), "calm": {"augment_ids", "augment_attention_mask"},
+               "cogvlm": {"token_type_ids", "images"}}[k]
     if set(inputs) - allowed:
         raise BuildError(f"a {k} build takes no {', '.join(sorted(set(inputs) - allowed))} "
                          f"(it takes: {', '.join(sorted(allowed)) or 'input_ids only'})")
@@ -155,10 +156,27 @@ def _steps(module, model, input_ids, max_new_tokens: int, inputs: dict, attentio
         step = lambda ids: model(ids, cache)  # noqa: E731
         return step, step, cache.counters()
     if k == "calm":
-        aug = inputs.get("augment_ids")
+        aug, aug_mask = inputs.get("augment_ids"), inputs.get("augment_attention_mask")
+        if aug_mask is not None:
+            if aug is None:
+                raise BuildError("augment_attention_mask: given without augment_ids (it is their padding)")
+            _check_mask(aug_mask, aug, "augment_attention_mask")
         cache = calm_cache(module, model, B, max_len, max_len if aug is None else aug.size(1), dtype, device)
-        step = lambda ids: model(ids, cache, aug)  # noqa: E731
-        return step, step, cache.anchor.counters() + cache.augment.counters() + cache.cross.counters()
+        counters = cache.anchor.counters() + cache.augment.counters() + cache.cross.counters()
+        if attention_mask is None:
+            step = lambda ids: model(ids, cache, aug, None, None, aug_mask)  # noqa: E731
+            return step, step, counters
+        full, prompt_positions, next_position = _padding(cache.anchor.max_len, input_ids, attention_mask)
+
+        def prefill(ids):
+            return model(ids, cache, aug, full, prompt_positions, aug_mask)
+
+        def decode(ids):
+            logits = model(ids, cache, aug, full, next_position[:, None], aug_mask)
+            next_position.add_(1)
+            return logits
+
+        return prefill, decode, counters + [next_position]
     cache = StaticCogVLMCache(model.model.config, B, max_len, dtype, device)
     return ((lambda ids: model(ids, inputs.get("token_type_ids"), inputs.get("images"), cache)),
             (lambda ids: model(ids, None, None, cache)), cache.counters())
@@ -170,22 +188,7 @@ def _padded_steps(model, cache: StaticKVCache, input_ids, attention_mask):
     written yet), so a decode step has fixed inputs. Rotary positions count each row's real tokens, as
     transformers counts them: the prompt's from its mask, then one device counter per row (B,) that each
     decode step reads and moves on, like the cache's own position."""
-    import torch
-
-    mask = attention_mask.to(input_ids.device)
-    if mask.shape != input_ids.shape:
-        raise BuildError(f"attention_mask: shape {tuple(mask.shape)}, expected the prompt's {tuple(input_ids.shape)}")
-    real = mask.bool()
-    if bool((mask != real.long()).any()):
-        raise BuildError("attention_mask: must hold only 0 (padding) and 1 (a real token)")
-    if bool((real[:, :-1] & ~real[:, 1:]).any()) or not bool(real[:, -1].all()):
-        raise BuildError("attention_mask: rows must be left-padded (padding, then real tokens up to the last "
-                         "column), as generation continues after each row's last token")
-    B, T = input_ids.shape
-    full = torch.ones((B, cache.max_len), dtype=torch.long, device=input_ids.device)
-    full[:, :T] = real.long()
-    prompt_positions = (real.long().cumsum(dim=-1) - 1).clamp(min=0)  # padding: 0, never attended to
-    next_position = real.long().sum(dim=-1)  # (B,) each row's real tokens so far
+    full, prompt_positions, next_position = _padding(cache.max_len, input_ids, attention_mask)
 
     def prefill(ids):
         return model(ids, cache, full, prompt_positions)
@@ -196,6 +199,32 @@ def _padded_steps(model, cache: StaticKVCache, input_ids, attention_mask):
         return logits
 
     return prefill, decode, cache.counters() + [next_position]
+
+
+def _check_mask(mask, ids, name: str):
+    """A left-padded 0/1 mask of the prompt's shape, or a BuildError naming what is wrong."""
+    if mask.shape != ids.shape:
+        raise BuildError(f"{name}: shape {tuple(mask.shape)}, expected the prompt's {tuple(ids.shape)}")
+    real = mask.bool()
+    if bool((mask != real.long()).any()):
+        raise BuildError(f"{name}: must hold only 0 (padding) and 1 (a real token)")
+    if bool((real[:, :-1] & ~real[:, 1:]).any()) or not bool(real[:, -1].all()):
+        raise BuildError(f"{name}: rows must be left-padded (padding, then real tokens up to the last "
+                         "column), as generation continues after each row's last token")
+    return real
+
+
+def _padding(max_len: int, input_ids, attention_mask):
+    """(mask over every one of `max_len` cache slots, the prompt's rotary positions, each row's next position
+    as a (B,) device counter) for a left-padded prompt (see _padded_steps)."""
+    import torch
+
+    real = _check_mask(attention_mask.to(input_ids.device), input_ids, "attention_mask")
+    B, T = input_ids.shape
+    full = torch.ones((B, max_len), dtype=torch.long, device=input_ids.device)
+    full[:, :T] = real.long()
+    prompt_positions = (real.long().cumsum(dim=-1) - 1).clamp(min=0)  # padding: 0, never attended to
+    return full, prompt_positions, real.long().sum(dim=-1)  # the last: (B,) each row's real tokens so far
 
 
 def _warm_up(decode, ids, counters: list, runs: int = 2) -> None:

@@ -106,9 +106,39 @@ def test_bad_attention_mask_is_named(builds):
     for bad, words in ((mask.flip(1), "left-padded"), (mask[:, 1:], "shape"), (mask * 2, "only 0")):
         with pytest.raises(BuildError, match=words):
             runtime.generate(module, model, ids, 2, attention_mask=bad)
+    vlm_module, vlm_model = runtime.load(builds["cogvlm"])
+    with pytest.raises(BuildError, match="pads one-model and CALM builds"):
+        runtime.generate(vlm_module, vlm_model, ids, 2, attention_mask=mask)
     calm_module, calm_model = runtime.load(builds["calm"])
-    with pytest.raises(BuildError, match="single-model builds only"):
-        runtime.generate(calm_module, calm_model, ids, 2, attention_mask=mask)
+    aug = token_ids(batch=3, seq=5, seed=8)
+    with pytest.raises(BuildError, match="augment_attention_mask: rows must be left-padded"):
+        runtime.generate(calm_module, calm_model, ids, 2, augment_ids=aug,
+                         augment_attention_mask=torch.tensor([[1, 1, 1, 0, 0]] * 3))
+    with pytest.raises(BuildError, match="without augment_ids"):
+        runtime.generate(calm_module, calm_model, ids, 2, augment_attention_mask=torch.ones_like(aug))
+
+
+def test_calm_left_padded_batch_decodes_as_its_own_generate_and_each_row_alone(builds):
+    """CALM on the static caches with a left-padded batch: reading the same tokens (both models and the
+    cross-attention's keys masked), and reading a left-padded augmenting prompt of its own. The tokens are
+    the generated module's own padded generate's, and each row's alone; the step traces as one graph."""
+    module, model = _perturbed(builds["calm"])
+    ids, mask = _left_padded()
+    aug, aug_mask = _left_padded(T=6, seed=9)
+    aug_mask[1, :3], aug[1, :3] = 0, 0
+    for inputs, own in (({}, {}), (dict(augment_ids=aug, augment_attention_mask=aug_mask),
+                                   dict(augment_ids=aug, augment_attention_mask=aug_mask))):
+        ours = runtime.generate(module, model, ids, 8, attention_mask=mask, **inputs)
+        assert torch.equal(ours, model.generate(ids, 8, attention_mask=mask, **own)), list(inputs)
+        for row in range(ids.size(0)):
+            real = ids[row:row + 1, mask[row] == 1]
+            alone = {}
+            if inputs:
+                alone = dict(augment_ids=aug[row:row + 1, aug_mask[row] == 1])
+            want = runtime.generate(module, model, real, 8, **alone)
+            assert torch.equal(ours[row:row + 1, -8:], want[:, -8:]), (list(inputs), row)
+        traced, expected = traced_decode_step(module, model, ids, inputs, attention_mask=mask)
+        assert torch.equal(traced, expected)
 
 
 def _perturbed(build_dir):
@@ -228,9 +258,15 @@ def test_cli_generate(builds, capsys):
     assert main(["generate", str(builds["llama"]), "--prompt", "Once upon", "--prompt", "Hi",
                  "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out == alone + short
-    # a composite build's runtime takes one prompt at a time, and says so
-    assert main(["generate", str(builds["calm"]), "--prompt", "a", "--prompt", "bc", "--max-new-tokens", "2"]) == 2
-    assert "pads single-model builds only" in capsys.readouterr().err
+    # CALM too; CogVLM's runtime takes one prompt at a time, and says so
+    lines = []
+    for prompt in ("a", "bcd"):
+        assert main(["generate", str(builds["calm"]), "--prompt", prompt, "--max-new-tokens", "4"]) == 0
+        lines.append(capsys.readouterr().out)
+    assert main(["generate", str(builds["calm"]), "--prompt", "a", "--prompt", "bcd", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out == "".join(lines)
+    assert main(["generate", str(builds["cogvlm"]), "--prompt", "a", "--prompt", "bc", "--max-new-tokens", "2"]) == 2
+    assert "pads one-model and CALM builds" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
