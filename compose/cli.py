@@ -16,7 +16,8 @@ EPILOG = """examples:
   compose extract-lora --model ft --base base -o adapter --rank 16   a LoRA of ft - base (PEFT's format)
 """
 DENSE_MOE_HELP = ("ONNX: export MoE layers densely (every expert on every token, weighted by the router): no "
-                  "data-dependent shapes, n_experts/top_k times the expert FLOPs (default: sparse, a loop over experts)")
+                  "data-dependent shapes, n_experts/top_k times the expert FLOPs (default: sparse, a loop over "
+                  "experts)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,8 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     i = sub.add_parser("inspect", help="print the IR and a cost summary",
-                       description="Print the graph IR of SPEC (where every weight comes from, what is zero-initialised, "
-                                   "what is trainable) and a summary of layers, parameters, FLOPs and bytes.")
+                       description="Print the graph IR of SPEC (where every weight comes from, what is "
+                                   "zero-initialised, what is trainable) and a summary of layers, parameters, FLOPs "
+                                   "and bytes.")
     i.add_argument("spec", metavar="SPEC")
     i.add_argument("--after", metavar="PASS", help="show the IR after this stage: lower, or a pass name")
     i.add_argument("--print-after-all", action="store_true", help="print the IR after lowering and after every pass")

@@ -156,7 +156,8 @@ def _vlm_prompt(B=2, T=14, start=3, patches=5):
     ids = token_ids(batch=B, seq=T, seed=4)
     types = torch.zeros_like(ids)
     types[:, start:start + patches + 2] = 1  # begin-of-image, patches, end-of-image
-    return ids, dict(token_type_ids=types, images=torch.randn(B, patches, 8, generator=torch.Generator().manual_seed(2)))
+    images = torch.randn(B, patches, 8, generator=torch.Generator().manual_seed(2))
+    return ids, dict(token_type_ids=types, images=images)
 
 
 def _composite_cases(builds):
