@@ -111,9 +111,10 @@ def generate(module, model, input_ids, max_new_tokens: int, *, temperature: floa
              top_p: float | None = None, seed: int = 0, cuda_graph: bool | None = None, attention_mask=None,
              **inputs):
     """input_ids (B, T) -> (B, T + max_new_tokens). attention_mask (B, T): a left-padded batch (1: a real
-    token, 0: padding; one-model and CALM builds), each row continuing as it would alone. `inputs` go to
-    the prompt's step: CogVLM's token_type_ids and images, CALM's augment_ids (the augmenting model's own
-    prompt) and their augment_attention_mask (its left padding). cuda_graph: decode steps replay a CUDA graph; None = whenever the model is on CUDA."""
+    token, 0: padding; one-model and CALM builds), each row continuing as it would alone. `inputs`: CogVLM's
+    token_type_ids and images (the prompt's), CALM's augment_ids (the augmenting model's own prompt) and
+    augment_attention_mask (its left padding). cuda_graph: decode steps replay a CUDA graph; None = whenever
+    the model is on CUDA."""
     import torch
 
     device = input_ids.device
