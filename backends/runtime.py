@@ -111,7 +111,7 @@ def generate(module, model, input_ids, max_new_tokens: int, *, temperature: floa
              top_p: float | None = None, seed: int = 0, cuda_graph: bool | None = None, attention_mask=None,
              **inputs):
     """input_ids (B, T) -> (B, T + max_new_tokens). attention_mask (B, T): a left-padded batch (1: a real
-    token, 0: padding; one-model and CALM builds), each row continuing as it would alone. `inputs`: CogVLM's
+    token, 0: padding), each row continuing as it would alone. `inputs`: CogVLM's
     token_type_ids and images (the prompt's), CALM's augment_ids (the augmenting model's own prompt) and
     augment_attention_mask (its left padding). cuda_graph: decode steps replay a CUDA graph; None = whenever
     the model is on CUDA."""
@@ -140,9 +140,6 @@ def _steps(module, model, input_ids, max_new_tokens: int, inputs: dict, attentio
     """(prefill, decode, counters) for the build's kind: two functions of token ids to logits over one set
     of static caches, and the caches' counters (the tensors a step moves on)."""
     k = kind(module)
-    if attention_mask is not None and k == "cogvlm":
-        raise BuildError("attention_mask: the runtime pads one-model and CALM builds; a cogvlm build's own "
-                         "generate(..., attention_mask=...) decodes a padded batch")
     allowed = {"single": set(), "calm": {"augment_ids", "augment_attention_mask"},
                "cogvlm": {"token_type_ids", "images"}}[k]
     if set(inputs) - allowed:
@@ -179,8 +176,11 @@ def _steps(module, model, input_ids, max_new_tokens: int, inputs: dict, attentio
 
         return prefill, decode, counters + [next_position]
     cache = StaticCogVLMCache(model.model.config, B, max_len, dtype, device)
-    return ((lambda ids: model(ids, inputs.get("token_type_ids"), inputs.get("images"), cache)),
-            (lambda ids: model(ids, None, None, cache)), cache.counters())
+    # With padding, the mask covers every slot (see _padded_steps); CogVLM counts its rotary positions itself
+    # (an image run shares one), from the mask, on the cache's own per-row counter.
+    full = None if attention_mask is None else _padding(max_len, input_ids, attention_mask)[0]
+    return ((lambda ids: model(ids, inputs.get("token_type_ids"), inputs.get("images"), cache, full)),
+            (lambda ids: model(ids, None, None, cache, full)), cache.counters())
 
 
 def _padded_steps(model, cache: StaticKVCache, input_ids, attention_mask):

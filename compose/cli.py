@@ -128,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("out", metavar="OUT")
     g.add_argument("--prompt", required=True, action="append",
                    help="the text to continue; repeat it for a batch (left-padded, each prompt continued as it "
-                        "would be alone; one-model and CALM builds)")
+                        "would be alone)")
     g.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate, 1 to 65536 (default: 32)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy; > 0 samples")
     g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (k >= 1)")
