@@ -185,7 +185,7 @@ def extract(model_ref: str, base_ref: str, out, rank: int | Options, *, force: b
     # mergekit writes no bias for a LoRA layer in a form PEFT reads; PEFT's own form is the whole trained
     # bias of each adapted layer (bias: lora_only), written when any of them changed.
     biased = [m for m in lora if m.bias is not None]
-    with_bias = any(_differs(base.tensor(m.bias), model.tensor(m.bias)) for m in biased)
+    with_bias = any(not torch.equal(base.tensor(m.bias), model.tensor(m.bias)) for m in biased)
 
     def factors(m: Module):
         b, f = base.tensor(m.weight).to(device), model.tensor(m.weight).to(device)
@@ -243,10 +243,6 @@ def extract(model_ref: str, base_ref: str, out, rank: int | Options, *, force: b
         (folder.tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         folder.commit()
     return out
-
-
-def _differs(a, b) -> bool:
-    return a.shape != b.shape or not bool((a == b).all())
 
 
 def _config(base, modules: list[Module], o: Options, with_bias: bool) -> dict:
