@@ -150,7 +150,8 @@ def _steps(module, model, input_ids, max_new_tokens: int, inputs: dict, attentio
     if k == "single":
         cache = StaticKVCache.for_config(model.model.config, B, max_len, dtype, device)
         if attention_mask is not None:
-            return _padded_steps(model, cache, input_ids, attention_mask)
+            return _padded_steps(lambda ids, mask, pos: model(ids, cache, mask, pos), cache.max_len, input_ids,
+                                 attention_mask, cache.counters())
         step = lambda ids: model(ids, cache)  # noqa: E731
         return step, step, cache.counters()
     if k == "calm":
@@ -164,17 +165,8 @@ def _steps(module, model, input_ids, max_new_tokens: int, inputs: dict, attentio
         if attention_mask is None:
             step = lambda ids: model(ids, cache, aug, None, None, aug_mask)  # noqa: E731
             return step, step, counters
-        full, prompt_positions, next_position = _padding(cache.anchor.max_len, input_ids, attention_mask)
-
-        def prefill(ids):
-            return model(ids, cache, aug, full, prompt_positions, aug_mask)
-
-        def decode(ids):
-            logits = model(ids, cache, aug, full, next_position[:, None], aug_mask)
-            next_position.add_(1)
-            return logits
-
-        return prefill, decode, counters + [next_position]
+        return _padded_steps(lambda ids, mask, pos: model(ids, cache, aug, mask, pos, aug_mask),
+                             cache.anchor.max_len, input_ids, attention_mask, counters)
     cache = StaticCogVLMCache(model.model.config, B, max_len, dtype, device)
     # With padding, the mask covers every slot (see _padded_steps); CogVLM counts its rotary positions itself
     # (an image run shares one), from the mask, on the cache's own per-row counter.
@@ -183,23 +175,24 @@ def _steps(module, model, input_ids, max_new_tokens: int, inputs: dict, attentio
             (lambda ids: model(ids, None, None, cache, full)), cache.counters())
 
 
-def _padded_steps(model, cache: StaticKVCache, input_ids, attention_mask):
-    """Steps for a left-padded batch. The mask covers every cache slot, and is fixed for the whole
-    generation: the prompt's padding hidden, every later slot real (the causal rule hides those not
-    written yet), so a decode step has fixed inputs. Rotary positions count each row's real tokens, as
-    transformers counts them: the prompt's from its mask, then one device counter per row (B,) that each
-    decode step reads and moves on, like the cache's own position."""
-    full, prompt_positions, next_position = _padding(cache.max_len, input_ids, attention_mask)
+def _padded_steps(call, max_len: int, input_ids, attention_mask, counters: list):
+    """Steps for a left-padded batch, `call(ids, mask, positions)` being the model's forward on its static
+    cache(s) of `max_len` slots, whose `counters` a step moves. The mask covers every cache slot, and is
+    fixed for the whole generation: the prompt's padding hidden, every later slot real (the causal rule
+    hides those not written yet), so a decode step has fixed inputs. Rotary positions count each row's real
+    tokens, as transformers counts them: the prompt's from its mask, then one device counter per row (B,)
+    that each decode step reads and moves on, like the cache's own position."""
+    full, prompt_positions, next_position = _padding(max_len, input_ids, attention_mask)
 
     def prefill(ids):
-        return model(ids, cache, full, prompt_positions)
+        return call(ids, full, prompt_positions)
 
     def decode(ids):
-        logits = model(ids, cache, full, next_position[:, None])
+        logits = call(ids, full, next_position[:, None])
         next_position.add_(1)
         return logits
 
-    return prefill, decode, cache.counters() + [next_position]
+    return prefill, decode, counters + [next_position]
 
 
 def _check_mask(mask, ids, name: str):
