@@ -6,6 +6,12 @@ the spec as built (the one compose.json records).
 It is rendered from the spec and the compiled graph, the same information compose.json is written from,
 and holds nothing about where the build was written (the folder is renamed into place afterwards, and
 two builds of one spec are the same bytes wherever they go).
+
+Every string that comes from the spec or the sources (refs, folder and adapter names, tensor names) is
+data, not Markdown: the front matter is YAML written by yaml.safe_dump, which quotes what needs quoting;
+the body holds such a string only as a code span (`_code`) or in the spec's fenced block, so a source
+named like a heading, a link or a `<script>` tag shows as its name and makes none. The only links are
+compose's own, to the methods' papers.
 """
 from __future__ import annotations
 
@@ -95,17 +101,17 @@ def render(spec: dict, g, trainable: list[str], tensors: dict, version: str) -> 
     if not methods:
         lines.append("- a copy of the source, rewritten as the class below.")
     lines += ["", "## Sources", ""]
-    lines += [f"- `{r}`: {_describe_ref(r)}" for r in dict.fromkeys(refs)]
-    lines += [f"- `{a}`: a LoRA adapter (PEFT), folded into the weights" for a in dict.fromkeys(adapters)]
+    lines += [f"- {_code(r)}: {_describe_ref(r)}" for r in dict.fromkeys(refs)]
+    lines += [f"- {_code(a)}: a LoRA adapter (PEFT), folded into the weights" for a in dict.fromkeys(adapters)]
     remote = ", trust_remote_code=True" if _generated(target) else ""
     lines += ["", "## Output", "", _output(g, target), "", "```python", "from transformers import AutoModelForCausalLM",
               "", f'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder"{remote})', "```", "",
               "## Trainable parameters", "", _trainable(g, trainable, tensors), "", "## Layers", "",
               "| layer | from | trains |", "| --- | --- | --- |"]
-    lines += [f"| {i} | {b.origin.describe()}{' (identity at init)' if b.identity else ''} | "
+    lines += [f"| {i} | {_cell(b.origin.describe(_code))}{' (identity at init)' if b.identity else ''} | "
               f"{'yes' if b.trainable else 'no'} |" for i, (_, b) in enumerate(g.blocks())]
     body = yaml.safe_dump(spec, sort_keys=False, allow_unicode=True, width=100).rstrip()
-    fence = "`" * max(3, 1 + max((len(r) for r in re.findall(r"`+", body)), default=0))
+    fence = _fence(body, 3)
     lines += ["", "## Spec", "", f"{fence}yaml", body, fence, ""]
     return "\n".join(lines)
 
@@ -113,6 +119,31 @@ def render(spec: dict, g, trainable: list[str], tensors: dict, version: str) -> 
 def write(folder: Path, spec: dict, g, trainable: list[str], tensors: dict, version: str) -> str:
     (folder / FILE).write_text(render(spec, g, trainable, tensors, version), encoding="utf-8")
     return FILE
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _code(text: str) -> str:
+    """`text` as a Markdown code span it cannot leave (CommonMark 6.1), so nothing in it reads as HTML, a
+    link or a heading: control characters shown as their escapes (a line break would end the span), a fence
+    one backtick longer than any run inside, and a space inside the fence where the text starts or ends with
+    a backtick or with a space at both ends (CommonMark strips one space from each side)."""
+    text = _CONTROL.sub(lambda m: repr(m[0])[1:-1], text)
+    pad = " " if "`" in (text[:1], text[-1:]) or (text[:1] == text[-1:] == " " and text.strip()) else ""
+    fence = _fence(text)
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def _fence(text: str, least: int = 1) -> str:
+    """A backtick fence that no run of backticks in `text` closes."""
+    return "`" * max(least, 1 + max((len(r) for r in re.findall(r"`+", text)), default=0))
+
+
+def _cell(text: str) -> str:
+    """`text` in a table cell: GitHub-flavoured Markdown splits a row at every unescaped `|` before it reads
+    code spans, so each `|` is escaped, and backslashes just before one doubled (an odd count escapes it)."""
+    return re.sub(r"(\\*)\|", lambda m: 2 * m[1] + "\\|", text)
 
 
 def _walk(node) -> tuple[list[Method], list[str], list[str]]:
@@ -187,7 +218,7 @@ def _output(g, target) -> str:
             size += f", {cost.active_params:,} active per token"
     how = ("compose's generated modeling code (`auto_map`, load with `trust_remote_code=True`)"
            if _generated(target) else "a native transformers class")
-    return (f"`{target.architecture}` (model_type `{target.family}`), {how}; {len(g.blocks())} layers, "
+    return (f"{_code(target.architecture)} (model_type {_code(target.family)}), {how}; {len(g.blocks())} layers, "
             f"{g.config.dtype}{size}.")
 
 
@@ -201,7 +232,7 @@ def _trainable(g, trainable: list[str], tensors: dict) -> str:
     count = sum(tensors[n].numel for n in trainable)
     total = sum(e.numel for e in tensors.values())
     groups = _groups(trainable)
-    listing = ", ".join(f"`{x}`" for x in groups) if groups else "none"
+    listing = ", ".join(_code(x) for x in groups) if groups else "none"
     return f"{count:,} of {total:,} parameters: {RULES[g.state.train]}. Trainable tensors: {listing}."
 
 
