@@ -574,10 +574,11 @@ def _zero_gate(gate, read) -> bool:
     return not bool(Evaluator([gate], read)(gate).any())
 
 
-def write(g: Graph, folder: Path, *, checkpoint: Callable, planned: Plan) -> dict:
-    """Write `folder/model.gguf` from the hf checkpoint in `folder` (written by the hf backend for `g`), whose
-    tensors `checkpoint(name)` reads one at a time (the front door's reader of a model folder); return what
-    compose.json records. `planned` is `plan(g, ...)`, made before the build wrote anything."""
+def write(g: Graph, folder: Path, *, checkpoint: Callable, planned: Plan, into: Path | None = None) -> dict:
+    """Write `folder/model.gguf` (or `into/model.gguf`) from the hf checkpoint in `folder` (written by the hf
+    backend for `g`), whose tensors `checkpoint(name)` reads one at a time (the front door's reader of a
+    model folder); return what compose.json records. `planned` is `plan(g, ...)`, made before the build
+    wrote anything."""
     import gguf
     import numpy as np
     import torch
@@ -585,7 +586,7 @@ def write(g: Graph, folder: Path, *, checkpoint: Callable, planned: Plan) -> dic
     p = planned
     dtype = g.config.dtype
     arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[p.arch]]
-    w = gguf.GGUFWriter(folder / FILE, arch)
+    w = gguf.GGUFWriter((into or folder) / FILE, arch)
     w.add_name("compose build")
     for method, args in p.meta:
         getattr(w, method)(*args)

@@ -37,6 +37,15 @@ GRAPH = "model.onnx"
 """Optimum's ONNX_WEIGHTS_NAME: what ORTModelForCausalLM.from_pretrained loads without a file_name."""
 GENAI_CONFIG = "genai_config.json"
 FILES = (GRAPH,)
+LEGACY_GRAPHS = ("model_with_past.onnx",)
+"""Graphs an earlier compose exported; a new export removes them when compose.json records them."""
+
+
+def own_files() -> frozenset[str]:
+    """Every file name an ONNX export writes, or an earlier one wrote: the only names an export may delete
+    because compose.json lists them (a hand-edited list naming the weights must not delete the weights)."""
+    graphs = (*FILES, *LEGACY_GRAPHS)
+    return frozenset((*graphs, *(_data_file(Path(g)).name for g in graphs), GENAI_CONFIG))
 PAST = ("past_key_values.{}.key", "past_key_values.{}.value")
 PRESENT = ("present.{}.key", "present.{}.value")
 DIMS = {"batch": "batch_size", "sequence": "sequence_length", "past": "past_sequence_length",
@@ -312,9 +321,11 @@ def check_ready(g, dense_moe: bool = False) -> None:
         raise BuildError("--dense-moe: the model has no MoE layers")
 
 
-def export(folder: Path, *, check: bool = True, dense_moe: bool = False) -> dict:
-    """Export the build in `folder` to ONNX next to its weights; return what compose.json records."""
+def export(folder: Path, *, check: bool = True, dense_moe: bool = False, into: Path | None = None) -> dict:
+    """Export the build in `folder` to ONNX next to its weights (or into the folder `into`, from where the
+    caller moves the files beside them once every check passed); return what compose.json records."""
     folder = Path(folder)
+    into = Path(into) if into is not None else folder
     module = load_module(folder)
     model = module.ComposeForCausalLM.from_pretrained(folder, dtype=torch.float32)
     k = kind(module)
@@ -330,11 +341,11 @@ def export(folder: Path, *, check: bool = True, dense_moe: bool = False) -> dict
         n = model.model.config.n_layer
         ex = _inputs(module, model, k, 2, 3, seed=0, past=5)
         present = [name.format(i) for i in range(n) for name in PRESENT]
-        program = _export(_Decoder(model, module), ex, ["logits", *present], folder / GRAPH, k, half)
-        (folder / GENAI_CONFIG).write_text(json.dumps(genai_config(folder, model.model.config), indent=2) + "\n")
+        program = _export(_Decoder(model, module), ex, ["logits", *present], into / GRAPH, k, half)
+        (into / GENAI_CONFIG).write_text(json.dumps(genai_config(folder, model.model.config), indent=2) + "\n")
     else:
-        program = _export(model, _inputs(module, model, k, 2, 12, seed=0), ["logits"], folder / GRAPH, k, half)
-    files = [f for f in (GRAPH, _data_file(folder / GRAPH).name, GENAI_CONFIG) if (folder / f).is_file()]
+        program = _export(model, _inputs(module, model, k, 2, 12, seed=0), ["logits"], into / GRAPH, k, half)
+    files = [f for f in (GRAPH, _data_file(into / GRAPH).name, GENAI_CONFIG) if (into / f).is_file()]
     opset = next((o.version for o in program.model_proto.opset_import if o.domain in ("", "ai.onnx")), None)
     record = {"files": files, "opset": opset, "exporter": f"torch.onnx dynamo (torch {torch.__version__})",
               "inputs": {"kind": k}, "compute": "float32",
@@ -346,7 +357,7 @@ def export(folder: Path, *, check: bool = True, dense_moe: bool = False) -> dict
     if moe_layers:
         record["moe_dispatch"] = "dense" if dense_moe else "loop"
     if check:
-        record["check"] = verify(folder, module=module, model=model)
+        record["check"] = verify(folder, module=module, model=model, graphs=into)
     return record
 
 
@@ -401,7 +412,7 @@ def genai_config(folder: Path, cfg) -> dict:
     }
 
 
-def verify(folder: Path, *, module=None, model=None) -> dict:
+def verify(folder: Path, *, module=None, model=None, graphs: Path | None = None) -> dict:
     """Run the exported graph in onnxruntime and PyTorch on fresh random inputs of two shapes (a decoder's:
     a prompt with an empty past, and 2 tokens after 4 cached ones in a left-padded batch); raise if an
     output differs by more than 1e-4 of the outputs' scale or either side computes NaN or Inf. Returns
@@ -413,7 +424,7 @@ def verify(folder: Path, *, module=None, model=None) -> dict:
     k = kind(module)
     result = {}
     for name in FILES:
-        path = folder / name
+        path = (graphs or folder) / name
         if not path.is_file():
             continue
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -19,6 +19,11 @@ DENSE_MOE_HELP = ("ONNX: export MoE layers densely (every expert on every token,
                   "data-dependent shapes, n_experts/top_k times the expert FLOPs (default: sparse, a loop over "
                   "experts)")
 
+OUT_HELP = ("output folder, which must not exist without --force; never the current directory or one holding it, "
+            "/, the home directory, a symlink, a file, a device, a FIFO or a socket")
+FORCE_HELP = ("replace OUT if it is an empty folder or one compose wrote (holding {marker}); any other folder, "
+              "and a symlink's target, are never replaced")
+
 
 def _parser() -> argparse.ArgumentParser:
     from compose import __version__
@@ -36,12 +41,12 @@ def _parser() -> argparse.ArgumentParser:
                                    "config.json + safetensors for transformers, compose.json (provenance, "
                                    "trainable names, hashes), and with --format torch a generated modeling_compose.py.")
     b.add_argument("spec", metavar="SPEC")
-    b.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder (must not exist without --force)")
+    b.add_argument("-o", "--out", required=True, metavar="OUT", help=OUT_HELP)
     b.add_argument("--format", default="hf", help="comma-separated: hf, torch, onnx, gguf (llama.cpp's model.gguf, "
                         "from the hf checkpoint) (default: hf)")
     b.add_argument("--dtype", choices=DTYPES, help="output dtype (default: the source's)")
     b.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB (default: 5GB)")
-    b.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    b.add_argument("--force", action="store_true", help=FORCE_HELP.format(marker="compose.json"))
     b.add_argument("--workers", type=int, default=None,
                    help="tensors computed in parallel (default: the CPU count, at most 4); memory stays "
                         "within a budget of about the largest tensor's working set")
@@ -101,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "it with PEFT, or fold it back with load(\"BASE+OUT\").")
     x.add_argument("--model", required=True, help="the fine-tuned model (folder, hub id or tiny:...)")
     x.add_argument("--base", required=True, help="the base model it was fine-tuned from")
-    x.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder (must not exist without --force)")
+    x.add_argument("-o", "--out", required=True, metavar="OUT", help=OUT_HELP)
     x.add_argument("--rank", type=int, required=True, help="LoRA rank r (a module narrower than r keeps its full rank)")
     x.add_argument("--sv-epsilon", type=float, default=0.0, metavar="EPS",
                    help="also drop singular values <= EPS (default 0: keep RANK); the ranks then depend on the "
@@ -119,7 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--skip-undecomposable", action="store_true",
                    help="leave out the tensors of modules that are not linear (the norms) instead of saving them whole")
     x.add_argument("--device", default="cpu", help="where the SVDs run: cpu (default) or cuda[:N]")
-    x.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    x.add_argument("--force", action="store_true", help=FORCE_HELP.format(marker="adapter_config.json"))
     x.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     g = sub.add_parser("generate", help="generate text with a build",
@@ -198,34 +203,42 @@ def cmd_inspect(a) -> int:
     return 0
 
 
-def _built(out: str, *, weights: bool = False):
+def _built(folder, *, weights: bool = False):
     """A build folder whose recorded files are unchanged: code and configs always (they decide what is
-    imported and run), the weights too with `weights`."""
-    from pathlib import Path
-
+    imported and run), the weights too with `weights`. Call it under the folder's lock."""
     from compose.integrity import check
 
-    folder = Path(out)
     check(folder, weights=weights)
     return folder
 
 
 def cmd_export(a) -> int:
+    from compose.output import FolderLock
+
+    if a.format == "gguf" and a.dense_moe:
+        from compose.errors import BuildError
+
+        raise BuildError("--dense-moe: applies to --format onnx")
+    # Exclusive: no build replaces the folder, and no other export writes into it, while this one runs.
+    with FolderLock(a.out, exclusive=True) as folder:
+        return (_export_gguf if a.format == "gguf" else _export_onnx)(a, folder)
+
+
+def _export_onnx(a, folder) -> int:
     from compose.backends import onnx
     from compose.integrity import forget_files, manifest_of, record_files
+    from compose.output import Staging
 
-    if a.format == "gguf":
-        if a.dense_moe:
-            from compose.errors import BuildError
-
-            raise BuildError("--dense-moe: applies to --format onnx")
-        return _export_gguf(a)
-    folder = _built(a.out)
-    record = _exporting(folder, lambda: onnx.export(folder, dense_moe=a.dense_moe))
-    previous = manifest_of(folder)
-    old = previous.get("onnx")
-    old = old.get("files") if isinstance(old, dict) else None
-    stale = [f for f in old if isinstance(f, str) and f not in record["files"]] if isinstance(old, list) else []
+    _built(folder)
+    with Staging(folder) as staged:  # checked in onnxruntime there; the folder's own files stay until then
+        record = onnx.export(folder, dense_moe=a.dense_moe, into=staged.path)
+        previous = manifest_of(folder)
+        old = previous.get("onnx")
+        old = old.get("files") if isinstance(old, dict) else None
+        # Only names an ONNX export writes: a compose.json edited to list the weights must not delete them.
+        stale = [f for f in old if isinstance(f, str) and f in onnx.own_files() and f not in record["files"]] \
+            if isinstance(old, list) else []
+        staged.publish(record["files"])
     _save_manifest(folder, record_files(folder, {**forget_files(folder, previous, stale), "onnx": record},
                                         record["files"]))
     print(f"exported {', '.join(record['files'])} (opset {record['opset']}); "
@@ -233,56 +246,53 @@ def cmd_export(a) -> int:
     return 0
 
 
-def _export_gguf(a) -> int:
+def _export_gguf(a, folder) -> int:
+    import os
+
+    from compose.backends.gguf import FILE
     from compose.integrity import manifest_of, record_files
+    from compose.output import Staging
     from compose.pipeline import export_gguf
 
-    folder = _built(a.out, weights=True)  # GGUF copies the weights: they must be the ones recorded
-    if (folder / "model.gguf").exists():  # written in place: a failed rewrite would leave half a file
+    _built(folder, weights=True)  # GGUF copies the weights: they must be the ones recorded
+    if os.path.lexists(folder / FILE):  # a link too: never written through, never replaced unasked
         from compose.errors import BuildError
 
-        raise BuildError(f"{folder / 'model.gguf'}: already exported (remove it to export again)")
-    files = _exporting(folder, lambda: export_gguf(folder))["files"]
+        raise BuildError(f"{folder / FILE}: already exported (remove it to export again)")
+    with Staging(folder) as staged:
+        files = export_gguf(folder, into=staged.path)["files"]
+        staged.publish(files)
     _save_manifest(folder, record_files(folder, manifest_of(folder), files))
     print(f"exported {', '.join(files)}")
     return 0
 
 
-def _exporting(folder, export):
-    """export(); when it fails, the files it added to `folder` are removed, so that no file is left behind
-    that compose.json does not record."""
-    before = {p.name for p in folder.iterdir()}
-    try:
-        return export()
-    except BaseException:
-        for p in folder.iterdir():
-            if p.name not in before:
-                p.unlink()
-        raise
-
-
 def _save_manifest(folder, manifest: dict) -> None:
     """compose.json replaced in one rename: a reader sees the old record or the new one, never half."""
     import json
-    import os
 
-    tmp = folder / "compose.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, folder / "compose.json")
+    from compose.output import replace_file
+
+    replace_file(folder, "compose.json", (json.dumps(manifest, indent=2) + "\n").encode())
 
 
 def cmd_verify(a) -> int:
     from compose.backends import onnx
+    from compose.output import FolderLock
 
-    folder = _built(a.out, weights=True)
-    print(f"{folder}: every file matches compose.json's sha256")
-    result = onnx.verify(folder)
+    with FolderLock(a.out, exclusive=False) as folder:
+        _built(folder, weights=True)
+        print(f"{folder}: every file matches compose.json's sha256")
+        result = onnx.verify(folder)
     for name, diff in result.items():
         print(f"{name}: max |onnxruntime - torch| = {diff:.1e} (<= 1e-4)")
     return 0
 
 
 MAX_NEW_TOKENS = 65536
+MAX_SEED = 2 ** 63 - 1
+"""torch.Generator.manual_seed's range."""
+MAX_PROMPT_BYTES = 4 << 20
 
 
 def _check_generate_flags(a) -> None:
@@ -300,6 +310,16 @@ def _check_generate_flags(a) -> None:
         raise BuildError(f"--top-p: must lie in (0, 1], got {a.top_p}")
     if a.temperature == 0 and (a.top_k is not None or a.top_p is not None):
         raise BuildError("--top-k/--top-p: apply to sampling; add --temperature > 0")
+    if not 0 <= a.seed <= MAX_SEED:
+        raise BuildError(f"--seed: must be 0 to 2**63 - 1, got {a.seed}")
+    for i, prompt in enumerate(a.prompt):
+        try:  # argv that is not UTF-8 arrives as lone surrogates, which no tokenizer can encode
+            size = len(prompt.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise BuildError(f"--prompt {i + 1}: not valid UTF-8 text") from None
+        if size > MAX_PROMPT_BYTES:  # before tokenizing: no context is that long
+            raise BuildError(f"--prompt {i + 1}: {size} bytes, more than {MAX_PROMPT_BYTES} (no model's context "
+                             "holds that)")
 
 
 def cmd_generate(a) -> int:
@@ -307,17 +327,23 @@ def cmd_generate(a) -> int:
     from compose.lower.text import text_tokenizer
     from compose.pipeline import check_device
 
+    from compose.output import FolderLock
+
     _check_generate_flags(a)
     check_device(a.device, "--device")
-    folder = _built(a.out)
-    module, model = runtime.load(folder, a.device, a.dtype)
-    encode, decode = text_tokenizer(folder, model.model.config.vocab_size)
+    with FolderLock(a.out, exclusive=False) as folder:  # shared: no build replaces it while it is read
+        module, model = runtime.load(_built(folder), a.device, a.dtype)
+        encode, decode = text_tokenizer(folder, model.model.config.vocab_size)
     rows = [encode(p) for p in a.prompt]
     width = max(len(r) for r in rows)
     limit = getattr(model.model.config, "max_positions", None)
-    if limit and width + a.max_new_tokens > limit:
-        print(f"compose: warning: the prompt's {width} tokens plus {a.max_new_tokens} new ones exceed the "
-              f"{limit} positions the model was trained on", file=sys.stderr)
+    if limit and width + a.max_new_tokens > limit:  # the static cache would be sized past what rope was made for
+        from compose.errors import BuildError
+
+        if width > limit:
+            raise BuildError(f"--prompt: {width} tokens, longer than the model's context of {limit} positions")
+        raise BuildError(f"--max-new-tokens: the prompt's {width} tokens plus {a.max_new_tokens} new ones exceed the "
+                         f"model's context of {limit} positions (at most {limit - width} new tokens fit)")
     if len(rows) == 1:
         ids, mask, pads = rows[0][None], None, [0]
     else:  # left-padded: the pad id is never attended to, so any id does

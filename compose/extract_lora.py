@@ -235,7 +235,7 @@ def extract(model_ref: str, base_ref: str, out, rank: int | Options, *, force: b
             else:
                 yield from held.pop(m.name, None) or factors(m)
 
-    with OutputFolder(out, force) as folder:
+    with OutputFolder(out, force, marker="adapter_config.json") as folder:
         write_shard(folder.tmp / "adapter_model.safetensors", entries, tensors())
         if progress:
             print(file=sys.stderr)

@@ -186,15 +186,16 @@ def _write(g, spec, tmp: Path, formats, shard_bytes, progress, workers, device, 
     (tmp / "compose.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
-def export_gguf(folder: Path) -> dict:
-    """`folder/model.gguf` for an existing build, from its own checkpoint read back as a source (the plan
-    refuses what llama.cpp cannot hold before anything is written); what compose.json records."""
+def export_gguf(folder: Path, into: Path | None = None) -> dict:
+    """`folder/model.gguf` (or `into/model.gguf`) for an existing build, from its own checkpoint read back as
+    a source (the plan refuses what llama.cpp cannot hold before anything is written); what compose.json
+    records."""
     from compose.backends import gguf
     from compose.dsl import load
     from compose.sources import FolderSource
 
     g = compile_graph(load(str(folder)), verify_each=True)
-    return gguf.write(g, folder, planned=_plan_gguf(g), checkpoint=FolderSource(folder).tensor)
+    return gguf.write(g, folder, planned=_plan_gguf(g), checkpoint=FolderSource(folder).tensor, into=into)
 
 
 def _read_load(e):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from compose import load
 from compose.errors import BuildError
 from compose.pipeline import build
 
@@ -30,6 +31,10 @@ def spec(path: Path, ref: str = "tiny:llama?layers=2", body: str = "") -> Path:
     path.write_text(f"{body}from compose import load, expand_blocks\n"
                     f"model = expand_blocks(load({ref!r}), groups=1)\n")
     return path
+
+
+def load_tiny():
+    return load("tiny:llama?layers=2")
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -110,30 +115,40 @@ def test_a_spec_that_changes_directory_moves_nothing(tmp_path):
     assert sorted(os.listdir(elsewhere / "out")) == ["keep.txt"]
 
 
-@pytest.mark.parametrize("where", ["same", "inside"])
+@pytest.mark.parametrize("where", ["same", "same build", "inside"])
 def test_an_output_over_a_source_is_refused(tmp_path, where):
-    src = save_hf_model(tmp_path / "src", "llama", layers=2)
+    if where == "same build":  # a compose build, which --force may replace, but not while it is read
+        src = build(load_tiny(), tmp_path / "src", progress=False)
+    else:
+        src = save_hf_model(tmp_path / "src", "llama", layers=2)
     before = {p.name: p.read_bytes() for p in src.iterdir()}
-    out = src if where == "same" else src / "sub"
+    out = src / "sub" if where == "inside" else src
     r = cli("build", str(spec(tmp_path / "s.py", str(src))), "-o", str(out), "--force", cwd=tmp_path)
     line = one_error_line(r)
-    assert f"the source folder {src}" in line
+    if where == "same":  # not compose's: refused before the spec runs
+        assert f"-o {src}: --force replaces only an empty folder or one compose wrote" in line
+    else:
+        assert f"the source folder {src}" in line
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before
 
 
 @pytest.mark.parametrize("kind", ["file", "symlink"])
-def test_force_over_a_file_or_symlink_leaves_nothing_behind(tmp_path, kind):
+def test_force_over_a_file_or_symlink_is_refused_and_moves_nothing(tmp_path, kind):
+    """--force replaces a folder compose wrote, never a file, a link or the link's target."""
     out = tmp_path / "out"
-    target = tmp_path / "target.txt"
-    target.write_text("the link's target stays")
+    target = tmp_path / "target"
     if kind == "file":
         out.write_text("old")
     else:
+        build(load_tiny(), target, progress=False)  # even a link to a build is not the build itself
         out.symlink_to(target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()} if kind == "symlink" else None
     r = cli("build", str(spec(tmp_path / "s.py")), "-o", str(out), "--force", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert out.is_dir() and not out.is_symlink() and (out / "config.json").is_file()
-    assert target.read_text() == "the link's target stays"
+    assert f"is a {'file' if kind == 'file' else 'symbolic link'}, not a folder" in one_error_line(r)
+    if kind == "file":
+        assert out.read_text() == "old"
+    else:
+        assert out.is_symlink() and {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert leftovers(tmp_path) == []
 
 
@@ -191,9 +206,12 @@ def test_what_a_kill_9_leaves_is_removed_by_the_next_build(tmp_path):
 
 
 def test_an_output_that_holds_the_spec_or_a_source_is_refused(tmp_path):
-    src = save_hf_model(tmp_path / "models" / "src", "llama", layers=2)
+    # A source kept inside an earlier build (which --force may replace, but not with the source in it).
+    src = save_hf_model(build(load_tiny(), tmp_path / "models", progress=False) / "src", "llama", layers=2)
     s = spec(tmp_path / "s.py", str(src))
     line = one_error_line(cli("build", str(s), "-o", ".", "--force", cwd=tmp_path))
+    assert "is the current directory" in line
+    line = one_error_line(cli("build", str(s), "-o", str(tmp_path), "--force", cwd=tmp_path.parent))
     assert f"holds the spec file {s}" in line
     line = one_error_line(cli("build", str(s), "-o", str(tmp_path / "models"), "--force", cwd=tmp_path))
     assert f"holds the source folder {src}" in line
