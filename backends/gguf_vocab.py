@@ -9,15 +9,16 @@ pre-tokenizer by hashing the ids the tokenizer gives a test text; compose reads 
 and names the split regex it holds, when it is one llama.cpp computes (PRE), and refuses the rest by name.
 
 `decide` runs in the plan (on the source's files, before anything is written) and again on the build's
-own copy when writing.
+own copy when writing; both times the files are checked first (compose.families.tokenizer_files), so the
+ids read here are integers no larger than the number of tokens the file holds.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from compose.errors import BuildError
+from compose.families import tokenizer_files
 
 PRE: dict[str, str] = {
     # Llama 3.x (and the models that reuse its tokenizer)
@@ -63,6 +64,7 @@ def decide(folder: Path | None) -> Vocab:
     is none (no folder: a model without a tokenizer, written as `none`)."""
     if folder is None:
         return NONE
+    tokenizer_files.check(folder)
     path = folder / "tokenizer.json"
     if not path.is_file():
         if (folder / "tokenizer.model").is_file():
@@ -86,13 +88,8 @@ def decide(folder: Path | None) -> Vocab:
 
 
 def _read(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data["model"]["type"], str):
-            raise TypeError("model.type is not a string")
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise BuildError(f"{path}: not a tokenizers tokenizer.json ({e})") from None
-    return data
+    """tokenizer.json, which `decide` checked (a tokenizers file, whose model has a type)."""
+    return tokenizer_files.read_json(path, "tokenizer.json")
 
 
 def _pre(pre, path: Path) -> str:

@@ -130,6 +130,10 @@ def build(spec, out: str | os.PathLike, *, formats: Iterable[str] = ("hf",), dty
         passes = tuple(p for p in DEFAULT_PIPELINE if fuse or p not in FUSION)
         g = compile_graph(spec, dtype=dtype, passes=passes, verify_each=True)
         check_not_a_source(out)
+        if isinstance(g.state.tokenizer, str):  # its tokenizer files refused before any weight is written
+            from compose.sources import open_source
+
+            open_source(g.state.tokenizer).extra_files()
         gguf_plan = _plan_gguf(g) if "gguf" in formats else None  # refuses what llama.cpp cannot compute
         total = _check_size(g, formats, out, limit, gguf_plan)
         if progress:

@@ -18,6 +18,7 @@ from urllib.parse import parse_qsl
 
 from compose import families
 from compose.errors import SourceError
+from compose.families.tokenizer_files import TOKENIZER_FILES, check as check_tokenizer_files
 from compose.ir.weights import derive_seed
 from compose.safetensors_header import (
     TORCH_DTYPES,
@@ -25,8 +26,7 @@ from compose.safetensors_header import (
     read_safetensors_header,
 )
 
-EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-               "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
+EXTRA_FILES = TOKENIZER_FILES + ("generation_config.json",)
 
 
 class Source:
@@ -70,9 +70,11 @@ class Source:
         raise NotImplementedError
 
     def extra_files(self) -> list[Path]:
-        """Tokenizer and generation files to copy into a build that takes its embeddings from here."""
+        """Tokenizer and generation files to copy into a build that takes its embeddings from here (the
+        tokenizer files checked first: compose.families.tokenizer_files)."""
         if self.folder is None:
             return []
+        check_tokenizer_files(self.folder)
         return [self.folder / f for f in EXTRA_FILES if (self.folder / f).is_file()]
 
 

@@ -9,10 +9,10 @@ dead-weight elimination drops them and they are never read.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 
 from compose.errors import SpecError
+from compose.families import tokenizer_files
 from compose.ir.graph import CROSS, Graph
 from compose.ir.nodes import CrossAttention, MoE
 from compose.ir.state import CalmLayout
@@ -124,5 +124,6 @@ def _tokenizer_vocab(g: Graph, ctx) -> dict | None:
     f = folder / "tokenizer.json" if folder else None
     if f is None or not f.is_file():
         return None
-    data = json.loads(f.read_text())
+    tokenizer_files.check(folder)
+    data = tokenizer_files.read_json(f, "tokenizer.json")
     return {"vocab": data.get("model", {}).get("vocab"), "added": [t.get("content") for t in data.get("added_tokens", [])]}

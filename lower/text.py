@@ -8,9 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
-def has_tokenizer(folder: Path | None) -> bool:
-    return folder is not None and any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
+from compose.families.tokenizer_files import has_tokenizer
 
 
 def text_tokenizer(folder: Path | None, vocab: int, bos: int | None = None, *, tokenizer=None):
@@ -21,9 +19,9 @@ def text_tokenizer(folder: Path | None, vocab: int, bos: int | None = None, *, t
     if bos is None and folder is not None and (folder / "config.json").is_file():
         bos = json.loads((folder / "config.json").read_text()).get("bos_token_id")
     if tokenizer is None and has_tokenizer(folder):
-        from transformers import AutoTokenizer
+        from compose.lower.tokenizer import load_folder
 
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        tokenizer = load_folder(folder, str(folder))  # its files checked before transformers reads them
     if tokenizer is not None:
         tok = tokenizer
         encode = lambda p: tok((tok.bos_token or "") + p, return_tensors="pt",  # noqa: E731

@@ -30,20 +30,19 @@ from pathlib import Path
 from typing import Union
 
 from compose.errors import BuildError, SourceError, SpecError
+from compose.families import tokenizer_files
 from compose.ir.weights import Expr, Rows, Slice
-
-# The files that make a folder's tokenizer loadable (tokenizer_config.json alone does not).
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 TokenizerRef = Union[str, "MergedTokenizer"]
 """A model's tokenizer: the source reference whose folder holds it, or a merged one."""
 
 
 def tokenizer_folder(src) -> Path | None:
-    """The folder of an opened source, when it holds a loadable tokenizer."""
+    """The folder of an opened source, when it holds a loadable tokenizer (its files checked)."""
     folder = src.folder
-    if folder is None or not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+    if not tokenizer_files.has_tokenizer(folder):
         return None
+    tokenizer_files.check(folder)
     return folder
 
 
@@ -58,17 +57,21 @@ def load(ref: TokenizerRef, open_source=None, *, fast: bool = False):
     folder = tokenizer_folder(open_source(ref))
     if folder is None:
         raise SourceError(f"{ref}: no tokenizer files")
-    return _load_folder(folder, ref, fast)
+    return load_folder(folder, ref, fast)
 
 
-def _load_folder(folder: Path, ref: str, fast: bool):
+def load_folder(folder: Path, ref: str, fast: bool = False):
+    """The tokenizer in `folder`, its files checked first (again, when they changed since they were
+    planned from), or a SourceError naming `ref`."""
     import transformers
 
+    tokenizer_files.check(folder)
     kwargs = {"use_fast": True} if fast else {}
     try:
         return transformers.AutoTokenizer.from_pretrained(str(folder), **kwargs)
     except Exception as e:  # transformers raises anything from OSError to ValueError on a bad tokenizer
-        raise SourceError(f"{ref}: cannot load its tokenizer ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        first = (str(e).splitlines() or [""])[0]
+        raise SourceError(f"{ref}: cannot load its tokenizer ({type(e).__name__}: {first})") from None
 
 
 def strip(tok, vocab_size: int, ref: str):
@@ -120,7 +123,7 @@ class MergedTokenizer:
         import transformers
         from tokenizers import AddedToken
 
-        tok = self.base.build() if self.folder is None else _load_folder(self.folder, str(self.base), True)
+        tok = self.base.build() if self.folder is None else load_folder(self.folder, str(self.base), True)
         if self.strip is not None:
             tok = strip(tok, self.strip, str(self.base)) or tok
         if not self.union:
