@@ -82,7 +82,8 @@ def calm_cache(module, model, batch: int, max_len: int, context_len: int, dtype,
 
 
 def load(folder: str | Path, device: str = "cpu", dtype: str | None = None):
-    """(generated module, model in eval mode on `device`) for the build in `folder`."""
+    """(generated module, model in eval mode on `device`) for the build in `folder`; the module runs from
+    code checked against compose.json as it is read (see load_module)."""
     module = load_module(Path(folder))
     model = module.ComposeForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
     return module, model

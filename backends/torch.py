@@ -7,7 +7,6 @@ It writes code only; the hf backend writes the checkpoint that `ComposeForCausal
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -24,10 +23,18 @@ def render(graph: Graph) -> dict[str, str]:
     return render_files(graph)
 
 
+_WRITTEN: dict[Path, dict[str, str]] = {}
+"""Folder -> file name -> sha256 of the code this process wrote there. A build being written has no
+compose.json yet, and its ONNX export loads the code just written: checked against these."""
+
+
 def write_files(files: dict[str, str], out_dir: Path) -> list[str]:
     """Write rendered files into `out_dir` (an existing folder); return the file names written."""
+    written = _WRITTEN[Path(out_dir).resolve()] = {}  # only this call's files: nothing older is vouched for
     for name, source in files.items():
-        (Path(out_dir) / name).write_text(source)
+        data = source.encode("utf-8")
+        (Path(out_dir) / name).write_bytes(data)
+        written[name] = hashlib.sha256(data).hexdigest()
     return sorted(files)
 
 
@@ -37,29 +44,107 @@ def write(graph: Graph, out_dir: Path) -> list[str]:
 
 
 def load_module(folder: Path):
-    """The generated modeling_compose.py of a build, imported under a name made from the generated code
-    itself: the exporter writes the module's name into what it records, so a name from the folder or the
-    process (hash() of a str is salted per process) would make two identical builds differ."""
-    path = Path(folder) / FILENAME
-    if not path.is_file():
+    """The generated modeling_compose.py of a build, executed from bytes read once and checked against the
+    sha256 compose.json records (or, in a build being written, against what this process wrote): the code
+    that runs is the code that was checked. Nothing is imported by path: Python's import would read and
+    write __pycache__, whose bytecode it runs in place of the source when the source's size and mtime
+    match, so a planted cache would bypass the check.
+
+    A composite's module imports its siblings (`from .modeling_compose_anchor import ...`): it is made a
+    package with no folder on disk whose submodules are those siblings, each checked and executed first.
+    The package is named from the code itself: the exporter writes the module's name into what it records,
+    so a name from the folder or the process (hash() of a str is salted per process) would make two
+    identical builds differ."""
+    folder = Path(folder)
+    if not (folder / FILENAME).is_file():
         raise BuildError(f"{folder}: no {FILENAME} (build with --format torch, or rebuild)")
-    name = f"compose_generated_{_code_hash(Path(folder))}"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    sources = _checked_sources(folder, _recorded(folder))
+    name = f"compose_generated_{_code_hash(sources)}"
+    if name not in sys.modules:
+        _execute(name, folder, sources)
+    return sys.modules[name]
 
 
-def _code_hash(folder: Path) -> str:
-    """A digest of every generated module in `folder` (a composite's main module imports its siblings by
-    path, so equal main files alone do not make equal modules)."""
+def _recorded(folder: Path) -> dict[str, str]:
+    """The sha256 the folder's code must have: compose.json's, or what this process wrote there."""
+    from compose.backends.record import MANIFEST, recorded_hashes
+
+    if (folder / MANIFEST).exists() or folder.resolve() not in _WRITTEN:
+        return recorded_hashes(folder)  # refuses a folder without compose.json
+    return _WRITTEN[folder.resolve()]
+
+
+def _checked_sources(folder: Path, hashes: dict[str, str]) -> dict[str, bytes]:
+    """Module name -> checked bytes: modeling_compose and every sibling it imports, its imports first."""
+    from compose.backends.record import read_checked
+
+    sources: dict[str, bytes] = {}
+
+    def visit(module: str) -> None:
+        path = folder / f"{module}.py"
+        if module in sources:
+            return
+        if not path.is_file():
+            raise BuildError(f"{path}: missing (imported by the generated code; rebuild)")
+        sources[module] = code = read_checked(path, hashes)
+        for sibling in _relative_imports(path, code):
+            visit(sibling)
+        sources[module] = sources.pop(module)  # after its imports: the order to execute in
+
+    visit(FILENAME.removesuffix(".py"))
+    return sources
+
+
+def _relative_imports(path: Path, code: bytes) -> list[str]:
+    """The sibling modules `code` imports as `from .name import ...`."""
+    import ast
+
+    tree = _parsed(path, code, ast.parse)
+    return sorted({n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1 and n.module})
+
+
+def _parsed(path: Path, code: bytes, parse):
+    try:
+        return parse(code, str(path))
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
+        raise BuildError(f"{path}: not valid Python ({type(e).__name__}: {e})") from None
+
+
+def _execute(name: str, folder: Path, sources: dict[str, bytes]) -> None:
+    """Execute `sources` (in order, the main module last) as the package `name` and its submodules."""
+    import importlib.machinery
+    import types
+
+    main = FILENAME.removesuffix(".py")
+    registered = []
+    try:
+        for module, code in sources.items():
+            path = folder / f"{module}.py"
+            full = name if module == main else f"{name}.{module}"
+            # dont_inherit: this file's own `from __future__` flags must not change how the code compiles.
+            compiled = _parsed(path, code, lambda c, p: compile(c, p, "exec", dont_inherit=True))
+            m = types.ModuleType(full)
+            m.__file__ = str(path)
+            m.__spec__ = importlib.machinery.ModuleSpec(full, None, origin=str(path), is_package=module == main)
+            if module == main:
+                m.__path__ = []  # a package no finder can look into: its submodules are only the ones set here
+            m.__package__ = name
+            sys.modules[full] = m  # before it runs: dataclasses and relative imports look it up there
+            registered.append(full)
+            exec(compiled, m.__dict__)
+    except BaseException:
+        for full in registered:
+            sys.modules.pop(full, None)
+        raise
+
+
+def _code_hash(sources: dict[str, bytes]) -> str:
+    """A digest of the generated modules that run (a composite's main module imports its siblings, so
+    equal main files alone do not make equal modules)."""
     digest = hashlib.sha256()
-    for path in sorted(folder.glob("modeling_compose*.py")):
-        code = path.read_bytes()
-        digest.update(f"{path.name}\0{len(code)}\0".encode() + code)
+    for module in sorted(sources):
+        code = sources[module]
+        digest.update(f"{module}.py\0{len(code)}\0".encode() + code)
     return digest.hexdigest()[:16]
 
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import stat
 import struct
 from pathlib import Path
 from typing import BinaryIO
 
+from compose.backends.record import open_regular  # noqa: F401  (sources read with it)
 from compose.errors import SourceError
 
 MAX_HEADER_BYTES = 100_000_000
@@ -30,23 +30,6 @@ TORCH_DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E5M2": "float8_
                 "I16": "int16", "U16": "uint16", "F16": "float16", "BF16": "bfloat16", "I32": "int32",
                 "U32": "uint32", "F32": "float32", "I64": "int64", "U64": "uint64", "F64": "float64"}
 """Each dtype code's torch dtype name (what a source's `meta` reports)."""
-
-
-def open_regular(path: Path) -> BinaryIO:
-    """`path` opened for reading, refused unless it is a regular file (symlinks followed): a FIFO would
-    block the read forever, and opening a device can have effects of its own, so it is looked at first."""
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise SourceError(f"{path}: not a regular file")
-        # Non-blocking, so that a FIFO swapped in after the check cannot hang the open either.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError as e:
-        raise SourceError(f"{path}: cannot read ({e.strerror or e})") from None
-    f = os.fdopen(fd, "rb")
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        f.close()
-        raise SourceError(f"{path}: not a regular file")
-    return f
 
 
 class _Invalid(Exception):

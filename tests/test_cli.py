@@ -59,6 +59,7 @@ def test_yaml_and_python_specs_build_identical_weights(tmp_path):
 def test_force_replaces_and_dtype_converts(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
+    (out / "compose.json").write_text("{}")  # an earlier build's folder: --force replaces only those
     (out / "stale.txt").write_text("old")
     spec = ROOT / "specs" / "llama_pro.py"
     assert main(["build", str(spec), "-o", str(out), "--force", "--dtype", "bfloat16"]) == 0
