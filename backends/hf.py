@@ -7,6 +7,7 @@ folder's atomicity (compose.build writes into a temporary folder and renames it 
 from __future__ import annotations
 
 import shutil
+from contextlib import closing
 from pathlib import Path
 
 from compose import families
@@ -113,15 +114,14 @@ def write(g: Graph, out: Path, open_source, *, max_shard_size: str | int = "5GB"
 
     total = sum(e.nbytes for e in entries)
     sha: dict[str, str] = {}
-    with tqdm(total=total, unit="B", unit_scale=True, desc="writing weights", disable=not progress,
-              leave=False) as bar:
-        stream = prefetch(entries, produce, workers, cost=lambda e: costs[e.name], budget=budget)
-        release = Releaser()
-        try:
-            for fname, shard in zip(files, shards):
-                sha[fname] = write_shard(out / fname, shard, stream, bar.update, done=release)
-        finally:
-            release.wait()
+    # Whatever fails while the workers run (a non-finite chunk found by the writer, a full disk, Ctrl-C)
+    # closes the stream on the way out, which stops every worker: one left waiting would keep the process
+    # from exiting. Then the finished files are released (waited for), or only closed after a failure.
+    with (tqdm(total=total, unit="B", unit_scale=True, desc="writing weights", disable=not progress,
+               leave=False) as bar, Releaser() as release,
+          closing(prefetch(entries, produce, workers, cost=lambda e: costs[e.name], budget=budget)) as stream):
+        for fname, shard in zip(files, shards):
+            sha[fname] = write_shard(out / fname, shard, stream, bar.update, done=release)
     if len(files) > 1:
         write_index(out / "model.safetensors.index.json",
                     {e.name: f for f, shard in zip(files, shards) for e in shard}, total)

@@ -16,6 +16,7 @@ import re
 import struct
 import threading
 from collections import deque
+from contextlib import closing
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,11 @@ def shard_names(n: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
+class Cancelled(Exception):
+    """An item the prefetcher did not produce: the stream was closed, or an item before it failed. The
+    consumer never sees it (it stops at the failed item, or has gone)."""
+
+
 def prefetch(items: list, produce: Callable, workers: int, cost: Callable = lambda x: 0,
              budget: float = float("inf")) -> Iterator:
     """`produce(item)` for each item, yielded in order, computed ahead on `workers` threads.
@@ -86,42 +92,57 @@ def prefetch(items: list, produce: Callable, workers: int, cost: Callable = lamb
     handed to the consumer leaves room for it. The item the consumer waits for next finds nothing
     before it, so it always starts and the pipeline cannot deadlock; only an item larger than the
     budget on its own exceeds it. workers=1 produces each item just before it is consumed.
+
+    A consumer that may stop early (a failed write, Ctrl-C) must close the stream (`contextlib.closing`):
+    closing, or an item that fails, cancels the workers. Those waiting for room wake up and stop, those
+    not started never start, and close returns once the ones producing have finished their item, so no
+    thread outlives the stream (the pool's threads are joined at exit: one left waiting hangs the process).
     """
     if workers <= 1:
         yield from (produce(x) for x in items)
         return
+    costs = [cost(x) for x in items]  # here, so that a bad cost fails in the consumer, not in a worker
     gate = threading.Condition()
     state = {"used": 0.0, "started": 0, "closed": False}
 
+    def cancel() -> None:
+        with gate:
+            state["closed"] = True
+            gate.notify_all()
+
     def run(i: int, x):
-        c = cost(x)
+        c = costs[i]
         with gate:
             gate.wait_for(lambda: state["closed"] or (
                 state["started"] == i and (state["used"] == 0 or state["used"] + c <= budget)))
             if state["closed"]:
-                return None
+                raise Cancelled(i)
             state["used"] += c
             state["started"] += 1
             gate.notify_all()
-        return produce(x)
+        try:
+            return produce(x)
+        except BaseException:
+            # Every item before this one has started; the consumer stops here, so the ones after it are
+            # not wanted: stop them now rather than once the consumer gets this far.
+            cancel()
+            raise
 
-    pool = ThreadPoolExecutor(workers)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="compose-prefetch")
     try:
         # A future holds its result until it is dropped: each one leaves the queue as it is consumed, or
         # every tensor produced would stay in memory until the end (the whole output, at 3B).
         futures = deque(pool.submit(run, i, x) for i, x in enumerate(items))
-        for x in items:
+        for c in costs:
             result = futures.popleft().result()
             yield result
             del result
             with gate:
-                state["used"] -= cost(x)
+                state["used"] -= c
                 gate.notify_all()
     finally:
-        # The consumer may stop early (a failed write): release the waiting items and drop the rest.
-        with gate:
-            state["closed"] = True
-            gate.notify_all()
+        # Done, failed, or closed by a consumer that stopped: release the waiting items, drop the rest.
+        cancel()
         pool.shutdown(wait=True, cancel_futures=True)
 
 
@@ -144,7 +165,9 @@ class RawCopy:
         """The bytes, checked, in turn in each of `buffers` (CHUNK bytes each), read ahead on a thread of
         their own so the source is read while the writer writes (and waits on the disk). A chunk stays
         valid until the one after the next is asked for: the consumer writes a chunk and hashes it (on the
-        Hasher thread, which finishes the previous chunk's hash before taking the next) before asking."""
+        Hasher thread, which finishes the previous chunk's hash before taking the next) before asking.
+        Neither side waits for ever: the reader hands over every chunk or its error, and closing the
+        generator (a failed write) stops the reader and waits for it."""
         if len(buffers) < 3:
             raise ValueError("RawCopy.chunks reads ahead: it needs at least three buffers")
         free: queue.Queue = queue.Queue()
@@ -171,10 +194,10 @@ class RawCopy:
                         self.check(view)
                         ready.put((buf, view))
                         left -= got
-            except Exception as e:  # noqa: BLE001 -- handed to the consumer, raised there
-                ready.put((None, e))
+            except BaseException as e:  # noqa: BLE001 -- handed to the consumer and raised there: an error
+                ready.put((None, e))  # lost here would leave it waiting for a chunk that never comes
 
-        reader = threading.Thread(target=read, daemon=True)
+        reader = threading.Thread(target=read, name="compose-read-ahead", daemon=True)
         reader.start()
         try:
             left, held = self.nbytes, deque()
@@ -234,7 +257,7 @@ class Hasher:
 
     def __init__(self):
         self.sha = hashlib.sha256()
-        self.pool = ThreadPoolExecutor(1)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="compose-hash")
         self.pending = None
 
     def update(self, data) -> None:
@@ -249,8 +272,12 @@ class Hasher:
 
     def hexdigest(self) -> str:
         self.wait()
-        self.pool.shutdown()
+        self.close()
         return self.sha.hexdigest()
+
+    def close(self) -> None:
+        """Stop the thread, after a failure too (at most one hash is pending: it is finished first)."""
+        self.pool.shutdown(wait=True)
 
 
 class WriteBehind:
@@ -331,7 +358,7 @@ def write_shard(path: Path, entries: list[Entry], tensors: Iterator,
     raw += b" " * (-len(raw) % 8)
     sha = Hasher()
     buffers = None
-    with open(path, "wb") as f:
+    with closing(sha), open(path, "wb") as f:
         behind = WriteBehind(f)
         at = 0
         for chunk in (struct.pack("<Q", len(raw)), raw):
@@ -345,12 +372,13 @@ def write_shard(path: Path, entries: list[Entry], tensors: Iterator,
                     raise BuildError(f"tensor {e.name}: the source holds {t.nbytes} bytes, planned {e.nbytes}")
                 if buffers is None:  # made once per shard: one is hashed and written while the others are read
                     buffers = [bytearray(RawCopy.CHUNK) for _ in range(RawCopy.BUFFERS)]
-                for view in t.chunks(buffers):
-                    sha.update(view)  # waits for the previous chunk's hash first: its buffer is read next
-                    f.write(view)
-                    at += len(view)
-                    behind.wrote(at)
-                    on_bytes(len(view))
+                with closing(t.chunks(buffers)) as chunks:  # a failed write stops the reader at once
+                    for view in chunks:
+                        sha.update(view)  # waits for the previous chunk's hash first: its buffer is read next
+                        f.write(view)
+                        at += len(view)
+                        behind.wrote(at)
+                        on_bytes(len(view))
                 sha.wait()
                 continue
             if isinstance(t, bytearray):  # SharedBytes: a plain copy read once for several outputs
@@ -375,14 +403,24 @@ def write_shard(path: Path, entries: list[Entry], tensors: Iterator,
 
 class Releaser:
     """Finished files written back and dropped from the page cache on a thread of their own, so the writer
-    goes on with the next shard meanwhile; `wait` returns once every file is on disk."""
+    goes on with the next shard meanwhile; `wait` returns once every file is on disk. As a context manager,
+    it waits when the block succeeds and cancels when it fails."""
 
     def __init__(self):
-        self.pool = ThreadPoolExecutor(1)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="compose-release")
         self.futures = []
 
+    def __enter__(self) -> "Releaser":
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        if kind is None:
+            self.wait()
+        else:
+            self.cancel()
+
     def __call__(self, fd: int) -> None:
-        self.futures.append(self.pool.submit(self._release, fd))
+        self.futures.append((fd, self.pool.submit(self._release, fd)))
 
     @staticmethod
     def _release(fd: int) -> None:
@@ -395,9 +433,17 @@ class Releaser:
             os.close(fd)
 
     def wait(self) -> None:
-        for f in self.futures:
+        for _, f in self.futures:
             f.result()
         self.pool.shutdown()
+
+    def cancel(self) -> None:
+        """After a failure: the build is deleted, so the files not yet written back are only closed (the
+        one being written back is finished)."""
+        for fd, f in self.futures:
+            if f.cancel():
+                os.close(fd)
+        self.pool.shutdown(wait=True)
 
 
 def write_index(path: Path, weight_map: dict[str, str], total: int) -> None:
