@@ -264,6 +264,9 @@ class FolderLock:
         if not self.folder.is_dir():
             raise BuildError(f"{self.folder}: no such build folder")
         self.fd = _take_lock(self.folder, _lock_path(self.folder), exclusive=self.exclusive)
+        if self.exclusive:  # no live compose owns a temporary file now: a kill -9 left it (replace_file)
+            for p in self.folder.glob(".*.compose-tmp"):
+                _remove(p)
         return self.folder
 
     def __exit__(self, *exc) -> bool:
