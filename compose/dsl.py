@@ -19,11 +19,14 @@ def _make(cls, fn: str, **fields):
 def load(ref: str, *, dtype: str | None = None, lora: str | None = None) -> LoadSpec:
     """A model: a local HF folder, a hub id (through the local HF cache), or `tiny:llama|mistral|qwen2`.
     `lora` (a PEFT adapter folder or hub id) is folded into its weights, as `load("model+adapter")` is:
-    the spec holds mergekit's `model+adapter` form either way."""
+    the spec holds mergekit's `model+adapter` form either way. A folder whose name holds a `+` is that
+    folder; a reference that also reads as a model and an adapter is refused when it is built."""
     if lora is not None:
-        if not isinstance(lora, str) or not lora or "+" in lora:
+        from compose.lower.load import exists
+
+        if not isinstance(lora, str) or not lora or ("+" in lora and not exists(lora)):
             raise SpecError(f"load.lora: expected one adapter path or hub id, got {lora!r}")
-        if "+" in str(ref):
+        if "+" in str(ref) and not exists(str(ref)):
             raise SpecError(f"load.lora: ref {ref!r} already names an adapter (`model+adapter`)")
         ref = f"{ref}+{lora}"
     return _make(LoadSpec, "load", ref=ref, dtype=dtype)

@@ -8,7 +8,7 @@ W + scale * B @ A, computed when that one tensor is written, never a merged copy
 What it folds is what PEFT's `merge_and_unload` computes for a plain LoRA adapter:
 - scale = lora_alpha / r, or lora_alpha / sqrt(r) with `use_rslora`; r and alpha per module from
   `rank_pattern` / `alpha_pattern` (PEFT's rule: the first pattern that matches the module's name, or a
-  dotted tail of it, as a regex);
+  dotted tail of it, as a regex; matched at bounded cost, see ModulePatterns);
 - LoRA on embeddings (`lora_embedding_A/B`, the product transposed); a saved `base_layer` (PEFT's
   `save_embedding_layers`) replaces the base tensor first;
 - `modules_to_save`: the adapter's full copy replaces the base tensor;
@@ -25,6 +25,7 @@ import math
 import os
 import re
 from pathlib import Path
+from typing import Callable, Iterable
 
 from compose.errors import SourceError
 from compose.ir.weights import Expr, Load, LowRank
@@ -191,8 +192,14 @@ class AdapterSource(FolderSource):
         return LowRank(base, a, b, float(scale), transpose=embed)
 
     def _rank_alpha(self, module: str) -> tuple[int, float]:
-        s = self.settings
-        return (_pattern(s["rank_pattern"], module, s["r"]), _pattern(s["alpha_pattern"], module, s["lora_alpha"]))
+        """PEFT's r and alpha of `module`: the value of the first rank_pattern (alpha_pattern) key that
+        matches it, else r (lora_alpha)."""
+        out = []
+        for field, default in (("rank_pattern", "r"), ("alpha_pattern", "lora_alpha")):
+            patterns, values = self.settings[field]
+            k = patterns.first(module)
+            out.append(self.settings[default] if k is None else values[k])
+        return out[0], out[1]
 
     def changes(self, name: str) -> bool:
         return name in self._modules
@@ -206,12 +213,142 @@ class AdapterSource(FolderSource):
                               f"{base_ref} has no tensor {missing[0]} for (an adapter for another model?)")
 
 
-def _pattern(patterns: dict, module: str, default):
-    """PEFT's get_pattern_key: the first pattern (a regex) matching the module's name or a dotted tail."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
+try:  # re's own parser, so the cost bounded is that of the pattern re runs (private since Python 3.11)
+    from re import _constants as _sre, _parser as _sre_parse
+except ImportError:  # Python 3.10
+    import sre_constants as _sre, sre_parse as _sre_parse
+
+PATTERN_CHARS = 1024
+"""The longest module-name regex compose takes (PEFT's keys are module names: tens of characters)."""
+PATTERNS = 16384
+"""The most patterns in one set (an adapter with one per module has a few thousand for the largest models)."""
+MATCH_STEPS = 10**9
+"""What matching one set of patterns against a model's module names may cost in all, in steps of Python's
+regex engine (an upper bound, see ModulePatterns): seconds at worst."""
+_CAP = MATCH_STEPS + 1
+
+
+class ModulePatterns:
+    r"""Regexes from untrusted input (an adapter's rank_pattern and alpha_pattern keys, extract-lora's
+    --include-regex and --exclude-regex), matched against module names as Python's re matches them, at
+    bounded cost.
+
+    re backtracks: `(a+)+$` takes time exponential in the name's length, and only a signal to the main
+    thread interrupts it (so no timeout works for a build run from any thread). So before each match
+    compose bounds what re can do there, from the parsed pattern and the name's length n: the ways the
+    pattern can match at one position (a repeat of one character has at most n+1, a repeat of a
+    sub-pattern of w ways up to w^k over its k repeats, a branch the sum of its alternatives, a sequence
+    the product), times the steps of one way, times the positions tried. When the matches of one set
+    would cost more than MATCH_STEPS in all, the pattern that crossed it is refused:
+    nested quantifiers and long chains of them cross it at once, while patterns of module names (escaped
+    names, `.*`, classes, alternatives) stay orders of magnitude below. Back references and conditional
+    groups are refused: module patterns have no use for them. Each pattern is at most PATTERN_CHARS long
+    and a set at most PATTERNS, so checking them is bounded too.
+
+    `peft`: matched as PEFT matches rank_pattern keys (peft.utils.other.get_pattern_key), against the
+    name or a dotted tail of it: re.match(rf"(.*\.)?({key})$", name). Each tail is tried directly instead
+    of letting re backtrack over the `.*` (the same answer: the key compiles on its own, so it cannot
+    reach outside its group, and it holds no back reference to count groups by). Else as re.search.
+    """
+
+    def __init__(self, patterns: Iterable[str], field: str, label: Callable[[str], str], error=SourceError, *,
+                 peft: bool):
+        """`field` names the set in errors about all of it, `label(pattern)` one pattern of it."""
+        patterns = list(patterns)
+        if len(patterns) > PATTERNS:
+            raise error(f"{field}: {len(patterns)} patterns; compose takes at most {PATTERNS}")
+        self.field, self.label, self.error, self.peft = field, label, error, peft
+        self.spent = 0
+        self._costs: dict[tuple[int, int], int] = {}
+        self.patterns = [(p, *self._compile(p)) for p in patterns]
+
+    def _compile(self, p: str):
+        if not isinstance(p, str):
+            raise self.error(f"{self.label(p)}: a pattern must be a string")
+        if len(p) > PATTERN_CHARS:
+            raise self.error(f"{self.label(p)}: a pattern of {len(p)} characters; compose takes at most "
+                             f"{PATTERN_CHARS}")
+        try:
+            compiled = re.compile(p)  # first on its own: a key that does not compile alone cannot escape its group
+            if self.peft:
+                re.compile(rf"(.*\.)?({p})$")  # what PEFT compiles (a global flag inside it is an error)
+                compiled = re.compile(rf"(?:{p})$")
+            tree = _sre_parse.parse(p)
+            _cost(tree, 0)  # refuses what the bound does not cover
+        except re.error as e:
+            raise self.error(f"{self.label(p)} is not a valid pattern ({e})") from None
+        except RecursionError:
+            raise self.error(f"{self.label(p)}: a pattern nested too deeply") from None
+        except _Unsupported as e:
+            raise self.error(f"{self.label(p)}: {e} is not supported in module patterns") from None
+        return compiled, tree
+
+    def first(self, name: str) -> int | None:
+        """The index of the first pattern that matches `name`, None when none does."""
+        if self.peft:  # the name, then each tail after a dot that `.*` reaches (it stops at a newline)
+            cut = len(name) if "\n" not in name else name.index("\n")
+            starts = [0] + [i + 1 for i in range(cut) if name[i] == "."]
+        for k, (p, compiled, tree) in enumerate(self.patterns):
+            self._spend(k, p, tree, name, len(starts) if self.peft else len(name) + 1)
+            if any(compiled.match(name, s) for s in starts) if self.peft else compiled.search(name):
+                return k
+        return None
+
+    def _spend(self, k: int, p: str, tree, name: str, tries: int) -> None:
+        per = self._costs.get((k, len(name)))
+        if per is None:
+            ways, steps = _cost(tree, len(name))
+            per = self._costs[k, len(name)] = min(ways * (steps + 1), _CAP)
+        cost = min(per * tries, _CAP)
+        self.spent += cost
+        if cost > MATCH_STEPS:
+            raise self.error(f"{self.label(p)}: matching it against {_short(name)!r} could take over "
+                             f"{MATCH_STEPS:,} steps (nested or chained quantifiers backtrack catastrophically); "
+                             "compose refuses it")
+        if self.spent > MATCH_STEPS:
+            raise self.error(f"{self.field}: matching its patterns against the module names could take over "
+                             f"{MATCH_STEPS:,} steps in all (at {self.label(p)} on {_short(name)!r})")
+
+
+class _Unsupported(Exception):
+    pass
+
+
+_ONE = {_sre.LITERAL, _sre.NOT_LITERAL, _sre.ANY, _sre.IN, _sre.AT}
+_REPEATS = {_sre.MAX_REPEAT, _sre.MIN_REPEAT, getattr(_sre, "POSSESSIVE_REPEAT", _sre.MAX_REPEAT)}
+_ATOMIC = getattr(_sre, "ATOMIC_GROUP", None)  # Python 3.11+
+
+
+def _cost(items, n: int) -> tuple[int, int]:
+    """(ways, steps) of a parsed pattern at one position of an n-character name: at most how many ways re's
+    backtracking matcher can try to match it there, and how many steps one way takes (both capped)."""
+    ways, steps = 1, 0
+    for op, av in items:
+        if op in _ONE:
+            w, s = 1, 1
+        elif op == _sre.SUBPATTERN:
+            w, s = _cost(av[-1], n)
+        elif op == _ATOMIC:  # an atomic group or lookaround tries fewer ways than this; still a bound
+            w, s = _cost(av, n)
+        elif op in (_sre.ASSERT, _sre.ASSERT_NOT):
+            w, s = _cost(av[1], n)
+        elif op == _sre.BRANCH:  # each alternative in turn
+            parts = [_cost(b, n) for b in av[1]]
+            w, s = sum(p[0] for p in parts), sum(p[1] for p in parts)
+        elif op in _REPEATS:
+            lo, hi, body = av
+            bw, bs = _cost(body, n)
+            top = max(lo, min(hi, n + 1))  # past `lo`, a repeat that consumes nothing ends the loop
+            w = top - lo + 1 if bw == 1 else _CAP if top > 64 else sum(bw ** k for k in range(lo, top + 1))
+            s = top * bs + 1
+        elif op == _sre.GROUPREF:
+            raise _Unsupported("a back reference")
+        elif op == _sre.GROUPREF_EXISTS:
+            raise _Unsupported("a conditional group")
+        else:
+            raise _Unsupported(f"{str(op).lower()}")
+        ways, steps = min(ways * w, _CAP), min(steps + s, _CAP)
+    return ways, steps
 
 
 def _check_config(path: Path) -> dict:
@@ -253,16 +390,18 @@ def _check_config(path: Path) -> dict:
         for k, v in p.items():
             if not ok(v):
                 raise SourceError(f"{path}: {field}[{k!r}] must be {what}, got {v!r}")
-            try:
-                re.compile(k)
-            except re.error as e:
-                raise SourceError(f"{path}: {field}[{k!r}] is not a valid pattern ({e})") from None
-        patterns[field] = p
+        label = lambda k, field=field: f"{path}: {field}[{_short(k)!r}]"
+        patterns[field] = (ModulePatterns(p, f"{path}: {field}", label, peft=True), list(p.values()))
     saved = c.get("modules_to_save") or []
     if not isinstance(saved, list) or not all(isinstance(m, str) and m for m in saved):
         raise SourceError(f"{path}: modules_to_save must be a list of module names, got {saved!r}")
     return {"r": r, "lora_alpha": alpha, "use_rslora": rslora, "modules_to_save": saved,
             "bias": c.get("bias", "none"), **patterns}
+
+
+def _short(text: str, most: int = 80) -> str:
+    """`text` cut to `most` characters for an error line (a hostile key can be any length)."""
+    return text if len(text) <= most else f"{text[:most - 3]}..."
 
 
 def _positive_int(v) -> bool:

@@ -16,9 +16,11 @@ choice, and `deepseek` refused: compose does not write the Hub's remote-code Dee
 
 Gates, as mergekit/moe/router.py computes them: `hidden` (= `hidden_last`) and `hidden_avg` from the base
 model's hidden states, `cheap_embed` from its token embeddings (lower/router.py, with its two documented
-differences: one prompt at a time, float32); `random` is torch.randn of (layers, experts, hidden) and
-`uniform_random` torch.nn.Linear's uniform init, both one draw from a generator seeded with 0, which is
-what `mergekit-moe --random-seed 0` draws (mergekit without a seed draws something new every run).
+differences: one prompt at a time, float32), computed when the build writes them (never by `compose
+inspect`), from at most 1024 prompts in all of at most 65536 characters each (compose.spec's bounds);
+`random` is torch.randn of (layers, experts, hidden) and `uniform_random` torch.nn.Linear's uniform init,
+both one draw from a generator seeded with 0, which is what `mergekit-moe --random-seed 0` draws
+(mergekit without a seed draws something new every run).
 `noise_scale` is compose's seeded per-tensor noise: the same distribution as mergekit's, not its
 numbers (mergekit draws it from torch's global generator in its write order). Keys compose does not
 handle are refused by name, never ignored.
@@ -29,6 +31,7 @@ import math
 
 from compose.errors import SpecError
 from compose.mergekit_config import _ref
+from compose.spec import MAX_PROMPT_CHARS, MAX_PROMPTS
 
 KEYS = {"base_model", "experts", "gate_mode", "dtype", "experts_per_token", "shared_experts", "architecture"}
 EXPERT_KEYS = {"source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale"}
@@ -50,10 +53,19 @@ def is_mergekit_moe_config(data: object) -> bool:
 def _prompts(value, where: str) -> list[str] | None:
     if value is None:
         return None
-    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+    if not isinstance(value, list):
+        raise SpecError(f"{where}: expected a list of prompt strings")
+    if len(value) > MAX_PROMPTS:  # before looking at each: the list may be huge
+        raise SpecError(f"{where}: {len(value)} prompts; compose takes at most {MAX_PROMPTS} in all (a build runs "
+                        "the model once per prompt)")
+    if not all(isinstance(p, str) for p in value):
         raise SpecError(f"{where}: expected a list of prompt strings")
     if any(not p for p in value):
         raise SpecError(f"{where}: an empty prompt")
+    longest = max(range(len(value)), key=lambda i: len(value[i]))
+    if len(value[longest]) > MAX_PROMPT_CHARS:
+        raise SpecError(f"{where}[{longest}]: a prompt of {len(value[longest])} characters; compose takes at most "
+                        f"{MAX_PROMPT_CHARS}")
     return value
 
 
@@ -132,6 +144,10 @@ def translate(data: dict, origin: str) -> dict:
         raise SpecError(f"{origin}: shared_experts: {len(shared_list)} shared experts; mergekit-moe's outputs "
                         "take at most one (Qwen MoE, DeepSeek MoE), and so does compose")
     shared = _expert(shared_list[0], f"{origin}: shared_experts[0]") if shared_list else None
+    total = sum(len(e[k] or []) for e in experts + ([shared] if shared else []) for k in ("positive", "negative"))
+    if total > MAX_PROMPTS:
+        raise SpecError(f"{origin}: experts: {total} prompts in all (positive_prompts and negative_prompts); compose "
+                        f"takes at most {MAX_PROMPTS} (a build runs the model once per prompt)")
 
     top_k = data.get("experts_per_token", 2)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:

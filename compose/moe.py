@@ -59,7 +59,8 @@ def _router(router) -> dict:
 def hidden_router(prompts: list[list[str]], negative: list[list[str]] | None = None, *,
                   average: bool = False) -> RouterSpec:
     """Router rows from the base model's hidden states on each expert's prompts (mergekit-moe `hidden`;
-    `average=True` is `hidden_avg`): runs the base model once per prompt."""
+    `average=True` is `hidden_avg`): the build runs the base model once per prompt (`compose inspect` does
+    not), so a router takes at most MAX_PROMPTS prompts in all, of MAX_PROMPT_CHARS each (compose.spec)."""
     return _make(RouterSpec, "moe.hidden_router", init="hidden_avg" if average else "hidden", prompts=prompts,
                  negative=negative)
 

@@ -100,7 +100,10 @@ class Evaluator:
         if isinstance(e, Ones):
             return torch.ones(e.shape, dtype=torch_dtype(e.dtype), device=self.device)
         if isinstance(e, Const):
-            return e.value.to(self.device)
+            t = e.value() if callable(e.value) else e.value  # computed now (Const.later), or drawn while lowering
+            if tuple(t.shape) != tuple(e.shape) or t.dtype != torch_dtype(e.dtype):
+                raise IRError(f"{e}: computed {t.dtype} {list(t.shape)}, expected {e.dtype} {list(e.shape)}")
+            return t.to(self.device)
         if isinstance(e, Slice):
             return self._get(e.x, local).narrow(e.dim, e.start, e.stop - e.start)
         if isinstance(e, Select):

@@ -188,14 +188,17 @@ def derive_seed(*parts) -> int:
 
 @dataclass(frozen=True)
 class Const(Expr):
-    """A tensor computed while lowering, where the value depends on running a model (a router initialised
-    from hidden states). Equality and hashing go by `digest` (sha256 of the bytes), never the data."""
+    """A tensor that no expression describes: drawn while lowering (a mergekit-moe random router), or
+    computed when the build first evaluates it, where it depends on running a model (a router initialised
+    from hidden states: `later`, so lowering and `compose inspect` never run one). Equality and hashing go
+    by `digest` (sha256 of the bytes, or of what determines a later value), never the data."""
 
     label: str
     shape: Shape
     dtype: str
     digest: str
     value: object = field(compare=False, repr=False, hash=False)
+    """The tensor, or a function of no arguments that computes it (Evaluator calls it)."""
 
     @staticmethod
     def of(label: str, tensor) -> "Const":
@@ -206,6 +209,14 @@ class Const(Expr):
         t = tensor.detach().cpu().contiguous()
         digest = hashlib.sha256(t.view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
         return Const(label, tuple(t.shape), str(t.dtype).removeprefix("torch."), digest, t)
+
+    @staticmethod
+    def later(label: str, shape: Shape, dtype: str, recipe: str, compute) -> "Const":
+        """A tensor of `shape` and `dtype` that `compute()` returns when evaluated; `recipe` says everything
+        it depends on (its digest stands for the bytes)."""
+        import hashlib
+
+        return Const(label, tuple(shape), dtype, hashlib.sha256(recipe.encode()).hexdigest(), compute)
 
     def __str__(self) -> str:
         return f"const({self.label}, sha256={self.digest[:12]})"

@@ -4,6 +4,8 @@ adapter source's `fold`, compose.lora). Only config.json and safetensors headers
 tensor data."""
 from __future__ import annotations
 
+import os
+
 from compose import families
 from compose.errors import SourceError
 from compose.ir.config import DTYPES
@@ -45,10 +47,39 @@ def output_dtype(src, family, asked: str | None) -> str:
     return d
 
 
+def readings(ref: str) -> list[tuple[str, str | None]]:
+    """Every way to read a reference: the whole of it as one model, then each `+` with something on both
+    sides as mergekit's `model+adapter`."""
+    return [(ref, None)] + [(ref[:i], ref[i + 1:]) for i in range(1, len(ref) - 1) if ref[i] == "+"]
+
+
+def exists(ref: str) -> bool:
+    """Whether `ref` is an existing path (a folder whose name may hold a `+`)."""
+    return os.path.lexists(os.path.expanduser(ref))
+
+
+def _may_name(ref: str, model: bool) -> bool:
+    """Whether `ref` may name a model (an adapter), told without opening it (opening a hub id may download
+    it): an existing path, a hub id as open_source reads one (`org/name`), or a built-in tiny model."""
+    return (exists(ref) or (model and ref.startswith("tiny:"))
+            or (not ref.startswith((".", "/", "~")) and ref.count("/") == 1))
+
+
 def split_lora(ref: str, where: str) -> tuple[str, str | None]:
-    """(model, adapter) of a reference: mergekit's `model+adapter`, one `+` between two non-empty parts."""
+    """(model, adapter) of a reference. mergekit's `model+adapter` puts a `+` between a model and a LoRA
+    adapter, but a folder's name may hold a `+` too: the one reading whose parts may exist is taken (a
+    folder `my+model`, with no model `my` beside it), and a reference that reads two ways is refused
+    rather than guessed (a folder `a+b` beside a model `a` and an adapter `b`). With no such reading, one
+    `+` reads as `model+adapter`, so that what is missing is named when it is opened."""
     if "+" not in ref:
         return ref, None
+    found = ([(ref, None)] if exists(ref) else []) + [
+        (m, a) for m, a in readings(ref)[1:] if _may_name(m, True) and _may_name(a, False)]
+    if len(found) > 1:
+        said = [f"the folder {m!r}" if a is None else f"the model {m!r} with the LoRA adapter {a!r}" for m, a in found]
+        raise SourceError(f"{where}: {ref!r} is ambiguous: {' or '.join(said)} (rename the folder)")
+    if found:
+        return found[0]
     parts = ref.split("+")
     if len(parts) != 2 or not all(parts):
         raise SourceError(f"{where}: {ref!r} is not `model+adapter` (one `+` between a model and a LoRA adapter)")

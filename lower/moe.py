@@ -1,8 +1,9 @@
 """Lowering of `moe` specs: dense blocks -> blocks whose FFN is an MoE (Router + experts + shared FFN).
 
 Experts are weight expressions over the dense FFNs (loads, row/column slices, seeded noise, zeros), so
-nothing is copied until the backend writes it. Router rows from data (hidden states, embeddings) are the
-one exception: they are computed here, once, by lower/router.py.
+nothing is copied until the backend writes it. Router rows from data (hidden states, embeddings) are
+constants computed once by lower/router.py when the build first evaluates one (never while lowering:
+`compose inspect` does not run the model); mergekit-moe's random rows are drawn here, in one draw.
 """
 from __future__ import annotations
 
@@ -184,15 +185,17 @@ def _router_rows(spec, g: Graph, count: int, path: str, ctx):
         return lambda i: Zeros(shape, cfg.dtype)
     if r.init == "random" and r.draw == "per_layer":
         return lambda i: Noise(Zeros(shape, cfg.dtype), r.std, derive_seed(r.seed, "router", i))
+    from compose.ir import graph_hash
     from compose.ir.evaluate import torch_dtype
-    from compose.lower.router import gate_vectors, random_rows
+    from compose.lower.router import later_gate_vectors, random_rows
 
     if r.init in ("random", "uniform_random"):
-        vecs = random_rows(r, len(g.blocks()), count, cfg.hidden)
-    else:
-        vecs = gate_vectors(g, r, count, path, ctx)
-    vecs = vecs.to(torch_dtype(cfg.dtype))
-    return lambda i: Const.of(f"{r.init} router layer {i}", vecs[i])
+        vecs = random_rows(r, len(g.blocks()), count, cfg.hidden).to(torch_dtype(cfg.dtype))
+        return lambda i: Const.of(f"{r.init} router layer {i}", vecs[i])
+    rows = later_gate_vectors(g, r, count, path, ctx, torch_dtype(cfg.dtype))
+    # What the rows depend on: the prompts and the base model (its IR names its sources and tokenizer).
+    recipe = repr((r.init, r.prompts, r.negative, count, graph_hash(g)))
+    return lambda i: Const.later(f"{r.init} router layer {i}", shape, cfg.dtype, f"{recipe}:{i}", lambda: rows()[i])
 
 
 def _describe(spec) -> str:

@@ -12,9 +12,14 @@ The prompts are tokenized with the tokenizer the output ships. Models without to
 tiny ones) tokenize prompts as UTF-8 bytes modulo the vocabulary, with bos_token_id first: deterministic
 and documented, but only meaningful for tests. A composed base (up-scaled, merged) runs in transformers
 from the config.json and tensors its family would write, evaluated in memory: no backend, no folder.
+
+The rows are computed when the build first evaluates one (`later_gate_vectors`), never while lowering:
+`compose inspect` prints the router without running the model; what would refuse them (a prompt list per
+expert, a base transformers can run) is checked while lowering all the same.
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from compose.errors import SpecError
@@ -22,12 +27,33 @@ from compose.ir.graph import Graph
 from compose.ir.weights import Load
 
 
+def later_gate_vectors(base: Graph, spec, num_experts: int, path: str, ctx, dtype):
+    """gate_vectors in `dtype`, as a function of no arguments that computes them the first time it is
+    called (by whichever build thread gets there first) and returns the same tensor after; what would
+    refuse them is refused now."""
+    _check(base, spec, num_experts, path, ctx)
+    lock, done = threading.Lock(), []
+
+    def rows():
+        with lock:
+            if not done:
+                done.append(gate_vectors(base, spec, num_experts, path, ctx).to(dtype))
+        return done[0]
+    return rows
+
+
+def _check(base: Graph, spec, num_experts: int, path: str, ctx) -> None:
+    if len(spec.prompts) != num_experts:
+        raise SpecError(f"{path}.router.prompts: {len(spec.prompts)} prompt lists for {num_experts} experts")
+    if spec.init != "cheap_embed":
+        _model_folder(base, ctx)
+
+
 def gate_vectors(base: Graph, spec, num_experts: int, path: str, ctx):
     """(layers, experts, hidden) float32 router rows for every layer of `base`."""
     import torch
 
-    if len(spec.prompts) != num_experts:
-        raise SpecError(f"{path}.router.prompts: {len(spec.prompts)} prompt lists for {num_experts} experts")
+    _check(base, spec, num_experts, path, ctx)
     tokenize = _tokenizer(base, ctx)
     if spec.init == "cheap_embed":
         embed = _evaluate(base.embedding.params()["weight"], ctx).float()
@@ -117,13 +143,10 @@ def _transformers_model(g: Graph, ctx):
     from compose.ir.evaluate import Evaluator
 
     hf_logging.disable_progress_bar()  # compose prints its own progress; transformers' bars would interleave
-    folder = _whole_source(g, ctx)
+    folder = _model_folder(g, ctx)
     if folder is not None:
         return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     family = families.get(g.config.family)
-    why = family.refuse(g)
-    if why is not None:
-        raise SpecError(f"the router's base model has no transformers class to run it in ({why})")
     config = family.config_json(g)
     named = {k: e for _, part in family.tensors(g) for k, e in part.items()}
     evaluate = Evaluator(named.values(), _reader(ctx))
@@ -131,6 +154,19 @@ def _transformers_model(g: Graph, ctx):
     cls = getattr(transformers, family.architecture)
     config = AutoConfig.for_model(**{**config, "dtype": "float32"})
     return cls.from_pretrained(None, config=config, state_dict=state, dtype=torch.float32).eval()
+
+
+def _model_folder(g: Graph, ctx) -> Path | None:
+    """The folder transformers loads `g` from, or None where `g` is built from the config.json and tensors
+    its family writes; refused where that family has no transformers class for it."""
+    from compose import families
+
+    folder = _whole_source(g, ctx)
+    if folder is None:
+        why = families.get(g.config.family).refuse(g)
+        if why is not None:
+            raise SpecError(f"the router's base model has no transformers class to run it in ({why})")
+    return folder
 
 
 def _whole_source(g: Graph, ctx) -> Path | None:
