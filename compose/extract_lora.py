@@ -57,18 +57,20 @@ class Options:
     exclude: tuple[str, ...] = ()
     skip_undecomposable: bool = False
 
+    def patterns(self) -> tuple:
+        """--include-regex and --exclude-regex as matchers of bounded cost (compose.lora.ModulePatterns)."""
+        from compose.lora import ModulePatterns
+
+        return tuple(ModulePatterns(p, flag, lambda x, flag=flag: f"{flag}: {x!r}", BuildError, peft=False)
+                     for flag, p in (("--include-regex", self.include), ("--exclude-regex", self.exclude)))
+
     def check(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise BuildError(f"--rank: must be a positive integer, got {self.rank!r}")
         eps = self.sv_epsilon
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
             raise BuildError(f"--sv-epsilon: must be a finite number >= 0, got {eps!r}")
-        for flag, patterns in (("--include-regex", self.include), ("--exclude-regex", self.exclude)):
-            for p in patterns:
-                try:
-                    re.compile(p)
-                except re.error as e:
-                    raise BuildError(f"{flag}: {p!r} is not a valid regular expression ({e})") from None
+        self.patterns()  # refuses a bad or too costly pattern before any model is read
         for m in self.save_modules:
             if not m or not isinstance(m, str):
                 raise BuildError(f"--save-module: must be a module name, got {m!r}")
@@ -111,17 +113,17 @@ def _modules(base, model, o: Options) -> list[Module]:
         else:
             m.weight = key  # a module's one other tensor (weight, or a norm's scale under another leaf name)
     saved = list(o.save_modules)
+    include, exclude = o.patterns()
     out = []
     for m in by_name.values():
         last = m.name.rpartition(".")[2]
-        if m.name in (EMBED, HEAD) and not o.embed_lora and not any(re.search(e, m.name) for e in o.exclude):
+        if m.name in (EMBED, HEAD) and not o.embed_lora and exclude.first(m.name) is None:
             if last not in saved:
                 saved.append(last)
         linear = m.weight is not None and m.weight.endswith(".weight") and len(model.meta(m.weight)[0]) == 2
         if m.name in saved or last in saved:
             m.kind = "full"
-        elif o.include and not any(re.search(r, m.name) for r in o.include) or any(
-                re.search(e, m.name) for e in o.exclude):
+        elif o.include and include.first(m.name) is None or exclude.first(m.name) is not None:
             m.kind = "skip"
         elif linear:
             m.kind = "embed" if m.name == EMBED else "lora"
@@ -142,6 +144,63 @@ def _modules(base, model, o: Options) -> list[Module]:
         raise BuildError("extract-lora: no linear layer is left to decompose (check --include-regex, "
                          "--exclude-regex and --save-module)")
     return out
+
+
+NOT_MEANING = frozenset({"dtype", "bos_token_id", "eos_token_id", "pad_token_id", "max_positions", "extra",
+                         "weights", "trainable", "origin", "identity"})
+"""What two models of one architecture may differ in: storage dtype, special tokens, the context limit (an
+instruct model often declares a shorter one), fields compose does not interpret, and the weights
+themselves. Every other typed field of the config and of each node changes what a tensor means."""
+
+
+def check_same_architecture(model, base) -> None:
+    """Refuse two models that compose reads differently (another family, sliding window, rope, norm eps, ...):
+    an adapter of their difference, applied to the base, would not be the fine-tuned model. Compared as
+    compose's IR reads them, so a field counts as its family interprets it (Qwen2's sliding_window only
+    with use_sliding_window)."""
+    from compose.lower import lower
+    from compose.sources import open_source
+    from compose.spec import LoadSpec
+
+    if model.config.get("model_type") != base.config.get("model_type"):
+        raise SourceError(_differ_msg(model, base, "model_type", model.config.get("model_type"),
+                                      base.config.get("model_type")))
+    gm, gb = (lower(LoadSpec(ref=s.ref), open_source, flag) for s, flag in ((model, "--model"), (base, "--base")))
+    if len(gm.blocks()) != len(gb.blocks()):
+        raise SourceError(_differ_msg(model, base, "num_hidden_layers", len(gm.blocks()), len(gb.blocks())))
+    for (name, a), (_, b) in zip([("config", gm.config), *gm.items()], [("config", gb.config), *gb.items()]):
+        diff = _first_difference(a, b, name)
+        if diff is not None:
+            raise SourceError(_differ_msg(model, base, *diff))
+
+
+def _first_difference(a, b, where: str):
+    """(field path, a's value, b's value) of the first meaningful field where two IR values differ, or None."""
+    import dataclasses
+
+    from compose.ir.weights import Expr
+
+    if isinstance(a, Expr) and isinstance(b, Expr):
+        return None  # a weight: _modules compares the tensors' names and shapes
+    if isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b):  # an MoE's experts, rope factors
+        return next((d for i, (x, y) in enumerate(zip(a, b)) if (d := _first_difference(x, y, f"{where}[{i}]"))),
+                    None)
+    if dataclasses.is_dataclass(a) and type(a) is type(b):
+        for f in dataclasses.fields(a):
+            if f.name not in NOT_MEANING:
+                diff = _first_difference(getattr(a, f.name), getattr(b, f.name), f"{where}.{f.name}")
+                if diff is not None:
+                    return diff
+        return None
+    return None if a == b else (where, a, b)
+
+
+def _differ_msg(model, base, field: str, in_model, in_base) -> str:
+    def show(v) -> str:
+        return type(v).__name__ if hasattr(v, "params") else repr(v)  # an IR node: its kind, not its weights
+
+    return (f"{model.ref} and {base.ref} differ in {field}: {show(in_model)} in the model, {show(in_base)} in the "
+            "base (extract-lora needs two models of one architecture)")
 
 
 def decompose(delta, rank: int, *, sv_epsilon: float = 0.0, distribute_scale: bool = True):
@@ -181,6 +240,7 @@ def extract(model_ref: str, base_ref: str, out, rank: int | Options, *, force: b
     out = absolute(out)
     check_not_a_source(out)
     modules = _modules(base, model, o)
+    check_same_architecture(model, base)
     lora = [m for m in modules if m.kind in ("lora", "embed")]
     # mergekit writes no bias for a LoRA layer in a form PEFT reads; PEFT's own form is the whole trained
     # bias of each adapted layer (bias: lora_only), written when any of them changed.

@@ -31,7 +31,10 @@ def _ref(value, where: str) -> str:
         return model if lora is None else f"{model}+{_path(lora, f'{where}.lora')}"
     value = _path(value, where)
     if value.count("+") > 1 or "" in value.split("+"):
-        raise SpecError(f"{where}: {value!r} is not `model` or `model+lora`")
+        from compose.lower.load import exists, readings
+
+        if not any("+" in m and exists(m) for m, _ in readings(value)):  # else a folder's name holds a `+`
+            raise SpecError(f"{where}: {value!r} is not `model` or `model+lora`")
     return value
 
 
@@ -78,6 +81,9 @@ def translate(data: dict, origin: str) -> dict:
             raise SpecError(f"{origin}: {key}: not a mergekit config key compose knows")
     if bool(data.get("models")) == bool(data.get("slices")):
         raise SpecError(f"{origin}: give exactly one of models and slices")
+    for key in ("models", "slices"):
+        if data.get(key) and not isinstance(data[key], list):
+            raise SpecError(f"{origin}: {key}: expected a list")
     method = data["merge_method"]
     base_ref = _ref(data["base_model"], f"{origin}: base_model") if data.get("base_model") else None
     dtype = _dtype(data.get("dtype"), f"{origin}: dtype")
@@ -104,7 +110,7 @@ def translate(data: dict, origin: str) -> dict:
     slices, merged = [], set()
     for j, s in enumerate(data["slices"]):
         where = f"{origin}: slices[{j}]"
-        if not isinstance(s, dict) or "sources" not in s:
+        if not isinstance(s, dict) or not isinstance(s.get("sources"), list):
             raise SpecError(f"{where}: expected {{sources: [...]}}")
         extra = set(s) - {"sources", "base_model", "parameters"}
         if extra:
@@ -113,11 +119,13 @@ def translate(data: dict, origin: str) -> dict:
         inputs, base = [], None
         for i, src in enumerate(s["sources"]):
             swhere = f"{where}.sources[{i}]"
+            if not isinstance(src, dict):
+                raise SpecError(f"{swhere}: expected {{model: ..., layer_range: [start, stop]}}")
             if set(src) - {"model", "layer_range", "parameters"}:
                 raise SpecError(f"{swhere}: unknown key {sorted(set(src) - {'model', 'layer_range', 'parameters'})[0]}")
             ref = _ref(src.get("model"), f"{swhere}.model")
             lr = src.get("layer_range")
-            if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) for x in lr)):
+            if not (isinstance(lr, list) and len(lr) == 2 and all(type(x) is int for x in lr)):  # bool is no int
                 raise SpecError(f"{swhere}.layer_range: expected [start, stop]")
             spec = {"op": "layers", "model": {"op": "load", "ref": ref}, "start": lr[0], "stop": lr[1]}
             inputs.append({"model": spec, "parameters": _params(src.get("parameters"), f"{swhere}.parameters")})

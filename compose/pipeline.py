@@ -1,6 +1,7 @@
 """The front door: read a spec, lower it, run the passes, hand the graph to backends, write atomically."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -30,14 +31,18 @@ def load_spec(path: str | os.PathLike) -> BuildSpec:
             ns = runpy.run_path(str(p), run_name="__compose_spec__")
         except SpecError as e:
             raise SpecError(f"{p}: {e}") from None
-        except Exception as e:
-            # The user's own Python failed: point at their line, not at compose's internals.
+        except (Exception, SystemExit) as e:
+            # The user's own Python failed, or called sys.exit (which must not end compose, least of all
+            # with status 0 and nothing built): point at their line, not at compose's internals. A Ctrl-C
+            # (KeyboardInterrupt) stays an interrupt.
             import traceback
 
             frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename) == p.resolve()
                       or f.filename == str(p)]
             where = f" line {frames[-1].lineno}" if frames else ""
-            raise SpecError(f"{p}{where}: {type(e).__name__}: {e}") from e
+            what = (f"the spec exits (SystemExit({e.code!r})) instead of defining `model`"
+                    if isinstance(e, SystemExit) else f"{type(e).__name__}: {e}")
+            raise SpecError(f"{p}{where}: {what}") from e
         finally:
             os.chdir(cwd)  # a spec that changes directory must not change where sources and outputs are
         if "model" not in ns:
@@ -47,7 +52,10 @@ def load_spec(path: str | os.PathLike) -> BuildSpec:
         import yaml
 
         try:
-            data = yaml.safe_load(p.read_text())
+            data = yaml.load(p.read_text(), Loader=_spec_loader())
+        except _DuplicateKey as e:
+            raise SpecError(f"{p} line {e.line}: duplicate key {e.key!r} (a key may appear once in a mapping)") \
+                from None
         except yaml.YAMLError as e:
             raise SpecError(f"{p}: not valid YAML/JSON ({str(e).splitlines()[0]})") from None
         except RecursionError:
@@ -63,6 +71,47 @@ def load_spec(path: str | os.PathLike) -> BuildSpec:
         except RecursionError:
             raise SpecError(f"{p}: nested too deeply to be a spec") from None
     raise SpecError(f"{p}: unknown spec type {p.suffix!r} (use .py, .yaml, .yml or .json)")
+
+
+@functools.cache
+def _spec_loader():
+    import yaml
+
+    class SpecLoader(yaml.SafeLoader):
+        """yaml.safe_load's loader, but a mapping that gives one key twice is refused: PyYAML (and JSON
+        parsers) silently keep the last, so `weight: 0.3` written twice would build with the other value.
+        Merge keys (`<<: *anchor`) are not duplicates: the mapping's own keys win over merged ones."""
+
+        def __init__(self, stream):
+            super().__init__(stream)
+            self.checked: set[int] = set()
+
+        def flatten_mapping(self, node):
+            # Flattening puts the merged pairs before the mapping's own ones (and rewrites node.value,
+            # which a mapping merged twice meets again): the own ones are checked once, the first time.
+            first = id(node) not in self.checked
+            self.checked.add(id(node))
+            own = sum(k.tag != "tag:yaml.org,2002:merge" for k, _ in node.value)
+            super().flatten_mapping(node)
+            if not first:
+                return
+            seen = set()
+            for key_node, _ in node.value[len(node.value) - own:]:
+                key = self.construct_object(key_node)
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(key, key_node.start_mark.line + 1)
+                    seen.add(key)
+                except TypeError:  # an unhashable key: the base constructor refuses it with its own error
+                    pass
+
+    return SpecLoader
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key, line: int):
+        super().__init__(key, line)
+        self.key, self.line = key, line
 
 
 def as_build_spec(spec) -> BuildSpec:

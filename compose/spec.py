@@ -7,13 +7,38 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from compose.errors import SpecError
 
 from compose.ir.config import DTYPES  # noqa: E402  (the dtypes compose writes)
 
 DType = Literal[DTYPES]  # type: ignore[valid-type]
+
+
+# pydantic's lax mode takes `true` for 1 and `1` for true; a spec that says `groups: true` or
+# `preserve: 1` is a mistake to name, not a value to guess. Every number and flag field of every node
+# below is one of these types (tests/test_trust_spec.py checks that none is a bare int, float or bool).
+def _refuse_bool(what: str):
+    def check(v):
+        if isinstance(v, bool):
+            raise ValueError(f"expected {what}, got a boolean")
+        return v
+    return BeforeValidator(check)
+
+
+def _only_bool(v):
+    if not isinstance(v, bool):
+        raise ValueError(f"expected true or false, got {v!r}")
+    return v
+
+
+Int = Annotated[int, _refuse_bool("an integer")]
+PositiveInt = Annotated[Int, Field(gt=0)]
+NonNegativeInt = Annotated[Int, Field(ge=0)]
+Float = Annotated[float, _refuse_bool("a number")]
+Bool = Annotated[bool, BeforeValidator(_only_bool)]
 
 
 class _Node(BaseModel):
@@ -92,6 +117,21 @@ class Conditional(_Node):
 Setting = Union[Scalar, list[Scalar], list[Conditional], dict[str, ScalarOrGradient]]
 
 
+def _leaves(setting, path: str):
+    """(path, value) of every scalar in a Setting: itself, a gradient's values, each condition's value."""
+    if isinstance(setting, dict):
+        for k, v in setting.items():
+            yield from _leaves(v, f"{path}[{k!r}]")
+    elif isinstance(setting, list):
+        for i, v in enumerate(setting):
+            if isinstance(v, Conditional):
+                yield from _leaves(v.value, f"{path}[{i}].value")
+            else:
+                yield from _leaves(v, f"{path}[{i}]")
+    else:
+        yield path, setting
+
+
 class MergeInput(_Node):
     """One model of a merge, with parameters that apply to it alone (they win over the merge's)."""
 
@@ -109,7 +149,7 @@ class MergeSpec(_Node):
     """The base model: one of `models` (the same spec) or an extra input appended after them."""
     parameters: Union[dict[str, Setting], list[dict[str, Setting]]] = Field(default_factory=dict)
     """Method parameters for every model; a list is layered, first wins (mergekit's slice, then global)."""
-    seed: int = 0
+    seed: Int = 0
     """Seeds the random methods (DARE, DELLA): each tensor draws from (seed, its name)."""
     dtype: Optional[DType] = None
     """Compute dtype the inputs are cast to (mergekit's `dtype`); default: their promoted dtype."""
@@ -127,6 +167,36 @@ class MergeSpec(_Node):
             raise ValueError(f"unknown merge method {self.method!r} (methods: {', '.join(NAMES)})")
         return self
 
+    @model_validator(mode="after")
+    def _parameter_kinds(self):
+        """Every value of every known parameter is checked against its kind here, the ones lowering would
+        never read included (a global `weight: true` behind per-model weights): a boolean is no number, a
+        number no boolean. Ranges, and names the method does not take, are lowering's to check
+        (compose.lower.merge_params), where each value is resolved."""
+        from compose.merges.registry import get
+
+        method = get(self.method, "method")
+        layers = ([("parameters", self.parameters)] if isinstance(self.parameters, dict)
+                  else [(f"parameters[{j}]", d) for j, d in enumerate(self.parameters)])
+        layers += [(f"models[{i}].parameters", m.parameters) for i, m in enumerate(self.models)]
+        for path, params in layers:
+            for name, setting in params.items():
+                p = method.param(name)
+                for where, value in _leaves(setting, f"{path}.{name}") if p is not None else ():
+                    if (p.kind is bool) != isinstance(value, bool):
+                        want = "true or false" if p.kind is bool else "a number"
+                        # the path is below this merge's own: describe_validation_error joins the two
+                        raise PydanticCustomError("nested_field", "{text}",
+                                                  {"text": f"{where}: {name} must be {want}, got {value!r}"})
+        return self
+
+
+MAX_PROMPTS = 1024
+"""The most prompts one router takes, positive and negative together: a build runs the base model once per
+prompt (mergekit-moe configs give a few per expert)."""
+MAX_PROMPT_CHARS = 64 << 10
+"""The longest router prompt, in characters (a prompt is a sentence or a paragraph)."""
+
 
 class RouterSpec(_Node):
     """How router rows are initialised. `hidden` (last token) and `hidden_avg` (mean over tokens): the hidden
@@ -139,8 +209,8 @@ class RouterSpec(_Node):
     prompts: Optional[list[list[str]]] = None
     """One list of prompts per expert (hidden, hidden_avg, cheap_embed), then one for a gated shared expert."""
     negative: Optional[list[list[str]]] = None
-    seed: int = 0
-    std: float = Field(default=0.02, ge=0)
+    seed: Int = 0
+    std: Float = Field(default=0.02, ge=0)
     draw: Literal["per_layer", "whole"] = "per_layer"
     """How random rows are drawn: `per_layer`, a stream per layer from (seed, layer); `whole`, one draw of the
     whole (layers, experts, hidden) block from torch.Generator().manual_seed(seed), which is what
@@ -148,6 +218,14 @@ class RouterSpec(_Node):
 
     @model_validator(mode="after")
     def _prompts(self):
+        given = [p for lists in (self.prompts or [], self.negative or []) for prompts in lists for p in prompts]
+        if len(given) > MAX_PROMPTS:
+            raise ValueError(f"{len(given)} prompts; a router takes at most {MAX_PROMPTS} (the build runs the model "
+                             "once per prompt)")
+        longest = max(map(len, given), default=0)
+        if longest > MAX_PROMPT_CHARS:
+            raise ValueError(f"a prompt of {longest} characters; a router takes prompts of at most "
+                             f"{MAX_PROMPT_CHARS} characters")
         if self.init in ("hidden", "hidden_avg", "cheap_embed"):
             if not self.prompts or any(not p for p in self.prompts):
                 raise ValueError(f"the {self.init} router needs a non-empty list of prompts for every expert")
@@ -173,7 +251,7 @@ class MoESpec(_Node):
     segments: PositiveInt = 1
     routed: Optional[PositiveInt] = None
     shared: NonNegativeInt = 0
-    preserve: bool = False
+    preserve: Bool = False
     top_k: PositiveInt = 2
     router: RouterSpec = Field(default_factory=RouterSpec)
     layers: Optional[list[NonNegativeInt]] = None
@@ -181,23 +259,23 @@ class MoESpec(_Node):
     every: PositiveInt = 1
     """Every k-th layer (1-based, as Qwen2-MoE's decoder_sparse_step: layers k-1, 2k-1, ...)."""
     first_k_dense: NonNegativeInt = 0
-    noise: float = Field(default=0.0, ge=0)
+    noise: Float = Field(default=0.0, ge=0)
     """Std of seeded Gaussian noise added to each expert copy's weights (breaks the symmetry of copies)."""
     shared_expert: Optional["ModelSpec"] = None
     """from_experts: this model's FFN (full width) as a shared expert in every MoE layer (mergekit-moe's
     `shared_experts`): always on, or gated by sigmoid(x . row) with `shared_gate`."""
-    shared_gate: bool = False
+    shared_gate: Bool = False
     """from_experts: gate the shared expert with one more router row (from its prompts, the router's last
     list, or drawn with the others), as Qwen2-MoE's shared_expert_gate."""
-    expert_noise: Optional[list[Annotated[float, Field(ge=0)]]] = None
+    expert_noise: Optional[list[Annotated[Float, Field(ge=0)]]] = None
     """from_experts: per expert (the shared expert last), the std of its seeded noise (overrides `noise`)."""
-    residual_scale: Optional[list[float]] = None
+    residual_scale: Optional[list[Float]] = None
     """from_experts: per expert (the shared expert last), a factor on its down projection, applied after the
     noise (mergekit-moe's `residual_scale`)."""
-    seed: int = 0
-    norm_topk_prob: bool = True
-    jitter: float = Field(default=0.0, ge=0)
-    aux_loss_coef: float = Field(default=0.001, ge=0)
+    seed: Int = 0
+    norm_topk_prob: Bool = True
+    jitter: Float = Field(default=0.0, ge=0)
+    aux_loss_coef: Float = Field(default=0.001, ge=0)
 
     @model_validator(mode="after")
     def _kind_fields(self):
@@ -241,9 +319,9 @@ class CalmSpec(_Node):
     """(anchor_layer, augment_layer) pairs; overrides `every`."""
     heads: Optional[PositiveInt] = None
     """Cross-attention heads (default: the anchor's attention heads)."""
-    seed: int = 0
+    seed: Int = 0
     """Seeds the new projections' initial weights."""
-    std: float = Field(default=0.02, gt=0)
+    std: Float = Field(default=0.02, gt=0)
 
 
 class VisualExpertSpec(_Node):
@@ -254,9 +332,9 @@ class VisualExpertSpec(_Node):
     op: Literal["visual_expert"] = "visual_expert"
     model: "ModelSpec"
     vision_width: PositiveInt
-    seed: int = 0
+    seed: Int = 0
     """Seeds the adapter's initial weights."""
-    std: float = Field(default=0.02, gt=0)
+    std: Float = Field(default=0.02, gt=0)
 
 
 ModelSpec = Annotated[Union[LoadSpec, ExpandSpec, UpscaleSpec, LayersSpec, StackSpec, MergeSpec, MoESpec, CalmSpec,
@@ -271,7 +349,7 @@ for _cls in (ExpandSpec, UpscaleSpec, LayersSpec, StackSpec, MergeInput, MergeSp
 class BuildSpec(_Node):
     """A whole spec file: the model to build (YAML/JSON specs have exactly this shape)."""
 
-    version: Literal[1] = 1
+    version: Annotated[Literal[1], _refuse_bool("an integer")] = 1
     model: ModelSpec
 
 
@@ -284,6 +362,8 @@ def describe_validation_error(e: ValidationError, root: str) -> str:
                                       for p in err["loc"] if p not in _OP_TAGS and not _union_branch(p)]
     path = ".".join(loc).replace(".[", "[") or "spec"
     msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "nested_field":  # the message starts with the path below the node that raised it
+        return f"{path}.{msg}" if loc else msg
     if err["type"] == "finite_number":
         msg = f"must be a finite number, got {err['input']!r}"
     if err["type"] == "extra_forbidden":
