@@ -325,9 +325,8 @@ def _check_generate_flags(a) -> None:
 def cmd_generate(a) -> int:
     from compose.backends import runtime
     from compose.lower.text import text_tokenizer
-    from compose.pipeline import check_device
-
     from compose.output import FolderLock
+    from compose.pipeline import check_device
 
     _check_generate_flags(a)
     check_device(a.device, "--device")
