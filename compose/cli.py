@@ -158,6 +158,14 @@ def _summary(g) -> str:
     return "summary\n" + "\n".join(f"  {k:<18}{v}" for k, v in rows) + "\n"
 
 
+def _families(g) -> str:
+    """Which family read each source, and what a derived family found (compose.families.describe)."""
+    from compose import families
+    from compose.sources import opened
+
+    return "".join(line + "\n" for line in families.describe([(s.ref, s.config) for s in opened()], g))
+
+
 def cmd_build(a) -> int:
     from compose.pipeline import build
 
@@ -193,6 +201,7 @@ def cmd_inspect(a) -> int:
     chosen = shown.get("g", g)
     if not a.print_after_all:
         print(print_graph(chosen), end="")
+    print(_families(g), end="")
     print(_summary(g), end="")
     if a.dot:
         try:

@@ -178,6 +178,9 @@ def build(spec, out: str | os.PathLike, *, formats: Iterable[str] = ("hf",), dty
         spec = as_build_spec(spec)
         passes = tuple(p for p in DEFAULT_PIPELINE if fuse or p not in FUSION)
         g = compile_graph(spec, dtype=dtype, passes=passes, verify_each=True)
+        if g.derived and (other := [f for f in formats if f != "hf"]):
+            raise BuildError(f"--format {other[0]}: needs a hand-written family module, and {g.config.family} is "
+                             f"derived from transformers' {g.state.target.architecture} (it writes hf only)")
         check_not_a_source(out)
         if isinstance(g.state.tokenizer, str):  # its tokenizer files refused before any weight is written
             from compose.sources import open_source

@@ -368,7 +368,10 @@ def open_source(ref: str) -> Source:
             raise SourceError(f"{ref}: no such folder")
         else:
             src = FolderSource(_hub_folder(ref), ref=ref)
-    families.for_source(src.config, ref)
+    if families.for_source(src.config, ref).derived:  # its headers against transformers' class, up front
+        from compose.families.derived import check_checkpoint, derivation
+
+        check_checkpoint(derivation(src.config, ref), {k: src.meta(k)[0] for k in src.keys()}, ref)
     _OPEN[src.ref] = _OPEN[ref] = src
     return src
 
@@ -376,6 +379,13 @@ def open_source(ref: str) -> Source:
 def clear_cache() -> None:
     """Forget opened sources (tests that rewrite a folder in place call this)."""
     _OPEN.clear()
+
+
+def opened() -> list[Source]:
+    """Every model source opened so far (adapters aside), once each, in the order they were opened."""
+    from compose.lora import AdapterSource
+
+    return [s for s in dict.fromkeys(_OPEN.values()) if not isinstance(s, AdapterSource)]
 
 
 def opened_folders() -> list[Path]:

@@ -5,17 +5,29 @@
     family.block(config, cfg, i, reader, origin)   # layer i of a checkpoint as an IR DecoderBlock
     family.config_json(graph), family.tensors(graph)  # what the hf backend writes for a graph
 
-Adding a family is one module here (a Family subclass and `FAMILY = ...`), one line in MODULES, and one
-entry in tests/test_families.py. No module outside this package names a model_type or a transformers class.
+Adding a hand-written family is one module here (a Family subclass and `FAMILY = ...`; MODULES collects it
+from the folder) and one entry in tests/test_families.py. Every other model_type transformers can build is
+read by a family derived from transformers' own class (compose.families.derived). No module outside this package names a model_type or a transformers class.
 """
 from __future__ import annotations
 
 from compose.errors import SourceError
-from compose.families import (composite, compose_moe, gemma2, gemma3, llama, mistral, mixtral, phi3, qwen2,
-                              qwen2_moe, qwen3, qwen3_moe)
+import importlib
+import pkgutil
+
+from compose.families import composite, compose_moe, derived
 from compose.families.base import Family, Features, Reader
 
-MODULES = (llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3, mixtral, qwen2_moe, qwen3_moe, compose_moe, composite)
+
+def _collect() -> tuple:
+    """Every module of this package that defines a hand-written family (`FAMILY = ...`), found in the folder:
+    adding a family is adding its module. Dense families first, so a dense family precedes its MoE classes."""
+    found = [importlib.import_module(f"{__name__}.{m.name}") for m in pkgutil.iter_modules(__path__)]
+    mods = [m for m in found if isinstance(getattr(m, "FAMILY", None), Family)]
+    return tuple(sorted(mods, key=lambda m: (m.FAMILY.generated, m.FAMILY.expert_prefix is not None, m.__name__)))
+
+
+MODULES = _collect()
 REGISTRY: dict[str, Family] = {m.FAMILY.model_type: m.FAMILY for m in MODULES}
 SOURCES = tuple(t for t, f in REGISTRY.items() if f is not composite.FAMILY)
 """The model_types compose reads checkpoints of (everything it writes, composites aside)."""
@@ -27,18 +39,49 @@ GENERATED_MOE = compose_moe.FAMILY.model_type
 
 
 def get(model_type: str) -> Family:
-    return REGISTRY[model_type]
+    """The hand-written family of `model_type`, else the one derived from transformers' class."""
+    if model_type in REGISTRY:
+        return REGISTRY[model_type]
+    return derived.family(model_type)
 
 
 def for_source(config: dict, where: str) -> Family:
-    """The family that reads config.json `config`, or a SourceError naming what is supported."""
+    """The family that reads config.json `config`: its hand-written module, else one derived from transformers'
+    own class (compose.families.derived); a SourceError saying why neither can."""
     t = config.get("model_type") if isinstance(config, dict) else None
     if t is None:
-        raise SourceError(f"{where}: config.json has no model_type (supported: {', '.join(SOURCES)})")
-    if t not in SOURCES:
-        raise SourceError(f"{where}: config.json model_type {t!r} is not supported yet (supported: "
-                          f"{', '.join(SOURCES)})")
-    return REGISTRY[t].source_family(config, where)
+        raise SourceError(f"{where}: config.json has no model_type")
+    if not isinstance(t, str):
+        raise SourceError(f"{where}: config.json model_type {t!r} is not supported (it must be a name)")
+    if t in SOURCES:
+        return REGISTRY[t].source_family(config, where)
+    if t in REGISTRY:  # compose's own outputs that are no source (composites)
+        raise SourceError(f"{where}: config.json model_type {t!r} is compose's generated code, which cannot be "
+                          "read back as a source yet")
+    return derived.family(t).source_family(config, where)
+
+
+def describe(sources: list[tuple[str, dict]], g=None) -> list[str]:
+    """What `compose inspect` says of the families: for each source (reference, config.json), which family read
+    it (its module, or what was derived from transformers' class: the decoder stack, the per-layer fields, the
+    residual-output projections); for a derived graph `g`, the per-layer fields as its config.json says them."""
+    out = []
+    for ref, config in sources:
+        fam = for_source(config, ref)
+        if fam.derived:
+            out += [f"family {ref}: {fam.model_type}, " + line if i == 0 else f"  {line}"
+                    for i, line in enumerate(derived.derivation(config, ref).describe())]
+        else:
+            module = type(fam).__module__.rpartition(".")[2]
+            out.append(f"family {ref}: {fam.model_type}, hand-written (families/{module}.py), "
+                       f"written as {fam.architecture}")
+    if g is not None and g.derived and g.state.target is not None:
+        d = derived.of(g)
+        config = get(g.config.family).config_json(g)
+        text = config[d.text] if d.text else config
+        out += [f"rewritten {field} = {text.get(field)!r}" for field, _ in d.fields]
+        out.append(f"rewritten num_hidden_layers = {text['num_hidden_layers']}")
+    return out
 
 
 def in_memory_name(name: str) -> str:
@@ -51,4 +94,4 @@ def in_memory_name(name: str) -> str:
 
 
 __all__ = ["Family", "Features", "Reader", "REGISTRY", "SOURCES", "TINY", "COMPOSITE", "GENERATED_MOE", "get",
-           "for_source", "in_memory_name"]
+           "for_source", "describe", "in_memory_name"]

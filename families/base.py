@@ -121,8 +121,9 @@ def fill(op: Op, reader: Reader, prefix: str):
 
 
 def moe_blocks(g: Graph) -> list[tuple[int, MoE]]:
-    """(layer index, MoE) of every mixture-of-experts layer of the main chain."""
-    return [(i, b.ffn) for i, (_, b) in enumerate(g.blocks()) if isinstance(b.ffn, MoE)]
+    """(layer index, MoE) of every mixture-of-experts layer of the main chain (a derived family's layers are
+    not typed: none)."""
+    return [(i, b.ffn) for i, (_, b) in enumerate(g.blocks()) if isinstance(b, DecoderBlock) and isinstance(b.ffn, MoE)]
 
 
 class Family:
@@ -137,6 +138,8 @@ class Family:
     moe_targets: ClassVar[tuple[str, ...]] = ()
     """A dense family's mixture-of-experts families, in order of preference: the first that holds an MoE
     graph of this family writes it (and the generated-code target, compose_moe, when none does)."""
+    derived: ClassVar[bool] = False
+    """Read from transformers' own class (compose.families.derived), not written by hand."""
     generated: ClassVar[bool] = False
     """Written as compose's generated modeling code behind an `auto_map`, not as a transformers class."""
     mergekit_moe: ClassVar[frozenset[str]] = frozenset()
@@ -310,6 +313,10 @@ class Family:
             if b.attn.window is not None:
                 return f"node {name}: a sliding window of {b.attn.window}, which {self.architecture} does not have"
         return None
+
+    def class_name(self, g: Graph) -> str:
+        """The transformers class `g` is written as."""
+        return self.architecture
 
     def prepare(self, g: Graph) -> Graph:
         """`g` with the weight rewrites writing it as this class needs (as expressions a dump shows)."""

@@ -103,6 +103,9 @@ class ArchConfig:
     local_rope: Rope | None = None
     """The rope of sliding-window layers when it differs from the others' (Gemma 3's local base
     frequency); None: every layer has `rope`."""
+    source: str | None = None
+    """A derived family's (compose.families.derived) source config.json, as JSON text: its output's
+    config.json is this one with the layer count and per-layer fields rewritten. None for hand-written ones."""
     extra: tuple[tuple[str, str], ...] = ()
     """config.json fields compose does not interpret, as sorted (key, JSON text) pairs: carried into the
     output's config.json as they are, never read back."""

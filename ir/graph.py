@@ -16,7 +16,7 @@ import networkx as nx
 
 from compose.errors import IRError
 from compose.ir.config import ArchConfig
-from compose.ir.nodes import Adapter, DecoderBlock, Embedding, LMHead, Norm, Op
+from compose.ir.nodes import Adapter, Block, DecoderBlock, Embedding, Layer, LMHead, Norm, Op, Tensors
 from compose.ir.state import State
 
 
@@ -81,8 +81,8 @@ class Graph:
 
     def chain(self) -> list[str]:
         """The main hidden-state path: from the main Embedding (the one not in a side chain) to the LMHead."""
-        starts = [n for n, d in self._g.nodes(data=True)
-                  if isinstance(d["op"], Embedding) and n.partition(".")[0] not in self.side_configs]
+        starts = [n for n, d in self._g.nodes(data=True) if n.partition(".")[0] not in self.side_configs
+                  and (isinstance(d["op"], Embedding) or (isinstance(d["op"], Tensors) and d["op"].part == "stem"))]
         if len(starts) != 1:
             raise IRError(f"the graph needs exactly one main Embedding, found {len(starts)}")
         return self._path(starts[0])
@@ -91,9 +91,20 @@ class Graph:
         """prefix -> the side chain's path from its Embedding (`augment.embed`, `augment.layers.0`, ...)."""
         return {p: self._path(f"{p}.embed") for p in self.side_configs if f"{p}.embed" in self._g}
 
-    def blocks(self) -> list[tuple[str, DecoderBlock]]:
-        """The main chain's decoder blocks, in order."""
-        return [(n, op) for n in self.chain() if isinstance(op := self.op(n), DecoderBlock)]
+    def blocks(self) -> list[tuple[str, Block]]:
+        """The main chain's decoder blocks (a derived family's layers), in order."""
+        return [(n, op) for n in self.chain() if isinstance(op := self.op(n), (DecoderBlock, Layer))]
+
+    @property
+    def derived(self) -> bool:
+        """A derived family's model (compose.families.derived): Tensors around Layers, which compose carries,
+        copies and merges but does not compute with."""
+        return isinstance(self.op(self.chain()[0]), Tensors)
+
+    @property
+    def tail(self) -> Tensors:
+        """A derived model's tensors after its decoder stack."""
+        return self.op(self.chain()[-1])  # type: ignore[return-value]
 
     def side_blocks(self, prefix: str) -> list[tuple[str, DecoderBlock]]:
         return [(n, op) for n in self.side_chains().get(prefix, []) if isinstance(op := self.op(n), DecoderBlock)]
@@ -105,7 +116,8 @@ class Graph:
         return [n for n in self._g.nodes if n not in live]
 
     @property
-    def embedding(self) -> Embedding:
+    def embedding(self) -> Embedding | Tensors:
+        """The main chain's first node: its Embedding (a derived model's stem Tensors)."""
         return self.op(self.chain()[0])  # type: ignore[return-value]
 
     @property
@@ -123,7 +135,7 @@ class Graph:
         No transformers class holds a composite: it is written as generated code loaded through auto_map."""
         if self.side_configs:
             return "calm"
-        if any(b.vision is not None for _, b in self.blocks()):
+        if any(getattr(b, "vision", None) is not None for _, b in self.blocks()):
             return "cogvlm"
         return None
 
@@ -162,4 +174,12 @@ class Graph:
         names = ["embed"] + [f"layers.{i}" for i in range(len(blocks))] + ["norm", "lm_head"]
         ops = [embed, *blocks, norm, head]
         nodes = list(zip(names, ops)) + [(f"unused.{i}", b) for i, b in enumerate(unused)]
+        return Graph(config, nodes, zip(names, names[1:]), state)
+
+    @staticmethod
+    def layered(config: ArchConfig, stem: Tensors, layers: list[Layer], tail: Tensors, unused: list[Layer] = (),
+                state: State | None = None) -> "Graph":
+        """A derived family's chain: stem -> layers.0 .. layers.N-1 -> tail (+ unused layers)."""
+        names = ["stem"] + [f"layers.{i}" for i in range(len(layers))] + ["tail"]
+        nodes = list(zip(names, [stem, *layers, tail])) + [(f"unused.{i}", b) for i, b in enumerate(unused)]
         return Graph(config, nodes, zip(names, names[1:]), state)

@@ -446,6 +446,44 @@ class DecoderBlock(Op):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Tensors(_Leaf):
+    """A derived family's tensors outside its decoder stack (compose.families.derived), under their checkpoint
+    names: `stem` is what comes before the stack (embeddings, a vision tower and its projector), `tail` what
+    comes after it (the final norm, an untied head). compose does not compute with them: it carries them,
+    copies them and merges them."""
+
+    kind: ClassVar[str] = "Tensors"
+    part: str
+    shapes: tuple[tuple[str, Shape], ...]
+
+    def expected(self) -> dict[str, Shape]:
+        return dict(self.shapes)
+
+    def attrs(self) -> str:
+        return f"{self.part}, {len(self.shapes)} tensors"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Layer(_Leaf):
+    """One decoder layer of a derived family, known by its tensors (names below the stack's `i.`), the values
+    its model's per-layer config fields give it (`fields`, JSON text), and its residual-output projections
+    (`zero`): the tensors whose zeros make it add exactly 0 (LLaMA-Pro's identity copy zeroes them)."""
+
+    kind: ClassVar[str] = "Layer"
+    shapes: tuple[tuple[str, Shape], ...]
+    origin: Origin
+    fields: tuple[tuple[str, str], ...] = ()
+    zero: tuple[str, ...] = ()
+    identity: bool | None = None
+
+    def expected(self) -> dict[str, Shape]:
+        return dict(self.shapes)
+
+    def attrs(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.fields)
+
+
+@dataclass(frozen=True, kw_only=True)
 class LMHead(_Leaf):
     """Output projection to the vocabulary; `tied` shares the embedding matrix (not written twice)."""
 
@@ -489,5 +527,8 @@ def make(cls, weights: Mapping[str, Expr], **attrs):
     return cls(weights=_freeze(weights), **attrs)
 
 
+Block = DecoderBlock | Layer
+"""A layer of the decoder stack: a hand-written family's typed block, or a derived family's layer."""
+
 __all__ = ["Op", "Embedding", "Norm", "Attention", "DenseFFN", "Router", "MoE", "DecoderBlock", "LMHead", "Origin",
-           "CrossAttention", "VisionExpert", "Adapter", "make"]
+           "CrossAttention", "VisionExpert", "Adapter", "Tensors", "Layer", "Block", "make"]

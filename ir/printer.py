@@ -10,7 +10,7 @@ import hashlib
 from collections import Counter
 
 from compose.ir.graph import CROSS, Graph
-from compose.ir.nodes import DecoderBlock, MoE, Op
+from compose.ir.nodes import DecoderBlock, Layer, MoE, Op
 from compose.ir.state import Fusion
 from compose.ir.weights import (Concat, Const, Expr, Load, LowRank, Merge, Noise, Ones, Rows, Scale, Select, Slice, Stack,
                                 Zeros)
@@ -115,6 +115,10 @@ def format_node(name: str, op: Op, aliases: _Aliases) -> list[str]:
         o = op.origin
         window = f", window={op.attn.window}" if op.attn.window is not None else ""
         head = f"%{name} = DecoderBlock({'' if o.new or o.method else 'from '}{o.describe(aliases.of)}{window})"
+    elif isinstance(op, Layer):
+        o = op.origin
+        fields = "".join(f", {k}={v}" for k, v in op.fields)
+        head = f"%{name} = Layer({'' if o.new or o.method else 'from '}{o.describe(aliases.of)}{fields})"
     else:
         head = f"%{name} = {op.kind}({op.attrs()})"
     lines = [head + _annotations(op)]

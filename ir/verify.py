@@ -7,13 +7,15 @@ from __future__ import annotations
 from compose.errors import IRError
 from compose.ir.config import ArchConfig
 from compose.ir.graph import CROSS, Graph
-from compose.ir.nodes import CrossAttention, DecoderBlock, DenseFFN, Embedding, LMHead, Norm
+from compose.ir.nodes import CrossAttention, DecoderBlock, DenseFFN, Embedding, Layer, LMHead, Norm, Tensors
 
 
 def verify(g: Graph) -> None:
     cfg = g.config
     chain = g.chain()
     kinds = [type(g.op(n)) for n in chain]
+    if g.derived:
+        return _verify_derived(g, kinds)
     if kinds[0] is not Embedding or kinds[-1] is not LMHead or kinds[-2] is not Norm:
         raise IRError(f"the chain must run Embedding -> blocks -> Norm -> LMHead, found "
                       f"{' -> '.join(k.__name__ for k in kinds)}")
@@ -38,6 +40,17 @@ def verify(g: Graph) -> None:
     if head.tied and head.params()["weight"] != emb.params()["weight"]:
         raise IRError("node lm_head: tied to the embedding but its weight is a different expression")
     _check_calm_layout(g)
+
+
+def _verify_derived(g: Graph, kinds: list[type]) -> None:
+    """A derived family's chain: its stem Tensors, Layers, its tail Tensors; every weight of its shape."""
+    if kinds[-1] is not Tensors or g.tail.part != "tail" or any(k is not Layer for k in kinds[1:-1]):
+        raise IRError(f"a derived model's chain must run Tensors(stem) -> Layers -> Tensors(tail), found "
+                      f"{' -> '.join(k.__name__ for k in kinds)}")
+    if g.side_configs:
+        raise IRError("a derived model has no side chains")
+    for name, op in g.items():
+        op.verify_(name)
 
 
 def _check_block(name: str, op: DecoderBlock, cfg: ArchConfig) -> None:

@@ -17,7 +17,7 @@ from compose.ir.graph import CROSS, Graph
 from compose.ir.nodes import CrossAttention, MoE
 from compose.ir.state import CalmLayout
 from compose.ir.weights import Load, Noise, Ones, Zeros, derive_seed
-from compose.lower.common import unused
+from compose.lower.common import hand_written, unused
 
 PREFIX = "augment"
 
@@ -33,6 +33,8 @@ def default_pairs(n_anchor: int, n_augment: int, every: int) -> list[tuple[int, 
 def lower(spec, path: str, ctx) -> Graph:
     a = ctx.input(spec.anchor, f"{path}.anchor")
     b = ctx.input(spec.augment, f"{path}.augment")
+    hand_written(a, f"{path}.anchor", "CALM")
+    hand_written(b, f"{path}.augment", "CALM")
     _same_vocabulary(a, b, path, ctx)
     blocks_a, blocks_b = a.blocks(), b.blocks()
     if any(isinstance(op.ffn, MoE) for _, op in blocks_a + blocks_b):

@@ -5,17 +5,18 @@ import dataclasses
 
 from compose.errors import SpecError
 from compose.ir.graph import Graph
-from compose.ir.nodes import DecoderBlock
+from compose.ir.nodes import Block, Layer
 from compose.ir.weights import Zeros
 from compose.lower.common import rebuild, unused
 from compose.lower.limits import check_layers
 
 
-def identity_copy(block: DecoderBlock) -> DecoderBlock:
+def identity_copy(block: Block) -> Block:
     """LLaMA-Pro's new block: a copy whose output projections are zero, so it adds exactly 0. In an MoE
     block that is every expert's down projection (and the shared expert's): whichever experts the router
-    picks, each adds 0."""
-    zero = {k: Zeros(e.shape, e.dtype) for k, e in block.params().items() if _output_projection(k)}
+    picks, each adds 0. A derived family's layer says which of its tensors those are."""
+    names = block.zero if isinstance(block, Layer) else [k for k in block.params() if _output_projection(k)]
+    zero = {k: Zeros(e.shape, e.dtype) for k, e in block.params().items() if k in names}
     return dataclasses.replace(block.with_weights(**zero), origin=dataclasses.replace(block.origin, new=True))
 
 
@@ -39,10 +40,27 @@ def lower(spec, path: str, ctx) -> Graph:
             raise SpecError(f"{path}.positions: {bad} out of range for a model of {n} layers (0..{n - 1})")
     check_layers(n + len(positions) * spec.per_group, f"{path}.per_group",
                  f"{spec.per_group:,} identity blocks after each of {len(positions)} places")
-    out: list[DecoderBlock] = []
+    if g.derived:
+        _check_derived(g, positions, path, ctx)
+    out: list[Block] = []
     after = set(positions)
     for i, b in enumerate(blocks):
         out.append(b)
         if i in after:
             out.extend(identity_copy(b) for _ in range(spec.per_group))
     return rebuild(g, out, unused(g), train="new")
+
+
+def _check_derived(g: Graph, positions: list[int], path: str, ctx) -> None:
+    """Each layer a derived family's model copies must have residual-output projections, and zeroing them must
+    make a layer of its class an exact identity (checked on a small random instance of the class)."""
+    from compose.families.derived import check_identity
+
+    blocks = [b for _, b in g.blocks()]
+    for p in positions:
+        b = blocks[p]
+        if not b.zero:
+            raise SpecError(f"{path}: layer {p} ({b.origin}) has no residual-output projections compose can zero, "
+                            "so no identity copy of it exists")
+        if b.origin.method is None and not b.origin.new:
+            check_identity(ctx.open(b.origin.source).config, b.origin.layer, f"{path}: layer {p} ({b.origin})")

@@ -40,7 +40,7 @@ class SourceReader:
 
 def output_dtype(src, family, asked: str | None) -> str:
     """The output dtype: asked for in the spec, else the config's, else the embedding's on disk."""
-    d = asked or family.stored_dtype(src.config) or src.meta("model.embed_tokens.weight")[1]
+    d = asked or family.stored_dtype(src.config) or src.meta(EMBEDDING if EMBEDDING in src.keys() else src.keys()[0])[1]
     if d not in DTYPES:
         raise SourceError(f"{src.ref}: weights of dtype {d!r}; compose writes float32, bfloat16 or float16 "
                           "(pick one with dtype=...)")
@@ -96,6 +96,8 @@ def lower(spec, path: str, ctx) -> Graph:
     fam = families.for_source(src.config, src.ref)
     reader = SourceReader(src, path, adapter)
     cfg = fam.arch_config(src.config, src.ref, output_dtype(src, fam, spec.dtype))
+    if fam.derived:
+        return _derived(src, fam, cfg, reader, adapter, path)
     embed = fam.embedding(cfg, reader)
     blocks = [fam.block(src.config, cfg, i, reader, Origin(src.ref, i)) for i in range(src.num_layers)]
     norm, head = fam.final_norm(cfg, reader), fam.head(cfg, reader, embed)
@@ -109,3 +111,12 @@ def lower(spec, path: str, ctx) -> Graph:
     return Graph.decoder(cfg, embed, blocks, norm, head,
                          state=State(train="all", tokenizer=src.ref))
 
+
+
+def _derived(src, fam, cfg, reader, adapter, path: str) -> Graph:
+    """A source of a family derived from transformers' class (its headers were checked against the class when
+    it was opened)."""
+    stem, layers, tail = fam.read(src.config, reader, src.ref)
+    if adapter is not None:
+        adapter.check_folded(reader.loaded, src.ref, f"{path}.ref")
+    return Graph.layered(cfg, stem, layers, tail, state=State(train="all", tokenizer=src.ref))

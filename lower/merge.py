@@ -15,7 +15,7 @@ import dataclasses
 
 from compose.errors import SourceError, SpecError
 from compose.ir.graph import Graph
-from compose.ir.nodes import DecoderBlock, LMHead, Origin
+from compose.ir.nodes import Block, LMHead, Origin
 from compose.ir.state import State
 from compose.ir.weights import Expr, Merge, derive_seed
 from compose.lower.limits import check_merge_inputs
@@ -63,31 +63,51 @@ def lower(spec, path: str, ctx) -> Graph:
         seed = derive_seed(spec.seed, out) if method.random else None
         return Merge(method.name, tuple(exprs), base, tuple(params.items()), seed, out, spec.dtype)
 
+    if graphs[0].derived and spec.tokenizer_source is not None:
+        raise SpecError(f"{path}.tokenizer_source: a vocabulary of its own needs a hand-written family module, and "
+                        f"{graphs[0].config.family} is derived from transformers' class")
     tokenizer, vocab = _tokenizer(spec, inputs, graphs, base, path, ctx)
+    prefix = _stack_prefix(graphs[0])
 
     def on_vocab(exprs: list[Expr]) -> list[Expr]:
         # With a tokenizer_source, every model's rows are remapped onto the output vocabulary first.
         return [vocab.remap(i, exprs, spec.dtype) for i in range(len(exprs))] if vocab else exprs
 
+    def blocks_merged() -> list:
+        out_blocks = []
+        for i in range(n):
+            bs = [b[i] for b in blocks]
+            t = i / (n - 1) if n > 1 else 1.0
+            upd = {}
+            for k in bs[0].params():
+                out = f"{prefix}.{i}.{k}"
+                in_names = [_input_name(b, k, out, prefix) for b in bs]
+                upd[k] = merged(out, [b.params()[k] for b in bs], in_names, t)
+            # A merge of one model (mergekit's passthrough slices) keeps that layer's origin; the weights
+            # still say what was done to it.
+            origin = bs[0].origin if len(bs) == 1 else Origin.merged(method.name, tuple(b.origin for b in bs))
+            out_blocks.append(dataclasses.replace(bs[0].with_weights(**upd), origin=origin))
+        return out_blocks
+
+    donor = graphs[base] if base is not None else graphs[0]
+    out_dtype = spec.out_dtype or spec.dtype or donor.config.dtype
+    if donor.derived:  # every tensor outside the stack merged as the embeddings are (t = 0), by its own name
+        def outside(ops):
+            return ops[0].with_weights(**{k: merged(k, [o.params()[k] for o in ops], [k] * len(ops), 0.0)
+                                          for k in ops[0].params()})
+
+        stem, layers = outside([g.embedding for g in graphs]), blocks_merged()
+        tail = outside([g.tail for g in graphs])
+        check_filters([layer for layers in own for layer in layers], names)
+        return Graph.layered(dataclasses.replace(donor.config, dtype=out_dtype), stem, layers, tail,
+                             state=State(train="all", tokenizer=tokenizer))
+
     emb_name = "model.embed_tokens.weight"
     embed_w = merged(emb_name, on_vocab([g.embedding.params()["weight"] for g in graphs]), [emb_name] * len(graphs),
                      0.0)
-    out_blocks = []
-    for i in range(n):
-        bs = [b[i] for b in blocks]
-        t = i / (n - 1) if n > 1 else 1.0
-        upd = {}
-        for k in bs[0].params():
-            out = f"model.layers.{i}.{k}"
-            in_names = [_input_name(b, k, out) for b in bs]
-            upd[k] = merged(out, [b.params()[k] for b in bs], in_names, t)
-        # A merge of one model (mergekit's passthrough slices) keeps that layer's origin; the weights
-        # still say what was done to it.
-        origin = bs[0].origin if len(bs) == 1 else Origin.merged(method.name, tuple(b.origin for b in bs))
-        out_blocks.append(dataclasses.replace(bs[0].with_weights(**upd), origin=origin))
+    out_blocks = blocks_merged()
     norm_name = "model.norm.weight"
     norm_w = merged(norm_name, [g.final_norm.params()["weight"] for g in graphs], [norm_name] * len(graphs), 0.0)
-    donor = graphs[base] if base is not None else graphs[0]
     # With a built tokenizer, mergekit's vocab_size is its length.
     cfg = dataclasses.replace(donor.config, vocab=vocab.size) if vocab else donor.config
     if cfg.tie_embeddings:
@@ -97,7 +117,6 @@ def lower(spec, path: str, ctx) -> Graph:
                         ["lm_head.weight"] * len(graphs), 0.0)
     check_filters([layer for layers in own for layer in layers], names)
 
-    out_dtype = spec.out_dtype or spec.dtype or cfg.dtype
     return Graph.decoder(
         dataclasses.replace(cfg, dtype=out_dtype),
         dataclasses.replace(donor.embedding.with_weights(weight=embed_w), vocab=cfg.vocab), out_blocks,
@@ -127,16 +146,30 @@ def _check_structure(graphs: list[Graph], inputs) -> None:
         if len(g.blocks()) != len(first.blocks()):
             raise SpecError(f"{p}: {len(g.blocks())} layers, but {inputs[0][0]} has {len(first.blocks())} "
                             "(merged models need the same depth; slice them with layers() first)")
+        if first.derived:
+            for part in ("embedding", "tail"):
+                a, b = getattr(first, part).params(), getattr(g, part).params()
+                if set(a) != set(b):
+                    raise SpecError(f"{p}: it has tensors {sorted(set(a) ^ set(b))[:3]} that {inputs[0][0]}'s do not")
         for (_, a), (_, b) in zip(first.blocks(), g.blocks()):
             if set(a.params()) != set(b.params()):
                 raise SpecError(f"{p}: its blocks have weights {sorted(set(b.params()) ^ set(a.params()))} "
                                 f"that {inputs[0][0]}'s do not")
 
 
-def _input_name(block: DecoderBlock, k: str, out: str) -> str:
+def _input_name(block: Block, k: str, out: str, prefix: str) -> str:
     """The name the input model itself gives this tensor (its source layer), for per-model filters."""
     o = block.origin
-    return out if (o.new or o.method) else f"model.layers.{o.layer}.{k}"
+    return out if (o.new or o.method) else f"{prefix}.{o.layer}.{k}"
+
+
+def _stack_prefix(g: Graph) -> str:
+    """Where the layers sit in the checkpoint: `model.layers`, or what a derived family's class says."""
+    if not g.derived:
+        return "model.layers"
+    from compose.families.derived import of
+
+    return of(g).saved_stack
 
 
 def _tokenizer(spec, inputs, graphs: list[Graph], base: int | None, path: str, ctx):

@@ -14,12 +14,13 @@ from compose.ir.graph import Graph
 from compose.ir.nodes import DecoderBlock, DenseFFN, MoE, Router
 from compose.ir.state import MoELayout
 from compose.ir.weights import Concat, Const, Expr, Noise, Scale, Slice, Zeros, derive_seed
-from compose.lower.common import rebuild, unused
+from compose.lower.common import hand_written, rebuild, unused
 from compose.lower.limits import check_experts
 
 
 def lower(spec, path: str, ctx) -> Graph:
     g = ctx.input(spec.model, f"{path}.model")
+    hand_written(g, f"{path}.model", f"{spec.kind} (a mixture of experts)")
     blocks = [b for _, b in g.blocks()]
     n = len(blocks)
     for i, b in enumerate(blocks):
@@ -88,6 +89,7 @@ def _expert_graphs(specs, field: str, base: Graph, path: str, ctx) -> list[list[
     for e, s in enumerate(specs):
         where = f"{path}.{field}" + (f"[{e}]" if field == "experts" else "")
         g = ctx.input(s, where)
+        hand_written(g, where, "a mixture of experts")
         blocks = [b for _, b in g.blocks()]
         if len(blocks) != n:
             raise SpecError(f"{where}: {len(blocks)} layers, but the base has {n}")

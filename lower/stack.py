@@ -26,6 +26,9 @@ def take_layers(g: Graph, start: int, stop: int, path: str) -> Graph:
 def stack(graphs: list[Graph], path: str) -> Graph:
     first = graphs[0]
     for i, g in enumerate(graphs[1:], 1):
+        if first.derived or g.derived:
+            _same_tensors(first, g, f"{path}.slices[{i}]")
+            continue
         for f in _MUST_MATCH:
             a, b = getattr(first.config, f), getattr(g.config, f)
             if a != b:
@@ -36,9 +39,23 @@ def stack(graphs: list[Graph], path: str) -> Graph:
     dropped = list(dict.fromkeys(b for g in graphs for b in unused(g) if b not in live))
     train = "new" if any(g.state.train == "new" for g in graphs) else "all"
     last = graphs[-1]
+    if first.derived:  # the stem (embeddings, a vision tower) from the first, the tail from the last
+        return Graph.layered(first.config, first.embedding, blocks, last.tail, dropped, first.state.but(train=train))
     head = first.head if first.config.tie_embeddings else last.head
     return Graph.decoder(first.config, first.embedding, blocks, last.final_norm, head, dropped,
                          first.state.but(train=train))
+
+
+def _same_tensors(first: Graph, g: Graph, where: str) -> None:
+    """Slices of a derived family stack when they are one class with the same tensors outside the stack."""
+    if first.config.family != g.config.family:
+        raise SpecError(f"{where}: a {g.config.family} model cannot stack with slices[0]'s {first.config.family}")
+    for part in ("embedding", "tail"):
+        a, b = dict(getattr(first, part).shapes), dict(getattr(g, part).shapes)
+        diff = sorted(set(a) ^ set(b)) or [k for k in a if a[k] != b[k]]
+        if diff:
+            raise SpecError(f"{where}: tensor {diff[0]} differs from slices[0]'s (stacked slices need one family "
+                            "and width)")
 
 
 def lower_layers(spec, path: str, ctx) -> Graph:

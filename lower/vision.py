@@ -9,12 +9,14 @@ from compose.errors import SpecError
 from compose.ir.graph import CROSS, Graph
 from compose.ir.nodes import Adapter, DenseFFN, VisionExpert
 from compose.ir.weights import Noise, Zeros, derive_seed
+from compose.lower.common import hand_written
 
 ADAPTER = "vision_adapter"
 
 
 def lower(spec, path: str, ctx) -> Graph:
     g = ctx.input(spec.model, f"{path}.model")
+    hand_written(g, f"{path}.model", "a visual expert (CogVLM)")
     ops = {}
     for name, b in g.blocks():
         if not isinstance(b.ffn, DenseFFN):

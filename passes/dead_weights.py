@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from compose.ir import DecoderBlock, Graph
+from compose.ir import DecoderBlock, Graph, Layer
 from compose.passes.base import Pass
 
 
@@ -22,5 +22,5 @@ class DeadWeights(Pass):
         if not dead:
             return g
         dropped = tuple(sorted({(op.origin.source, op.origin.layer) for n in dead
-                                if isinstance(op := g.op(n), DecoderBlock)}))
+                                if isinstance(op := g.op(n), (DecoderBlock, Layer))}))
         return g.remove(dead).replace(dropped=dropped)

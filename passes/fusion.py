@@ -14,6 +14,6 @@ from compose.ir import Graph
 
 
 def fusable(g: Graph) -> bool:
-    if g.composite is not None or not g.blocks():
+    if g.composite is not None or not g.blocks() or g.derived:
         return False
     return g.state.target is None or not families.get(g.state.target.family).generated

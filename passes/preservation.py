@@ -3,15 +3,18 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from compose.ir import CrossAttention, DecoderBlock, Graph
+from compose.ir import CrossAttention, DecoderBlock, Graph, Layer
 from compose.ir.weights import is_zero
 from compose.passes.base import Pass
 
 
-def adds_zero(block: DecoderBlock) -> bool:
+def adds_zero(block: DecoderBlock | Layer) -> bool:
     """A pre-norm block adds attn(..) @ o_proj + ffn(..) @ down_proj to the residual: when both output
-    projections (and their biases) are zero by construction, it adds exactly 0, bit for bit."""
+    projections (and their biases) are zero by construction, it adds exactly 0, bit for bit. A derived family's
+    layer names its residual-output projections itself (checked on its class when expand_blocks zeroes them)."""
     p = block.params()
+    if isinstance(block, Layer):
+        return bool(block.zero) and all(is_zero(p[k]) for k in block.zero)
     # An MoE adds sum_e p_e * down_e(..) (+ the shared FFN's down): zero when every down projection is.
     outs = [k for k in p if k.startswith("self_attn.o_proj.") or (k.startswith("mlp.") and ".down_proj." in f".{k}")]
     return all(is_zero(p[k]) for k in outs)

@@ -35,4 +35,4 @@ class Target(Pass):
     def run(self, g: Graph) -> Graph:
         family = refuse_all(candidates(g), g)
         g = family.prepare(g)
-        return g.replace(target=TargetRecord(family.model_type, family.architecture))
+        return g.replace(target=TargetRecord(family.model_type, family.class_name(g)))

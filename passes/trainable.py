@@ -3,7 +3,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from compose.ir import CrossAttention, DecoderBlock, Graph
+from compose.ir import CrossAttention, DecoderBlock, Graph, Layer
 from compose.ir.nodes import Adapter
 from compose.passes.base import Pass
 
@@ -22,7 +22,7 @@ class Trainable(Pass):
 
         def trains(op) -> bool:
             if mode == "new":
-                return isinstance(op, DecoderBlock) and op.origin.new
+                return isinstance(op, (DecoderBlock, Layer)) and op.origin.new
             if mode == "cross":
                 return isinstance(op, CrossAttention)
             if mode == "vision":  # CogVLM: the visual experts (inside the blocks) and the adapter

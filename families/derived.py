@@ -1,0 +1,556 @@
+"""Derived families: any decoder transformers can build, read from transformers' own class.
+
+For a model_type compose has no module for, the class transformers would load the checkpoint as is built on
+the meta device from config.json alone (no weights are read, none are allocated), and what a family needs
+is read from it:
+
+- every tensor a checkpoint of the class holds, with its shape, under the checkpoint's own names
+  (transformers' save-time conversion turns its in-memory names back into them: per-expert tensors,
+  `language_model.model.*`);
+- the decoder stack (the ModuleList of `get_decoder()`, such as `model.language_model.layers`) and its
+  prefix in the checkpoint;
+- the per-layer config fields (compose.families.layer_fields) and what each says of each layer;
+- each layer's residual-output projections: the tensors whose zeros make it add exactly 0.
+
+The checkpoint's headers are then checked against it: a tensor the class does not have, or one it has
+that the checkpoint lacks, is refused by name, so nothing is silently dropped. The output is written as the
+same class, its config.json the source's with the layer count and per-layer fields rewritten, and checked
+the same way before anything is written: the class built from the new config.json must hold exactly the
+tensors written, and give each layer what its source layer had.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import re
+from dataclasses import dataclass
+
+from compose.errors import BuildError, SourceError
+from compose.families import layer_fields
+from compose.families.base import FILE_KEYS, Family, Parts, Shape, file_fields
+from compose.ir.config import ArchConfig, Rope
+from compose.ir.graph import Graph
+from compose.ir.nodes import Layer, Origin, Tensors
+
+OUTPUT_PROJECTIONS = frozenset({"o_proj", "down_proj", "out_proj", "dense", "c_proj", "wo", "w2", "dense_4h_to_h",
+                                "fc2", "o", "proj_out"})
+"""Module names of the linear layers whose outputs join the residual stream in transformers' decoder layers
+(attention outputs, MLP and expert down projections, linear attention's out_proj)."""
+
+Named = tuple[tuple[str, Shape], ...]
+
+
+@dataclass(frozen=True)
+class Derivation:
+    """What compose reads of one config.json from transformers' class."""
+
+    model_type: str
+    architecture: str
+    text: str
+    """Where the decoder's config sits in config.json: `` (the top) or a sub-config's key (`text_config`)."""
+    stack: str
+    """The decoder stack in memory (`model.language_model.layers`)."""
+    saved_stack: str
+    """The decoder stack's prefix in the checkpoint (`language_model.model.layers`)."""
+    stem: Named
+    layers: tuple[Named, ...]
+    """Per layer: its tensors, named below `saved_stack.i.`."""
+    tail: Named
+    fields: tuple[tuple[str, str], ...]
+    """(field, kind) of the decoder config's per-layer fields."""
+    values: tuple[tuple[tuple[str, str], ...], ...]
+    """Per layer: (field, what it says of the layer, as JSON text)."""
+    zero: tuple[tuple[str, ...], ...]
+    """Per layer: its residual-output projections (names below `saved_stack.i.`)."""
+    unknown: tuple[str, ...]
+    """Decoder-config fields about layers that compose cannot follow through a new layer order."""
+
+    def names(self) -> dict[str, Shape]:
+        """Every checkpoint tensor and its shape."""
+        out = dict(self.stem)
+        for i, layer in enumerate(self.layers):
+            out.update({f"{self.saved_stack}.{i}.{k}": s for k, s in layer})
+        out.update(self.tail)
+        return out
+
+    def describe(self) -> list[str]:
+        """What `compose inspect` shows of the derivation."""
+        n = len(self.layers)
+        out = [f"derived from transformers' {self.architecture}: decoder stack {self.stack} ({n} layers; "
+               f"{self.saved_stack}.* in the checkpoint), {len(self.stem)} tensors before it, {len(self.tail)} after"]
+        if self.fields:
+            out.append("per-layer fields: " + ", ".join(f"{f} ({kind})" for f, kind in self.fields))
+        if self.unknown:
+            out.append("fields about layers compose cannot follow: " + ", ".join(self.unknown))
+        zero = sorted({k for z in self.zero for k in z})
+        out.append("residual-output projections: " + (", ".join(zero) or "none"))
+        return out
+
+
+def is_output_projection(name: str) -> bool:
+    """Whether tensor `name` (below a layer) belongs to a linear layer whose output joins the residual stream:
+    one of its module names is an output projection (`self_attn.o_proj.weight`, `mlp.experts.3.down_proj.weight`),
+    or it is a stacked expert tensor of one (`mlp.experts.down_proj`, `mlp.experts.down_proj_bias`)."""
+    parts = name.split(".")
+    if any(p in OUTPUT_PROJECTIONS for p in parts[:-1]):
+        return True
+    return re.sub(r"_(bias|blocks|scales)$", "", parts[-1]) in OUTPUT_PROJECTIONS and len(parts) > 1
+
+
+def derivation(config: dict, where: str) -> Derivation:
+    """The derivation of config.json `config`, or a SourceError naming `where` and why transformers cannot build
+    it. Cached by the config's text: one build derives each source once."""
+    got = _derive(json.dumps(config, sort_keys=True))
+    if isinstance(got, str):
+        raise SourceError(f"{where}: {got}")
+    return got
+
+
+def of(g: Graph) -> Derivation:
+    """The derivation a derived graph's config records (its first source's)."""
+    return derivation(json.loads(g.config.source), g.config.family)
+
+
+def known(model_type: str) -> bool:
+    """Whether transformers knows `model_type` (its own code, never a checkpoint's)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    return model_type in CONFIG_MAPPING
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return (text[:300] + "...") if len(text) > 300 else text or type(e).__name__
+
+
+def class_name(config: dict) -> str | None:
+    """The transformers class a config.json is read as: the one its `architectures` names, if transformers maps
+    the model_type to it as a causal LM or an image-text-to-text model, else the causal LM class, else the
+    image-text-to-text one."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    t = config.get("model_type")
+    names = [m.get(t) for m in (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)]
+    # A class of the model_type's own config (Qwen3.5's causal LM class is its text model's, under `qwen3_5`).
+    names = [n for n in names if isinstance(n, str) and getattr(getattr(transformers, n, None), "config_class", None)
+             is CONFIG_MAPPING[t]]
+    archs = config.get("architectures")
+    if isinstance(archs, list) and archs and archs[0] in names:
+        return archs[0]
+    return names[0] if names else None
+
+
+def build_config(config: dict):
+    """transformers' own config object for config.json `config` (its class checks it); a ValueError quoting
+    transformers' reason when the class rejects it."""
+    import logging
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[config["model_type"]]
+    level = logging.getLogger("transformers").level
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        return cls.from_dict({k: v for k, v in config.items() if k != "auto_map"})
+    except Exception as e:  # transformers raises ValueError, TypeError and its own validation errors
+        raise ValueError(f"transformers' {cls.__name__} rejects config.json: {_one_line(e)}") from None
+    finally:
+        logging.getLogger("transformers").setLevel(level)
+
+
+def build_meta(config: dict):
+    """(the class's model built on the meta device, its config object) for config.json `config`."""
+    import torch
+    import transformers
+
+    cfg = build_config(config)
+    name = class_name(config)
+    cls = getattr(transformers, name)
+    try:
+        with torch.device("meta"):
+            model = cls._from_config(cfg)
+    except Exception as e:
+        raise ValueError(f"transformers' {name} cannot be built from config.json: {_one_line(e)}") from None
+    return model, cfg
+
+
+@functools.lru_cache(maxsize=64)
+def _derive(text: str) -> Derivation | str:
+    config = json.loads(text)
+    t = config.get("model_type")
+    if not isinstance(t, str) or not known(t):
+        return (f"config.json model_type {t!r} is not one transformers {file_fields('')['transformers_version']} "
+                "knows (compose never runs a checkpoint's own code: trust_remote_code is not an option)")
+    if config.get("quantization_config") is not None:
+        return "a quantized checkpoint (quantization_config); compose reads float weights"
+    name = class_name(config)
+    if name is None:
+        return f"transformers has no causal language model or image-text-to-text class for model_type {t!r}"
+    try:
+        model, cfg = build_meta(config)
+    except ValueError as e:
+        return str(e)
+    text_cfg = cfg.get_text_config(decoder=True)
+    text_key = "" if text_cfg is cfg else next((k for k in config if getattr(cfg, k, None) is text_cfg), None)
+    n = getattr(text_cfg, "num_hidden_layers", None)
+    if text_key is None or not isinstance(n, int) or n < 1:
+        return f"transformers' {name}: found no decoder config with num_hidden_layers"
+    stack = _stack(model, n)
+    if stack is None:
+        return f"transformers' {name}: found no decoder stack of {n} layers"
+    return _read(model, t, name, text_key, stack, text_cfg, n)
+
+
+def _stack(model, n: int) -> str | None:
+    """The in-memory path of the decoder stack: the ModuleList of n layers in `get_decoder()`, else the
+    largest ModuleList of n layers."""
+    import torch
+
+    paths = {id(m): p for p, m in model.named_modules()}
+    lists = [(p, m) for p, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
+    try:
+        decoder = model.get_decoder()
+    except Exception:  # a class without a rule of its own for it
+        decoder = None
+    if decoder is not None and id(decoder) in paths:
+        inside = [(p, m) for p, m in lists if p.startswith(paths[id(decoder)] + ".") or paths[id(decoder)] == ""]
+        lists = inside or lists
+    if not lists:
+        return None
+    return max(lists, key=lambda pm: sum(x.numel() for x in pm[1].parameters()))[0]
+
+
+def _saved(model, tensors: dict) -> dict:
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, dict(tensors))
+
+
+def _read(model, t: str, name: str, text_key: str, stack: str, text_cfg, n: int) -> Derivation | str:
+    every, once = dict(model.named_parameters(remove_duplicate=False)), dict(model.named_parameters())
+    tensors = {k: v for k, v in model.state_dict(keep_vars=True).items()
+               if k in once or k not in every}  # one of each tied set, and the buffers a checkpoint holds
+    try:
+        saved = _saved(model, tensors)
+    except Exception as e:
+        return f"transformers' {name}: its save-time renaming failed on the meta device: {_one_line(e)}"
+    order = list(tensors)
+    inside = [i for i, k in enumerate(order) if k.startswith(stack + ".")]
+    if not inside:
+        return f"transformers' {name}: its decoder stack {stack} holds no tensors"
+    saved_stack = None
+    for k in order[inside[0]:]:
+        rest = k[len(stack) + 3:] if k.startswith(stack + ".0.") else None
+        if rest is None:
+            break
+        one = list(_saved(model, {k: tensors[k]}))
+        if len(one) == 1 and one[0].endswith(".0." + rest):
+            saved_stack = one[0][:-len(".0." + rest)]
+            break
+    if saved_stack is None:
+        return f"transformers' {name}: could not tell where its decoder stack {stack} sits in a checkpoint"
+    tail_names = set(_saved(model, {k: tensors[k] for k in order[inside[-1] + 1:]})) if inside[-1] + 1 < len(order) else set()
+    pattern = re.compile(rf"{re.escape(saved_stack)}\.(\d+)\.(.+)")
+    layers: list[dict[str, Shape]] = [{} for _ in range(n)]
+    stem, tail = {}, {}
+    for k, v in saved.items():
+        m = pattern.fullmatch(k)
+        if m and int(m[1]) < n:
+            layers[int(m[1])][m[2]] = tuple(v.shape)
+        else:
+            (tail if k in tail_names else stem)[k] = tuple(v.shape)
+    # The residual-output projections by their in-memory names, renamed as the checkpoint names them (Granite's
+    # stacked `experts.down_proj` is `output_linear` on disk; per-expert tensors are one each).
+    zero: list[set[str]] = [set() for _ in range(n)]
+    outputs = {k: v for k, v in tensors.items() if k.startswith(stack + ".") and is_output_projection(k)}
+    for k in (_saved(model, outputs) if outputs else {}):
+        m = pattern.fullmatch(k)
+        if m and int(m[1]) < n:
+            zero[int(m[1])].add(m[2])
+    cfg_values = text_cfg.to_dict()
+    fields, unknown = layer_fields.find(cfg_values, n)
+    return Derivation(
+        model_type=t, architecture=name, text=text_key, stack=stack, saved_stack=saved_stack,
+        stem=tuple(stem.items()), layers=tuple(tuple(x.items()) for x in layers), tail=tuple(tail.items()),
+        fields=fields, values=layer_fields.values(cfg_values, fields, n),
+        zero=tuple(tuple(k for k in x if k in z) for x, z in zip(layers, zero)), unknown=unknown)
+
+
+def check_checkpoint(d: Derivation, shapes: dict[str, Shape], where: str) -> None:
+    """Every tensor of the checkpoint (`shapes`: name -> shape, from its headers) is one the class has, with
+    its shape, and the reverse; else a SourceError naming the first that is not."""
+    want = d.names()
+    extra = [k for k in shapes if k not in want]
+    if extra:
+        raise SourceError(f"{where}: tensor {extra[0]} is not one transformers' {d.architecture} has "
+                          f"({len(extra)} such tensors; compose drops nothing silently)")
+    missing = [k for k in want if k not in shapes]
+    if missing:
+        raise SourceError(f"{where}: no tensor {missing[0]}, which transformers' {d.architecture} has "
+                          f"({len(missing)} missing)")
+    for k, s in want.items():
+        if tuple(shapes[k]) != tuple(s):
+            raise SourceError(f"{where}: tensor {k} has shape {list(shapes[k])}, but transformers' {d.architecture} "
+                              f"built from config.json has {list(s)}")
+
+
+def text_part(config: dict, d: Derivation) -> dict:
+    return config[d.text] if d.text else config
+
+
+class Derived(Family):
+    """A family read from transformers' class (one per model_type): what compose can do without a hand-written
+    module is carry, copy, slice, stack and merge its tensors, and zero its residual-output projections."""
+
+    derived = True
+
+    def __init__(self, model_type: str, architecture: str):
+        self.model_type = self.dense = model_type
+        self.architecture = architecture
+
+    def source_family(self, c: dict, where: str) -> Family:
+        derivation(c, where)
+        return self
+
+    def stored_dtype(self, c: dict) -> str | None:
+        d = derivation(c, c.get("model_type"))
+        return c.get("dtype") or c.get("torch_dtype") or text_part(c, d).get("dtype") or None
+
+    def arch_config(self, c: dict, where: str, dtype: str) -> ArchConfig:
+        d = derivation(c, where)
+        text = text_part(c, d)
+
+        def number(key: str) -> int:
+            v = text.get(key)
+            return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+
+        tied = not any(k.endswith("lm_head.weight") for k, _ in d.tail + d.stem)
+        return ArchConfig(family=self.model_type, vocab=number("vocab_size"), hidden=number("hidden_size"),
+                          intermediate=number("intermediate_size"), heads=number("num_attention_heads"),
+                          kv_heads=number("num_key_value_heads"), head_dim=number("head_dim"), rms_eps=0.0,
+                          rope=Rope(), max_positions=number("max_position_embeddings"), tie_embeddings=tied,
+                          qkv_bias=False, o_bias=False, mlp_bias=False, act="", dtype=dtype,
+                          source=json.dumps(c, sort_keys=True))
+
+    def read(self, c: dict, reader, where: str) -> tuple[Tensors, list[Layer], Tensors]:
+        """The stem, layers and tail of a checkpoint of config.json `c`, every tensor loaded through `reader`."""
+        d = derivation(c, where)
+
+        def load(named: Named, prefix: str = ""):
+            return tuple((k, reader.load(prefix + k, s)) for k, s in named)
+
+        layers = [Layer(weights=load(d.layers[i], f"{d.saved_stack}.{i}."), shapes=d.layers[i],
+                        origin=Origin(where, i), fields=d.values[i], zero=d.zero[i]) for i in range(len(d.layers))]
+        return (Tensors(weights=load(d.stem), part="stem", shapes=d.stem), layers,
+                Tensors(weights=load(d.tail), part="tail", shapes=d.tail))
+
+    def checkpoint_shapes(self, c: dict, where: str) -> dict[str, Shape]:
+        return derivation(c, where).names()
+
+    def class_name(self, g: Graph) -> str:
+        return of(g).architecture
+
+    # -- IR -> checkpoint --------------------------------------------------------------------------------
+    def tensors(self, g: Graph) -> Parts:
+        d = of(g)
+        out: Parts = [(bool(g.embedding.trainable), g.embedding.params())]
+        out += [(bool(b.trainable), {f"{d.saved_stack}.{i}.{k}": e for k, e in b.params().items()})
+                for i, (_, b) in enumerate(g.blocks())]
+        return out + [(bool(g.tail.trainable), g.tail.params())]
+
+    def config_json(self, g: Graph) -> dict:
+        """The source's config.json with the layer count, each per-layer field and the dtype rewritten for
+        `g`'s layers; a BuildError naming a field that cannot say the new order."""
+        d = of(g)
+        out = {k: v for k, v in json.loads(g.config.source).items() if k not in FILE_KEYS}
+        text = text_part(out, d)
+        blocks = [b for _, b in g.blocks()]
+        if d.unknown and not _same_layers(blocks, len(d.layers)):
+            raise BuildError(f"config.json {d.unknown[0]} is about layers, and compose does not know how it follows "
+                             f"a new layer order in {d.architecture}: layers can be merged, not moved")
+        text["num_hidden_layers"] = len(blocks)
+        source_steps = layer_fields.steps_said(text, d.fields, len(d.layers))
+        for field, kind in d.fields:
+            if kind == "step":
+                said = [source_steps[field][b.origin.layer] if not b.origin.method else
+                        source_steps[field][b.origin.parts[0].layer] for b in blocks]
+            else:
+                said = [json.loads(dict(b.fields)[field]) for b in blocks]
+            try:
+                text[field] = layer_fields.rewrite(field, kind, text.get(field), said)
+            except ValueError as e:
+                raise BuildError(str(e)) from None
+        if d.text:
+            text.update({k: v for k, v in file_fields(g.config.dtype).items() if k != "transformers_version"})
+        out.update(architectures=[d.architecture], model_type=d.model_type, **file_fields(g.config.dtype))
+        if "num_hidden_layers" in json.loads(g.config.source) and not d.text:
+            out["num_hidden_layers"] = len(blocks)
+        return out
+
+    def refuse(self, g: Graph) -> str | None:
+        """Why the class cannot hold `g` as it is: a per-layer field that cannot say the new order, a tensor
+        the class built from the new config.json does not have (or lacks), or a layer that the new config.json
+        makes different from its source layer."""
+        if not g.derived:
+            return f"{self.architecture} is a derived family; only its own checkpoints' layers fit it"
+        try:
+            config = self.config_json(g)
+            out = _derive(json.dumps(config, sort_keys=True))
+        except BuildError as e:
+            return str(e)
+        if isinstance(out, str):
+            return out
+        want = out.names()
+        written = {k: tuple(e.shape) for _, named in self.tensors(g) for k, e in named.items()}
+        for k, s in written.items():
+            if want.get(k) != s:
+                return (f"tensor {k} of shape {list(s)} is not one the new config.json's {out.architecture} has"
+                        + (f" (it has {list(want[k])})" if k in want else ""))
+        missing = [k for k in want if k not in written]
+        if missing:
+            return f"the new config.json's {out.architecture} has tensor {missing[0]}, which this model lacks"
+        for j, (_, b) in enumerate(g.blocks()):
+            now = dict(out.values[j])
+            for field, v in b.fields:
+                if now.get(field) != v:
+                    layers = [i for i, (_, x) in enumerate(g.blocks()) if dict(out.values[i]).get(field) != dict(x.fields).get(field)]
+                    return (f"config.json {field} cannot say the new layer order: layers {layers} would be "
+                            f"{[json.loads(dict(out.values[i])[field]) for i in layers]}, not what their source "
+                            "layers are")
+        return None
+
+    def readable_keys(self) -> frozenset[str]:
+        return frozenset()
+
+
+def _same_layers(blocks, n: int) -> bool:
+    """Whether `blocks` are the source's n layers in their order (each one, or a merge of the same layer)."""
+    layers = [[b.origin] if b.origin.method is None else list(b.origin.parts) for b in blocks]
+    return len(blocks) == n and all(not o.new and o.layer == j for j, os in enumerate(layers) for o in os)
+
+
+@functools.cache
+def family(model_type: str) -> Derived:
+    """The derived family of `model_type` (one object per model_type)."""
+    return Derived(model_type, class_name({"model_type": model_type}) or model_type)
+
+
+SMALL = 50_000_000
+"""The most parameters the identity check builds a random instance with."""
+NARROW = {"intermediate_size": 64, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32}
+"""Widths the identity check narrows a large config's to."""
+
+
+def narrowed(config: dict, d: Derivation, layer: int) -> dict:
+    """config.json cut down for the identity check of `layer`: the layers up to it (each per-layer field cut to
+    them), one key/value head and its group of query heads of the same head size, narrow MLPs and experts, a
+    small vocabulary. What makes the layer an identity (its kind, its head size, its rope) is kept."""
+    config = json.loads(json.dumps(config))
+    part = config[d.text] if d.text else config
+    kinds = dict(d.fields)
+    if "suffix" not in kinds.values():  # counted from the end: cutting the stack would change them
+        n = layer + 1
+        part["num_hidden_layers"] = n
+        for field, kind in d.fields:
+            v = part.get(field)
+            if kind == "list" and isinstance(v, list):
+                part[field] = v[:n]
+            elif kind == "indices" and isinstance(v, list):
+                part[field] = [i for i in v if i < n]
+            elif kind == "prefix" and isinstance(v, int):
+                part[field] = min(v, n)
+    part.update({k: v for k, v in NARROW.items() if isinstance(part.get(k), int)})
+    heads, kv, hidden = part.get("num_attention_heads"), part.get("num_key_value_heads"), part.get("hidden_size")
+    if all(isinstance(x, int) and x > 0 for x in (heads, kv, hidden)) and heads % kv == 0:
+        head_dim = part.get("head_dim") or hidden // heads
+        group = heads // kv
+        part.update(num_attention_heads=group, num_key_value_heads=1)
+        part["hidden_size"] = group * head_dim if hidden == heads * head_dim else min(hidden, 256)
+    if isinstance(part.get("vocab_size"), int) and part["vocab_size"] > 512:
+        part["vocab_size"] = 512
+        for k in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            for c in (config, part):
+                if isinstance(c.get(k), int) and c[k] >= 512:
+                    c[k] = None
+    return config
+
+
+def check_identity(config: dict, layer: int, where: str) -> None:
+    """That zeroing layer `layer`'s residual-output projections makes it add exactly 0, checked on a small random
+    instance of the same class (the config's widths cut down where it is large): the hidden states leaving the
+    layer equal those entering it, bit for bit. A BuildError naming the layer otherwise."""
+    _identity(json.dumps(config, sort_keys=True), layer, where)
+
+
+@functools.lru_cache(maxsize=256)
+def _identity(text: str, layer: int, where: str) -> None:
+    import torch
+
+    config = json.loads(text)
+    d = derivation(config, where)
+    model = _small_instance(config, d, layer, where)
+    layers = model.get_submodule(d.stack.split(".")[-1] if d.text else d.stack)
+    block = layers[layer]
+    seen = {}
+
+    def before(_, args, kwargs):
+        seen["in"] = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).clone()
+
+    def after(_, args, kwargs, out):
+        seen["out"] = out[0] if isinstance(out, tuple) else out
+
+    with torch.no_grad():
+        for k, p in block.named_parameters():
+            if is_output_projection(k):
+                p.zero_()
+        hooks = [block.register_forward_pre_hook(before, with_kwargs=True),
+                 block.register_forward_hook(after, with_kwargs=True)]
+        ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(0))
+        try:
+            model(input_ids=ids)
+        finally:
+            for h in hooks:
+                h.remove()
+    if "out" not in seen or not torch.equal(seen["in"], seen["out"]):
+        raise BuildError(f"{where}: zeroing its residual-output projections "
+                         f"({', '.join(d.zero[layer]) or 'none found'}) does not make it an exact identity in "
+                         f"transformers' {d.architecture}, so expand_blocks cannot add a copy of it")
+
+
+def _small_instance(config: dict, d: Derivation, layer: int, where: str):
+    """A random float32 instance of the class (the language model alone, for an image-text-to-text class),
+    narrowed (NARROW) when the config's is larger than SMALL."""
+    import torch
+    import transformers
+
+    def make(c: dict):
+        if d.text:  # the decoder alone: the same layers, and no vision tower to build
+            sub = build_config(config).get_text_config(decoder=True)
+            return transformers.AutoModel.from_config(type(sub).from_dict(c[d.text]))
+        cfg = build_config(c)
+        return getattr(transformers, d.architecture)._from_config(cfg)
+
+    def size(c: dict) -> int:
+        with torch.device("meta"):
+            return sum(p.numel() for p in make(c).parameters())
+
+    if size(config) > SMALL:
+        config = narrowed(config, d, layer)
+        if size(config) > SMALL:
+            raise BuildError(f"{where}: compose checks a new block's identity on a small random instance of "
+                             f"{d.architecture}, and this config's is still over {SMALL:,} parameters narrowed")
+    torch.manual_seed(0)
+    model = make(config).float().eval()
+    with torch.no_grad():  # transformers' init leaves some projections at zero: nothing may be zero by chance
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+__all__ = ["Derivation", "Derived", "derivation", "of", "known", "family", "check_checkpoint", "check_identity",
+           "is_output_projection", "OUTPUT_PROJECTIONS"]

@@ -1,0 +1,147 @@
+"""Every decoder transformers can build (issue 25): a family derived from transformers' own class.
+
+Each model type without a compose module is built tiny with transformers' own classes (tests/derived_zoo.py),
+saved, and composed: LLaMA-Pro must leave the fp32 logits bit-identical (image+text too for the VL classes),
+SOLAR and a two-model stack must copy every layer byte for byte with the per-layer config fields following the
+layer map, and the output must load as the same class with no missing or unexpected keys.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import derived_zoo as zoo
+from compose import families
+from compose.pipeline import build
+
+TYPES = sorted(t for t in zoo.CASES if t not in families.SOURCES)
+TEXT = [t for t in TYPES if t not in zoo.VL]
+VISION = [t for t in TYPES if t in zoo.VL]
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """model_type -> (seed -> folder): each tiny checkpoint saved once per run."""
+    root, made = tmp_path_factory.mktemp("derived"), {}
+
+    def get(t: str, seed: int = 0) -> Path:
+        if (t, seed) not in made:
+            made[t, seed] = zoo.save(root / f"{t}-{seed}", t, seed=seed)
+        return made[t, seed]
+
+    return get
+
+
+def run(spec: dict, out: Path) -> Path:
+    path = out.with_suffix(".json")
+    path.write_text(json.dumps(spec))
+    return build(str(path), out, progress=False)
+
+
+def load(folder: Path, t: str):
+    model, info = zoo.model_class(t).from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return model.eval()
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def stack_prefix(t: str, folder: Path) -> str:
+    from compose.families.derived import derivation
+
+    return derivation(json.loads((folder / "config.json").read_text()), t).saved_stack
+
+
+def text_config(folder: Path, t: str) -> dict:
+    config = json.loads((folder / "config.json").read_text())
+    return config["text_config"] if t in zoo.VL else config
+
+
+def per_layer(config: dict, t: str) -> dict[str, list]:
+    """What each per-layer field says of each layer, as transformers' own config class reads the file (a step
+    field aside: it generates a list the class fills in, and that list is compared)."""
+    from compose.families import layer_fields
+    from compose.families.derived import build_config
+
+    full = build_config(config if t not in zoo.VL else {**config, "text_config": config["text_config"]})
+    text = full.get_text_config(decoder=True).to_dict()
+    fields, _ = layer_fields.find(text, text["num_hidden_layers"])
+    n = text["num_hidden_layers"]
+    return {f: [layer_fields.value(kind, text[f], i, n) for i in range(n)] for f, kind in fields if kind != "step"}
+
+
+def check_layer_map(out: Path, sources: list[tuple[Path, int]], t: str) -> None:
+    """Output layer j is source layer sources[j], byte for byte, and every per-layer field says of it what the
+    source's said of that layer."""
+    got = tensors(out)
+    prefix = stack_prefix(t, out)
+    for j, (src, i) in enumerate(sources):
+        mine = {k[len(f"{prefix}.{j}."):]: v for k, v in got.items() if k.startswith(f"{prefix}.{j}.")}
+        theirs = {k[len(f"{prefix}.{i}."):]: v for k, v in tensors(src).items() if k.startswith(f"{prefix}.{i}.")}
+        assert mine.keys() == theirs.keys() and mine
+        for k in mine:
+            assert mine[k].dtype == theirs[k].dtype and torch.equal(mine[k], theirs[k]), (j, k)
+    config = json.loads((out / "config.json").read_text())
+    fields = per_layer(config, t)
+    for f, said in fields.items():
+        want = [per_layer(json.loads((src / "config.json").read_text()), t)[f][i] for src, i in sources]
+        assert said == want, f
+
+
+@pytest.mark.parametrize("t", TYPES)
+def test_llama_pro_is_an_exact_identity(checkpoints, tmp_path, t):
+    src = checkpoints(t)
+    out = run({"model": {"op": "expand_blocks", "model": {"op": "load", "ref": str(src)}, "groups": 2,
+                         "per_group": 1}}, tmp_path / "out")
+    a, b = load(src, t), load(out, t)
+    inputs = [zoo.text_inputs(t)] + ([zoo.image_inputs(t)] if t in zoo.VL else [])
+    with torch.no_grad():
+        for x in inputs:
+            assert torch.equal(a(**x).logits, b(**x).logits)
+    assert text_config(out, t)["num_hidden_layers"] == 6
+    manifest = json.loads((out / "compose.json").read_text())
+    assert [layer["identity_at_init"] for layer in manifest["layers"]] == [False, False, True, False, False, True]
+
+
+@pytest.mark.parametrize("t", TYPES)
+def test_solar_copies_layers_and_follows_the_layer_map(checkpoints, tmp_path, t):
+    src = checkpoints(t)
+    out = run({"model": {"op": "depth_upscale", "model": {"op": "load", "ref": str(src)}, "drop": 1}},
+              tmp_path / "out")
+    load(out, t)
+    check_layer_map(out, [(src, i) for i in (0, 1, 2, 1, 2, 3)], t)
+
+
+@pytest.mark.parametrize("t", TYPES)
+def test_two_model_stack(checkpoints, tmp_path, t):
+    a, b = checkpoints(t), checkpoints(t, seed=1)
+    out = run({"model": {"op": "stack", "slices": [
+        {"op": "layers", "model": {"op": "load", "ref": str(a)}, "start": 0, "stop": 3},
+        {"op": "layers", "model": {"op": "load", "ref": str(b)}, "start": 2, "stop": 4}]}}, tmp_path / "out")
+    load(out, t)
+    check_layer_map(out, [(a, 0), (a, 1), (a, 2), (b, 2), (b, 3)], t)
+    got, first, last = tensors(out), tensors(a), tensors(b)
+    prefix = stack_prefix(t, out)
+    for k, v in got.items():  # outside the stack: the first model's stem, the last model's tail
+        if not k.startswith(prefix + "."):
+            assert torch.equal(v, first[k]) or torch.equal(v, last[k]), k
+
+
+@pytest.mark.parametrize("t", sorted(t for t in families.TINY.values()))
+def test_hand_written_families_name_what_the_derivation_names(t):
+    """A hand-written family's checkpoint names and shapes are the ones read from transformers' class."""
+    from compose.families.derived import derivation
+    from compose.sources import TINY_DEFAULTS
+
+    fam = families.get(t)
+    config = fam.tiny_config({**TINY_DEFAULTS, **fam.tiny_options})
+    assert fam.checkpoint_shapes(config, t) == derivation(config, t).names()
