@@ -18,7 +18,8 @@ from urllib.parse import parse_qsl
 
 from compose import families
 from compose.errors import SourceError
-from compose.families.tokenizer_files import TOKENIZER_FILES, check as check_tokenizer_files
+from compose.families.tokenizer_files import PROCESSOR_FILES, TOKENIZER_FILES, check as check_tokenizer_files
+from compose.families.tokenizer_files import check_processor
 from compose.ir.weights import derive_seed
 from compose.safetensors_header import (
     TORCH_DTYPES,
@@ -26,7 +27,7 @@ from compose.safetensors_header import (
     read_safetensors_header,
 )
 
-EXTRA_FILES = TOKENIZER_FILES + ("generation_config.json",)
+EXTRA_FILES = TOKENIZER_FILES + PROCESSOR_FILES + ("generation_config.json",)
 
 
 class Source:
@@ -75,6 +76,7 @@ class Source:
         if self.folder is None:
             return []
         check_tokenizer_files(self.folder)
+        check_processor(self.folder)
         return [self.folder / f for f in EXTRA_FILES if (self.folder / f).is_file()]
 
 

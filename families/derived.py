@@ -274,10 +274,12 @@ def _read(model, t: str, name: str, text_key: str, stack: str, text_cfg, n: int)
             zero[int(m[1])].add(m[2])
     cfg_values = text_cfg.to_dict()
     fields, unknown = layer_fields.find(cfg_values, n)
+    whole = model.config.to_dict()
+    fields += layer_fields.find_outer(whole)
     return Derivation(
         model_type=t, architecture=name, text=text_key, stack=stack, saved_stack=saved_stack,
         stem=tuple(stem.items()), layers=tuple(tuple(x.items()) for x in layers), tail=tuple(tail.items()),
-        fields=fields, values=layer_fields.values(cfg_values, fields, n),
+        fields=fields, values=layer_fields.values(cfg_values, fields, n, whole),
         zero=tuple(tuple(k for k in x if k in z) for x, z in zip(layers, zero)), unknown=unknown)
 
 
@@ -376,15 +378,20 @@ class Derived(Family):
         text["num_hidden_layers"] = len(blocks)
         source_steps = layer_fields.steps_said(text, d.fields, len(d.layers))
         for field, kind in d.fields:
+            if kind == "step" and field not in source_steps:
+                continue
             if kind == "step":
                 said = [source_steps[field][b.origin.layer] if not b.origin.method else
                         source_steps[field][b.origin.parts[0].layer] for b in blocks]
             else:
                 said = [json.loads(dict(b.fields)[field]) for b in blocks]
+            where = out if "." in field else text
             try:
-                text[field] = layer_fields.rewrite(field, kind, text.get(field), said)
+                new = layer_fields.rewrite(field, kind, layer_fields.get(where, field), said)
             except ValueError as e:
                 raise BuildError(str(e)) from None
+            if "." not in field:  # a field outside the decoder config is only checked, never rewritten
+                text[field] = new
         if d.text:
             text.update({k: v for k, v in file_fields(g.config.dtype).items() if k != "transformers_version"})
         out.update(architectures=[d.architecture], model_type=d.model_type, **file_fields(g.config.dtype))

@@ -35,6 +35,11 @@ KINDS: dict[str, str] = {
 }
 """transformers' per-layer config fields that are not one value per layer, by kind."""
 
+OUTER: dict[str, str] = {"vision_config.deepstack_visual_indexes": "feeds"}
+"""Fields outside the decoder config that pick decoder layers, by their path in config.json: Qwen3-VL's
+DeepStack adds the vision tower's features at `deepstack_visual_indexes` to the first len(...) decoder layers
+(`feeds`: those layers must stay the leading ones, since the vision side fixes how many there are)."""
+
 NOT_PER_LAYER = frozenset({
     "num_hidden_layers", "num_nextn_predict_layers", "hidden_size_per_layer_input", "vocab_size_per_layer_input",
     "max_window_layers", "use_sliding_window", "num_layers",
@@ -64,6 +69,18 @@ def find(config: dict, n: int) -> tuple[tuple[tuple[str, str], ...], tuple[str, 
     return tuple(fields), tuple(unknown)
 
 
+def find_outer(config: dict) -> tuple[tuple[str, str], ...]:
+    """(path, kind) of the OUTER fields that config.json `config` (the whole of it, as a dict) has."""
+    return tuple((path, kind) for path, kind in OUTER.items() if isinstance(get(config, path), list))
+
+
+def get(config: dict, path: str):
+    """The value at a dotted path of config.json (None where it is absent)."""
+    for key in path.split("."):
+        config = config.get(key) if isinstance(config, dict) else None
+    return config
+
+
 def value(kind: str, v, i: int, n: int):
     """What field value `v` of `kind` says of layer i of n."""
     if kind == "list":
@@ -78,13 +95,19 @@ def value(kind: str, v, i: int, n: int):
         return i <= v
     if kind == "by_index":
         return v.get(str(i), v.get(i))
+    if kind == "feeds":
+        return i < len(v)
     return (i + 1) % v == 0 if v > 0 else False
 
 
-def values(config: dict, fields, n: int) -> tuple[tuple[tuple[str, str], ...], ...]:
+def values(config: dict, fields, n: int, whole: dict | None = None) -> tuple[tuple[tuple[str, str], ...], ...]:
     """Per layer: (field, its value for the layer as JSON text), for every field but the steps (a step only
-    generates what the others, or the layer's shapes, already say)."""
-    return tuple(tuple((k, json.dumps(value(kind, config[k], i, n), sort_keys=True)) for k, kind in fields
+    generates what the others, or the layer's shapes, already say). Dotted fields are read from `whole`, the
+    whole config.json."""
+    def of(k: str):
+        return get(whole, k) if "." in k else config[k]
+
+    return tuple(tuple((k, json.dumps(value(kind, of(k), i, n), sort_keys=True)) for k, kind in fields
                        if kind != "step") for i in range(n))
 
 
@@ -98,6 +121,12 @@ def rewrite(field: str, kind: str, old, said: list) -> object:
         return [i for i, v in enumerate(said) if v]
     if kind == "by_index":
         return {str(i): v for i, v in enumerate(said) if v is not None}
+    if kind == "feeds":
+        if list(said) != [i < len(old) for i in range(n)]:
+            raise ValueError(f"config.json {field} feeds the vision tower's features into the first {len(old)} "
+                             f"layers, but the new order puts the layers that take them at "
+                             f"{[i for i, v in enumerate(said) if v]} of {n}")
+        return old
     if kind in ("prefix", "suffix", "upto"):
         k = sum(1 for v in said if v)
         want = [i >= n - k for i in range(n)] if kind == "suffix" else [i < k for i in range(n)]
@@ -116,4 +145,5 @@ def rewrite(field: str, kind: str, old, said: list) -> object:
 
 def steps_said(config: dict, fields, n: int) -> dict[str, list]:
     """For each step field, what it says of each of the n layers (rewrite's `said` for a step)."""
-    return {k: [value("step", config[k], i, n) for i in range(n)] for k, kind in fields if kind == "step"}
+    return {k: [value("step", config[k], i, n) for i in range(n)] for k, kind in fields
+            if kind == "step" and isinstance(config.get(k), int)}

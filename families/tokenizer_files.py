@@ -23,6 +23,10 @@ from compose.errors import SourceError
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 """A folder's tokenizer files: what a build copies with its tokenizer (besides generation_config.json)."""
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+                   "chat_template.json")
+"""An image-text-to-text folder's processor files (image sizes, the chat template): copied with its tokenizer so
+that the output loads in AutoProcessor. JSON objects that name no code (`auto_map`)."""
 LOADABLE = ("tokenizer.json", "tokenizer.model", "vocab.json")
 """The files that make a folder's tokenizer loadable (tokenizer_config.json alone does not)."""
 MAX_FILE_BYTES = 128 << 20
@@ -58,6 +62,24 @@ def check(folder: Path) -> None:
         if name in present:
             _check_special_tokens(folder / name, tokens)
     _CHECKED.add(key)
+
+
+def check_processor(folder: Path) -> None:
+    """Refuse `folder`'s processor files unless each is a regular file of at most MAX_FILE_BYTES holding a JSON
+    object that names no code of its own (an `auto_map` would make transformers run the source's code)."""
+    for name in PROCESSOR_FILES:
+        st = _stat(folder / name)
+        if st is None:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            raise SourceError(f"{folder / name}: not a regular file")
+        _check_size(folder / name, st.st_size)
+        data = read_json(folder / name)
+        if not isinstance(data, dict):
+            raise SourceError(f"{folder / name}: a JSON {type(data).__name__}, not an object")
+        if "auto_map" in data:
+            raise SourceError(f"{folder / name}: names code of its own (auto_map), which compose never carries "
+                              "into an output")
 
 
 def read_json(path: Path, what: str = "JSON"):

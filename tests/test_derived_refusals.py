@@ -139,3 +139,31 @@ def test_inspect_shows_the_derivation(capsys, tmp_path, zoo_dir):
     assert "rewritten first_k_dense_replace = 2" in out  # layer 0 (dense) and its copy lead
     assert "rewritten num_hidden_layers = 6" in out
     assert "%layers.1 = Layer(new copy of %0 layer 0, first_k_dense_replace=true)" in out
+
+
+def test_processor_files_are_carried_and_checked(capsys, tmp_path, zoo_dir):
+    """An image-text-to-text source's processor files go into the output (AutoImageProcessor loads them); one
+    that names code of its own (auto_map) is refused, and nothing is written."""
+    from transformers import AutoImageProcessor, CLIPImageProcessor
+
+    src = copy(zoo_dir("llava"), tmp_path / "with-processor")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(src)
+    out = tmp_path / "built"
+    assert main(["build", spec(tmp_path, load(src)), "-o", str(out)]) == 0
+    assert (out / "preprocessor_config.json").read_bytes() == (src / "preprocessor_config.json").read_bytes()
+    assert AutoImageProcessor.from_pretrained(out).crop_size == {"height": 32, "width": 32}
+
+    config = json.loads((src / "preprocessor_config.json").read_text())
+    config["auto_map"] = {"AutoImageProcessor": "processing_mine.MyProcessor"}
+    (src / "preprocessor_config.json").write_text(json.dumps(config))
+    clear_cache()
+    refused(capsys, tmp_path, ["build", spec(tmp_path, load(src))], "preprocessor_config.json", "auto_map")
+
+
+def test_layers_that_take_deepstack_features_stay_leading(capsys, tmp_path, zoo_dir):
+    """Qwen3-VL adds the vision tower's DeepStack features to its first decoder layers (as many as
+    vision_config.deepstack_visual_indexes): a stack that moves another layer there is refused."""
+    src = load(zoo_dir("qwen3_vl"))
+    model = {"op": "stack", "slices": [{"op": "layers", "model": src, "start": 1, "stop": 4},
+                                       {"op": "layers", "model": src, "start": 0, "stop": 1}]}
+    refused(capsys, tmp_path, ["build", spec(tmp_path, model)], "deepstack_visual_indexes", "[3]")
