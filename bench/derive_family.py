@@ -60,6 +60,11 @@ def main() -> None:
     import transformers  # noqa: F401
 
     print(f"import compose.families + transformers: {time.perf_counter() - t:.2f} s (once per process)")
+    t = time.perf_counter()
+    import transformers.modeling_utils  # noqa: F401
+
+    print(f"import transformers.modeling_utils: {time.perf_counter() - t:.2f} s (once per process: a derived "
+          "build's own start-up cost; a hand-written family's build does not import it)")
     print(f"{'config':<22}{'first':>8}{'again':>8}{'params':>16}{'identity check':>16}")
     for name, config in CONFIGS.items():
         text = json.dumps(config, sort_keys=True)
