@@ -63,6 +63,9 @@ class Derivation:
     """Per layer: (field, what it says of the layer, as JSON text)."""
     zero: tuple[tuple[str, ...], ...]
     """Per layer: its residual-output projections (names below `saved_stack.i.`)."""
+    towers: tuple[tuple[str, int], ...]
+    """(checkpoint prefix, layer count) of the other stacks of layers (a vision tower's blocks): a merge's
+    gradient parameters run over each of them as over the decoder's, as mergekit's modules do."""
     unknown: tuple[str, ...]
     """Decoder-config fields about layers that compose cannot follow through a new layer order."""
 
@@ -73,6 +76,15 @@ class Derivation:
             out.update({f"{self.saved_stack}.{i}.{k}": s for k, s in layer})
         out.update(self.tail)
         return out
+
+    def position(self, name: str) -> float:
+        """Where tensor `name` outside the decoder stack sits for a merge's gradients (mergekit's t): i / (L - 1)
+        for layer i of another stack of L layers (1 for a stack of one), else 0 (embeddings, norms, heads)."""
+        for prefix, count in self.towers:
+            m = re.match(rf"{re.escape(prefix)}\.(\d+)\.", name)
+            if m:
+                return int(m[1]) / (count - 1) if count > 1 else 1.0
+        return 0.0
 
     def describe(self) -> list[str]:
         """What `compose inspect` shows of the derivation."""
@@ -272,6 +284,7 @@ def _read(model, t: str, name: str, text_key: str, stack: str, text_cfg, n: int)
         m = pattern.fullmatch(k)
         if m and int(m[1]) < n:
             zero[int(m[1])].add(m[2])
+    towers = _towers(model, tensors, stack)
     cfg_values = text_cfg.to_dict()
     fields, unknown = layer_fields.find(cfg_values, n)
     whole = model.config.to_dict()
@@ -280,7 +293,28 @@ def _read(model, t: str, name: str, text_key: str, stack: str, text_cfg, n: int)
         model_type=t, architecture=name, text=text_key, stack=stack, saved_stack=saved_stack,
         stem=tuple(stem.items()), layers=tuple(tuple(x.items()) for x in layers), tail=tuple(tail.items()),
         fields=fields, values=layer_fields.values(cfg_values, fields, n, whole),
-        zero=tuple(tuple(k for k in x if k in z) for x, z in zip(layers, zero)), unknown=unknown)
+        zero=tuple(tuple(k for k in x if k in z) for x, z in zip(layers, zero)), unknown=unknown, towers=towers)
+
+
+def _towers(model, tensors: dict, stack: str) -> tuple[tuple[str, int], ...]:
+    """The other stacks of layers: ModuleLists (outside the decoder stack) as long as a sub-config says its
+    model is deep (`depth`, `num_hidden_layers`), each with its checkpoint prefix."""
+    import torch
+
+    depths = {v for sub in (getattr(model.config, k, None) for k in getattr(model.config, "sub_configs", {}))
+              if sub is not None for key in ("depth", "num_hidden_layers", "num_layers")
+              if isinstance(v := getattr(sub, key, None), int) and v > 0}
+    out = []
+    for path, m in model.named_modules():
+        if isinstance(m, torch.nn.ModuleList) and path != stack and len(m) in depths:
+            first = next((k for k in tensors if k.startswith(f"{path}.0.")), None)
+            if first is None:
+                continue
+            saved = list(_saved(model, {first: tensors[first]}))
+            rest = first[len(path) + 3:]
+            if len(saved) == 1 and saved[0].endswith(".0." + rest):
+                out.append((saved[0][:-len(".0." + rest)], len(m)))
+    return tuple(out)
 
 
 def check_checkpoint(d: Derivation, shapes: dict[str, Shape], where: str) -> None:

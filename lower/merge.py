@@ -91,9 +91,13 @@ def lower(spec, path: str, ctx) -> Graph:
 
     donor = graphs[base] if base is not None else graphs[0]
     out_dtype = spec.out_dtype or spec.dtype or donor.config.dtype
-    if donor.derived:  # every tensor outside the stack merged as the embeddings are (t = 0), by its own name
+    if donor.derived:  # every tensor outside the stack by its own name; a vision tower's layers at their own t
+        from compose.families.derived import of
+
+        d = of(donor)
+
         def outside(ops):
-            return ops[0].with_weights(**{k: merged(k, [o.params()[k] for o in ops], [k] * len(ops), 0.0)
+            return ops[0].with_weights(**{k: merged(k, [o.params()[k] for o in ops], [k] * len(ops), d.position(k))
                                           for k in ops[0].params()})
 
         stem, layers = outside([g.embedding for g in graphs]), blocks_merged()

@@ -185,3 +185,26 @@ def test_merges_equal_mergekit(checkpoints, tmp_path, t, method):
     assert got.keys() == sources[0].keys()
     for k, v in got.items():
         assert torch.equal(v, mergekit_merge(method, [s[k] for s in sources], base, k, **params)), k
+
+
+GRADIENT = {"t": [{"filter": "self_attn", "value": [0, 1]}, {"filter": "mlp", "value": [1, 0]}, {"value": [0.2, 0.7]}]}
+MERGEKIT_ONE_LAYER_MODULES = {"qwen2_5_vl": "visual.merger.mlp."}
+"""mergekit's architecture JSON makes Qwen2.5-VL's projector a module of one layer (t = 1 there); compose puts
+tensors outside every stack of layers at t = 0, as mergekit does for a module's pre- and post-weights."""
+
+
+@pytest.mark.parametrize("t", [t for t in VISION if mergekit_runs(t)])
+def test_gradients_run_over_each_tower_as_mergekit_does(checkpoints, tmp_path, t):
+    """A slerp whose t runs over the layers: the language model's layers and the vision tower's blocks each
+    take t = i / (L - 1) of their own stack, as mergekit's modules do."""
+    import yaml
+
+    a, b = checkpoints(t), checkpoints(t, seed=1)
+    config = merge_config("slerp", [a, b], **GRADIENT)
+    spec = tmp_path / "merge.yaml"
+    spec.write_text(yaml.safe_dump(config))
+    ours = build(str(spec), tmp_path / "ours", progress=False)
+    run_mergekit(config, tmp_path / "mergekit")
+    differ = compare(ours, tmp_path / "mergekit")
+    known = MERGEKIT_ONE_LAYER_MODULES.get(t)
+    assert [k for k in differ if known is None or not k.startswith(known)] == []
