@@ -51,6 +51,14 @@ merges each fused tensor as one, so only elementwise methods (linear, task arith
 the per-expert tensors: ties' top-k and slerp's angle are taken over all experts at once."""
 
 
+SLICES = frozenset({"arcee", "apertus", "phi", "glm4", "granite", "olmo2", "starcoder2", "stablelm"})
+"""The types whose passthrough `slices` mergekit 0.1.5 writes as mergekit's own passthrough rule says (the
+first slice's embeddings, the last slice's final norm and head, num_hidden_layers updated): those with a JSON
+definition. For the types it infers, mergekit takes the final norm and head from the first model and leaves
+num_hidden_layers as it was (a broken output); for cohere2 it leaves layer_types at the old depth, so the
+config it writes is rejected by transformers' Cohere2Config."""
+
+
 def mergekit_runs(model_type: str) -> bool:
     return model_type in SUPPORTED
 

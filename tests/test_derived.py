@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import derived_zoo as zoo
-from mergekit_derived import compare, merge_config, mergekit_runs, run_mergekit
+from mergekit_derived import SLICES, compare, merge_config, mergekit_runs, run_mergekit
 
 from compose import families
 from compose.pipeline import build
@@ -208,3 +208,23 @@ def test_gradients_run_over_each_tower_as_mergekit_does(checkpoints, tmp_path, t
     differ = compare(ours, tmp_path / "mergekit")
     known = MERGEKIT_ONE_LAYER_MODULES.get(t)
     assert [k for k in differ if known is None or not k.startswith(known)] == []
+
+
+@pytest.mark.parametrize("t", TYPES)
+def test_passthrough_yaml(checkpoints, tmp_path, t):
+    """mergekit's passthrough slices as the spec: each layer from its slice, byte for byte, with its per-layer
+    fields; where mergekit writes slices by its own rule (tests/mergekit_derived.py SLICES), the same tensors
+    as mergekit."""
+    import yaml
+
+    a, b = checkpoints(t), checkpoints(t, seed=1)
+    config = {"merge_method": "passthrough", "dtype": "float32", "slices": [
+        {"sources": [{"model": str(a), "layer_range": [0, 3]}]}, {"sources": [{"model": str(b), "layer_range": [1, 4]}]}]}
+    spec = tmp_path / "passthrough.yaml"
+    spec.write_text(yaml.safe_dump(config))
+    ours = build(str(spec), tmp_path / "ours", progress=False)
+    load(ours, t)
+    check_layer_map(ours, [(a, 0), (a, 1), (a, 2), (b, 1), (b, 2), (b, 3)], t)
+    if t in SLICES:
+        run_mergekit(config, tmp_path / "mergekit")
+        assert compare(ours, tmp_path / "mergekit") == []
