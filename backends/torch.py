@@ -57,12 +57,26 @@ def load_module(folder: Path):
     identical builds differ."""
     folder = Path(folder)
     if not (folder / FILENAME).is_file():
-        raise BuildError(f"{folder}: no {FILENAME} (build with --format torch, or rebuild)")
+        raise BuildError(f"{folder}: no {FILENAME} ({_why_none(folder)})")
     sources = _checked_sources(folder, _recorded(folder))
     name = f"compose_generated_{_code_hash(sources)}"
     if name not in sys.modules:
         _execute(name, folder, sources)
     return sys.modules[name]
+
+
+def _why_none(folder: Path) -> str:
+    """What to do about a build without generated code: rebuild with it, unless its family is derived from
+    transformers' class (compose.families.derived), which has none."""
+    from compose import families
+    from compose.backends.record import manifest_of
+
+    target = manifest_of(folder).get("target", {})
+    t = target.get("model_type") if isinstance(target, dict) else None
+    if isinstance(t, str) and t not in families.REGISTRY and families.derived.known(t):
+        return (f"model_type {t} is written as transformers' {target.get('class')}, by a family derived from that "
+                "class, which has no generated module: load it with transformers")
+    return "build with --format torch, or rebuild"
 
 
 def _recorded(folder: Path) -> dict[str, str]:

@@ -167,3 +167,15 @@ def test_layers_that_take_deepstack_features_stay_leading(capsys, tmp_path, zoo_
     model = {"op": "stack", "slices": [{"op": "layers", "model": src, "start": 1, "stop": 4},
                                        {"op": "layers", "model": src, "start": 0, "stop": 1}]}
     refused(capsys, tmp_path, ["build", spec(tmp_path, model)], "deepstack_visual_indexes", "[3]")
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "hi"], ["export", "--format", "onnx"]])
+def test_commands_that_need_generated_code_say_so(capsys, tmp_path, zoo_dir, command):
+    out = tmp_path / "built"
+    assert main(["build", spec(tmp_path, load(zoo_dir("olmo2"))), "-o", str(out)]) == 0
+    before = sorted(p.name for p in out.iterdir())
+    capsys.readouterr()
+    assert main([command[0], str(out), *command[1:]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Olmo2ForCausalLM" in err[0] and "load it with transformers" in err[0], err
+    assert sorted(p.name for p in out.iterdir()) == before
