@@ -79,14 +79,26 @@ MERGE_PAPERS = {
 """Merge methods whose card cites more than (or other than) the method's own reference."""
 
 
+def _auto_class(g) -> tuple[str, str]:
+    """(the Auto class that loads the output, the Hub's pipeline_tag): a derived family's image-text-to-text
+    class (Qwen2.5-VL's) loads as one."""
+    if g.derived:
+        from compose.families.derived import image_text_to_text, of
+
+        if image_text_to_text(of(g).architecture):
+            return "AutoModelForImageTextToText", "image-text-to-text"
+    return "AutoModelForCausalLM", "text-generation"
+
+
 def render(spec: dict, g, trainable: list[str], tensors: dict, version: str) -> str:
     """The card of a build of `spec` (its JSON dump, as compose.json records it) compiled to `g`, with the
     trainable tensor names and every output tensor's expression (name -> Expr)."""
     methods, refs, adapters = _walk(spec.get("model", spec))
     hub = [_hub_name(r) for r in refs]
     tags = ["compose", "merge"] + sorted({t for m in methods for t in (m.tag, *m.tags)} - {"compose", "merge"})
+    auto, task = _auto_class(g)
     front = {"base_model": [h for h in dict.fromkeys(hub) if h is not None], "library_name": "transformers",
-             "pipeline_tag": "text-generation", "tags": tags}
+             "pipeline_tag": task, "tags": tags}
     if not front["base_model"]:
         del front["base_model"]
     target = g.state.target
@@ -104,8 +116,8 @@ def render(spec: dict, g, trainable: list[str], tensors: dict, version: str) -> 
     lines += [f"- {_code(r)}: {_describe_ref(r)}" for r in dict.fromkeys(refs)]
     lines += [f"- {_code(a)}: a LoRA adapter (PEFT), folded into the weights" for a in dict.fromkeys(adapters)]
     remote = ", trust_remote_code=True" if _generated(target) else ""
-    lines += ["", "## Output", "", _output(g, target), "", "```python", "from transformers import AutoModelForCausalLM",
-              "", f'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder"{remote})', "```", "",
+    lines += ["", "## Output", "", _output(g, target), "", "```python", f"from transformers import {auto}",
+              "", f'model = {auto}.from_pretrained("path/to/this/folder"{remote})', "```", "",
               "## Trainable parameters", "", _trainable(g, trainable, tensors), "", "## Layers", "",
               "| layer | from | trains |", "| --- | --- | --- |"]
     lines += [f"| {i} | {_cell(b.origin.describe(_code))}{' (identity at init)' if b.identity else ''} | "

@@ -131,6 +131,13 @@ def known(model_type: str) -> bool:
     return model_type in CONFIG_MAPPING
 
 
+def image_text_to_text(architecture: str) -> bool:
+    """Whether transformers' `architecture` is an image-text-to-text class (AutoModelForImageTextToText's)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return architecture in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.values()
+
+
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return (text[:300] + "...") if len(text) > 300 else text or type(e).__name__

@@ -1,5 +1,6 @@
 """What a derived family refuses (issue 25, item 6 and the ops it does not have): each with one line naming
-what is wrong, and nothing written. Also what `compose inspect` shows of a derivation."""
+what is wrong, and nothing written. Also what the front door says of a derived build: `compose inspect`'s
+derivation, the processor files it carries, the model card's loading class."""
 from __future__ import annotations
 
 import json
@@ -179,3 +180,13 @@ def test_commands_that_need_generated_code_say_so(capsys, tmp_path, zoo_dir, com
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Olmo2ForCausalLM" in err[0] and "load it with transformers" in err[0], err
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_the_card_of_an_image_text_to_text_build_loads_it_as_one(tmp_path, zoo_dir):
+    from huggingface_hub import ModelCard
+
+    out = tmp_path / "built"
+    assert main(["build", spec(tmp_path, load(zoo_dir("qwen2_5_vl"))), "-o", str(out)]) == 0
+    card = ModelCard.load(out / "README.md")
+    assert card.data.pipeline_tag == "image-text-to-text"
+    assert "AutoModelForImageTextToText.from_pretrained(" in card.text
