@@ -2,40 +2,105 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
 
+from compose import families
+
 VOCAB = 512
 
 
-def hf_config(family: str, layers: int = 8, hidden: int = 64, tie: bool = False, **kw):
-    from transformers import (Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config,
-                              Qwen3Config)
+@dataclass(frozen=True)
+class Case:
+    """One hand-written family's test models (FAMILY_CASES): what the tests need to know of a family beyond
+    what its module says."""
 
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
-           "phi3": Phi3Config, "gemma2": Gemma2Config, "gemma3": Gemma3TextConfig}[family]
+    model: dict = field(default_factory=dict)
+    """transformers config arguments of the family's small test model (hf_config), on top of the common ones."""
+    full_every: int | None = None
+    """Sliding and full layers (`layer_types`): every full_every-th layer attends to every earlier token."""
+    round_trip: dict = field(default_factory=dict)
+    """What test_families' 3-layer round trip adds: the family's optional parts switched on."""
+    tie: bool = False
+    """hf_models (and the codegen and runtime models) tie the embeddings, as the family's checkpoints do."""
+    shard: str | None = None
+    """hf_models saves it in shards of this size (exercises the index)."""
+    seed: int = 0
+    """hf_models' seed."""
+    upcycled: str | None = None
+    """The class moe.upcycle of its hf_models model is written as (families with MoE classes)."""
+
+
+GEMMA = dict(head_dim=32, query_pre_attn_scalar=24, sliding_window=16, final_logit_softcapping=2.0)
+"""Gemma's test models: a head_dim and a query_pre_attn_scalar of their own, a final cap low enough to bend
+these small logits, a window of 16 that sequences of 40 cross (with every third layer global)."""
+SLIDING_QWEN = dict(tie_word_embeddings=True, use_sliding_window=True, sliding_window=12, max_window_layers=1)
+
+FAMILY_CASES = {
+    # Every hand-written family with a transformers class, by its tiny name (its model_type where it has no tiny
+    # recipe). Adding a family is its module in families/ and one entry here: the tests' family lists are
+    # computed from the registry (FAMILY_TYPES, DENSE, MOE below) and the families' properties.
+    "llama": Case(round_trip=dict(attention_bias=True, mlp_bias=True), seed=1, shard="100KB",
+                  upcycled="MixtralForCausalLM"),
+    "mistral": Case(model=dict(sliding_window=16), seed=2, upcycled="MixtralForCausalLM"),
+    "qwen2": Case(round_trip=SLIDING_QWEN, tie=True, seed=3, upcycled="Qwen2MoeForCausalLM"),
+    # Qwen3's head_dim is its own field, not hidden / heads (twice that at the default width)
+    "qwen3": Case(model=dict(head_dim=32), round_trip=SLIDING_QWEN, tie=True, seed=4, upcycled="Qwen3MoeForCausalLM"),
+    # Phi3Config's default pad id is past VOCAB
+    "phi3": Case(model=dict(pad_token_id=0, sliding_window=16), seed=5,
+                 round_trip=dict(sliding_window=12, bos_token_id=1, eos_token_id=2)),
+    # Gemma: 1 + w norms, sandwich norms, soft-caps, sliding and global layers, tied head; Gemma 3 adds q/k
+    # norms and a local rope. query_pre_attn_scalar differs from head_dim so a scale mistake shows.
+    "gemma2": Case(model=dict(GEMMA, attn_logit_softcapping=0.05), full_every=3, tie=True, seed=6,
+                   round_trip=dict(sliding_window=12, tie_word_embeddings=True,
+                                   layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+    # Gemma 3's two ropes: a scaled global one, a local one with its own theta
+    "gemma3": Case(model=dict(GEMMA, rope_parameters={
+                       "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                       "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}), full_every=3, tie=True,
+                   seed=7,
+                   round_trip=dict(sliding_window=12, final_logit_softcapping=20.0, tie_word_embeddings=True,
+                                   rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                                       "rope_theta": 1e6},
+                                                    "sliding_attention": {"rope_type": "default",
+                                                                          "rope_theta": 1e4}})),
+    # Ministral: Mistral's block with sliding and full layers (every other one full; an upcycle needs Qwen2-MoE's
+    # per-layer windows); its class computes no default head_dim
+    "ministral": Case(model=dict(head_dim=16, sliding_window=16), full_every=2, seed=8,
+                      upcycled="Qwen2MoeForCausalLM"),
+    "mixtral": Case(model=dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
+                               rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    "qwen2_moe": Case(model=dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                 shared_expert_intermediate_size=48, mlp_only_layers=[1], norm_topk_prob=False)),
+    "qwen3_moe": Case(model=dict(head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                 mlp_only_layers=[1], norm_topk_prob=True, use_sliding_window=True,
+                                 sliding_window=12)),
+}
+
+FAMILY_TYPES = {families.get(t).tiny_name or t: t for t in families.SOURCES if not families.get(t).generated}
+"""Every hand-written family with a transformers class: its test name (its `tiny:` name) -> model_type."""
+DENSE = [n for n, t in FAMILY_TYPES.items() if families.get(t).expert_prefix is None]
+"""The dense families (hf_models holds one model of each)."""
+MOE = [n for n, t in FAMILY_TYPES.items() if families.get(t).expert_prefix is not None]
+"""The mixture-of-experts families."""
+
+
+def hf_config(family: str, layers: int = 8, hidden: int = 64, tie: bool = False, **kw):
+    """The config of a small model of `family`'s transformers class (FAMILY_CASES), `kw` on top."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    case = FAMILY_CASES[family]
     args = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tie)
-    if family == "mistral":
-        args["sliding_window"] = 16
-    if family == "qwen3":
-        args["head_dim"] = 2 * hidden // 4  # Qwen3's head_dim is its own field, not hidden / heads
-    if family == "phi3":
-        args.update(pad_token_id=0, sliding_window=16)  # Phi3Config's default pad id is past VOCAB
-    if family in ("gemma2", "gemma3"):
-        # A head_dim and a query_pre_attn_scalar of their own, caps low enough to bend these small logits and
-        # scores, a window of 16 that sequences of 40 cross, sliding and global layers.
-        args.update(head_dim=32, query_pre_attn_scalar=24, sliding_window=16, final_logit_softcapping=2.0,
-                    layer_types=["sliding_attention" if i % 3 != 2 else "full_attention"
-                                 for i in range(kw.get("num_hidden_layers", layers))])
-    if family == "gemma2":
-        args["attn_logit_softcapping"] = 0.05
-    if family == "gemma3":  # Gemma 3's two ropes: a scaled global one, a local one with its own theta
-        args["rope_parameters"] = {"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
-                                   "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
-    return cls(**{**args, **kw})
+    args.update(case.model)
+    if case.full_every:  # sliding and full layers: every full_every-th one attends to every earlier token
+        n = kw.get("num_hidden_layers", layers)
+        args["layer_types"] = ["full_attention" if i % case.full_every == case.full_every - 1 else "sliding_attention"
+                               for i in range(n)]
+    return CONFIG_MAPPING[FAMILY_TYPES[family]](**{**args, **kw})
 
 
 def save_hf_model(folder: Path, family: str, seed: int = 0, shard: str | None = None, perturb_all: bool = False,
@@ -115,18 +180,11 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def hf_models(tmp_path_factory):
-    """Source folders, one per family; qwen2, qwen3 and the Gemmas tie their embeddings, llama is sharded
-    into several files."""
+    """Source folders, one per dense family (8 layers), each tied and sharded as its Case says (qwen2, qwen3
+    and the Gemmas tie their embeddings, llama is sharded into several files)."""
     root = tmp_path_factory.mktemp("sources")
-    return {
-        "llama": save_hf_model(root / "llama", "llama", seed=1, shard="100KB"),
-        "mistral": save_hf_model(root / "mistral", "mistral", seed=2),
-        "qwen2": save_hf_model(root / "qwen2", "qwen2", seed=3, tie=True),
-        "qwen3": save_hf_model(root / "qwen3", "qwen3", seed=4, tie=True),
-        "phi3": save_hf_model(root / "phi3", "phi3", seed=5),
-        "gemma2": save_hf_model(root / "gemma2", "gemma2", seed=6, tie=True),
-        "gemma3": save_hf_model(root / "gemma3", "gemma3", seed=7, tie=True),
-    }
+    return {n: save_hf_model(root / n, n, seed=FAMILY_CASES[n].seed, shard=FAMILY_CASES[n].shard,
+                             tie=FAMILY_CASES[n].tie) for n in DENSE}
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,9 @@
 written back as that class, checked with transformers itself; the registry covers them all; no module
 outside families/ knows a family.
 
-Adding a family: its module under families/ and one entry in CASES below (and, when it has a tiny recipe,
-it is covered by test_tiny_recipe_is_the_transformers_layout automatically).
+Adding a family: its module under families/ (collected from the folder) and one entry in conftest.FAMILY_CASES;
+the family lists of the tests (round trips here, the tiny recipe check, codegen, LLaMA-Pro, SOLAR, CALM, CogVLM,
+the runtime, GGUF) are computed from the registry and the family's properties.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 from compose import build, families, layers, load, merge, stack
 from compose.families import in_memory_name
 from compose.sources import open_source
-from conftest import VOCAB, load_hf, read_tensors, token_ids
+from conftest import FAMILY_CASES, FAMILY_TYPES, MOE, VOCAB, hf_config, load_hf, read_tensors, token_ids
 
 ROOT = Path(__file__).parents[1]
 PACKAGE = ("compose", "families", "lower", "ir", "passes", "backends", "codegen", "merges")
@@ -25,43 +26,15 @@ PACKAGE = ("compose", "families", "lower", "ir", "passes", "backends", "codegen"
 
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
-CASES = {
-    # model_type: (transformers config class, its arguments)
-    "llama": ("LlamaConfig", dict(attention_bias=True, mlp_bias=True)),
-    "mistral": ("MistralConfig", dict(sliding_window=16)),
-    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True, use_sliding_window=True, sliding_window=12,
-                                  max_window_layers=1)),
-    "qwen3": ("Qwen3Config", dict(head_dim=32, tie_word_embeddings=True, use_sliding_window=True, sliding_window=12,
-                                  max_window_layers=1)),
-    "phi3": ("Phi3Config", dict(sliding_window=12, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
-    # Gemma: 1 + w norms, sandwich norms, soft-caps, sliding and global layers, tied head; Gemma 3 adds q/k
-    # norms and a local rope. query_pre_attn_scalar differs from head_dim so a scale mistake shows.
-    "gemma2": ("Gemma2Config", dict(head_dim=32, query_pre_attn_scalar=24, sliding_window=12, tie_word_embeddings=True,
-                                    layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
-    "gemma3_text": ("Gemma3TextConfig", dict(head_dim=32, query_pre_attn_scalar=24, sliding_window=12,
-                                             final_logit_softcapping=20.0, tie_word_embeddings=True,
-                                             layer_types=["sliding_attention", "sliding_attention", "full_attention"],
-                                             rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0,
-                                                                                 "rope_theta": 1e6},
-                                                              "sliding_attention": {"rope_type": "default",
-                                                                                    "rope_theta": 1e4}})),
-    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
-                                      rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
-    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                                         shared_expert_intermediate_size=48, mlp_only_layers=[1],
-                                         norm_topk_prob=False)),
-    "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                                         mlp_only_layers=[1], norm_topk_prob=True, use_sliding_window=True,
-                                         sliding_window=12)),
-}
+"""The size of the configs written here by hand (the round trips' models are conftest.hf_config's)."""
 
 
-def _source(folder: Path, model_type: str) -> Path:
-    """A model of transformers' own class for `model_type`, every weight perturbed, saved as it saves."""
+def _source(folder: Path, name: str) -> Path:
+    """A 3-layer model of transformers' own class for family `name` (conftest.FAMILY_CASES: its small model
+    and what the round trip adds), every weight perturbed, saved as it saves."""
     import transformers
 
-    name, kwargs = CASES[model_type]
-    config = getattr(transformers, name)(**{**SMALL, **kwargs})
+    config = hf_config(name, layers=3, **FAMILY_CASES[name].round_trip)
     torch.manual_seed(7)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
@@ -73,25 +46,27 @@ def _source(folder: Path, model_type: str) -> Path:
 
 @pytest.fixture(scope="module")
 def round_trips(tmp_path_factory):
-    """model_type -> (source folder, compose's build of it unchanged)."""
+    """family -> (source folder, compose's build of it unchanged)."""
     root = tmp_path_factory.mktemp("families")
     out = {}
-    for t in CASES:
-        src = _source(root / t, t)
-        out[t] = (src, build(load(str(src)), root / f"{t}_out", progress=False))
+    for n in FAMILY_TYPES:
+        src = _source(root / n, n)
+        out[n] = (src, build(load(str(src)), root / f"{n}_out", progress=False))
     return out
 
 
 def test_every_family_has_a_test_entry():
-    """Every family with a transformers class; compose_moe's own outputs round-trip in test_moe_generated."""
-    assert set(CASES) == {t for t in families.SOURCES if not families.get(t).generated}
+    """Every family with a transformers class (collected from families/) has its entry in conftest's table;
+    compose_moe's own outputs round-trip in test_moe_generated."""
+    assert set(FAMILY_CASES) == set(FAMILY_TYPES)
+    assert set(FAMILY_TYPES.values()) == {t for t in families.SOURCES if not families.get(t).generated}
 
 
-@pytest.mark.parametrize("model_type", sorted(CASES))
-def test_round_trip_through_transformers(round_trips, model_type):
+@pytest.mark.parametrize("family", sorted(FAMILY_TYPES))
+def test_round_trip_through_transformers(round_trips, family):
     """Read as the family, written back as its class: transformers loads the same class with the same
     config (every field it reads), the same tensor names, and computes the same logits."""
-    src, out = round_trips[model_type]
+    src, out = round_trips[family]
     a, b = load_hf(src), load_hf(out)
     assert type(b) is type(a)
     fields = {k for k in a.config.to_dict() if k not in ("transformers_version", "_name_or_path", "architectures",
@@ -114,9 +89,7 @@ def test_qwen3_moe_sparse_step_keeps_dense_layers_in_between(tmp_path):
     writes the same layers as decoder_sparse_step 1 and mlp_only_layers, which transformers reads alike."""
     import transformers
 
-    name, kwargs = CASES["qwen3_moe"]
-    config = transformers.Qwen3MoeConfig(**{**SMALL, **kwargs, "num_hidden_layers": 5, "decoder_sparse_step": 2,
-                                            "mlp_only_layers": [3]})
+    config = hf_config("qwen3_moe", layers=5, decoder_sparse_step=2, mlp_only_layers=[3])
     torch.manual_seed(8)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
@@ -132,10 +105,10 @@ def test_qwen3_moe_sparse_step_keeps_dense_layers_in_between(tmp_path):
         assert torch.equal(b(ids).logits, a(ids).logits)
 
 
-@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "qwen3_moe"])
-def test_in_memory_names_are_transformers(round_trips, model_type):
+@pytest.mark.parametrize("family", MOE)
+def test_in_memory_names_are_transformers(round_trips, family):
     """Checkpoint names map to the names transformers 5 gives the loaded (stacked) parameters."""
-    _, out = round_trips[model_type]
+    _, out = round_trips[family]
     names = {in_memory_name(k) for k in read_tensors(out)}
     assert names == {n for n, _ in load_hf(out).named_parameters()}
 

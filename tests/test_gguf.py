@@ -22,25 +22,28 @@ gguf = pytest.importorskip("gguf")
 
 from conftest import VOCAB, save_hf_model
 
-from compose import load, merge, moe
+from compose import families, load, merge, moe
 from compose.errors import BuildError
 from compose.pipeline import build
 
 LLAMA_CPP_CACHE = Path.home() / ".cache" / "compose-test" / "llama-cpp-python-0.3.36"
 
 
+TINY = {n: t for n, t in families.TINY.items() if families.get(t).gguf_arch is not None}
+"""Every family with a tiny recipe and a llama.cpp architecture: its tiny model is built as it is."""
+TINY_QUERY = {"llama": "layers=3", "qwen2": "layers=3", "mistral": "layers=2&window=0", "gemma3": "layers=6"}
+"""Options other than layers=2: a Mistral without a window (llama.cpp's llama has none), a Gemma 3 that reaches
+its first global layer. (phi3's tiny model has fused q/k/v and gate/up and an untied head: Phi-4's layout.)"""
+
+
 def _builds():
     qwen2 = "tiny:qwen2?layers=3"
     return {
-        "llama": load("tiny:llama?layers=3"),
+        **{n: load(f"tiny:{n}?{TINY_QUERY.get(n, 'layers=2')}") for n in TINY},
         "llama_bf16": load("tiny:llama?layers=2&seed=3", dtype="bfloat16"),
         "llama_f16": load("tiny:llama?layers=2&seed=4", dtype="float16"),
-        "mistral": load("tiny:mistral?layers=2&window=0"),
         "mixtral": moe.upcycle(load("tiny:llama?layers=2"), num_experts=4, top_k=2, noise=0.02,
                                router=moe.random(seed=1, std=0.5)),
-        "qwen2": load(qwen2),
-        "qwen3": load("tiny:qwen3?layers=2"),
-        "qwen3_moe": load("tiny:qwen3_moe?layers=2"),
         # compose's DeepSeekMoE (a Qwen2-MoE with a zero shared gate and a dense first layer) -> deepseek
         "deepseek": moe.fine_grained(load(qwen2), segments=4, routed=8, shared=2, top_k=2, first_k_dense=1,
                                      norm_topk_prob=False, router=moe.random(seed=2, std=0.5)),
@@ -52,9 +55,6 @@ def _builds():
                                      experts=[load(f"tiny:qwen2?layers=2&seed={s}") for s in (1, 2, 3)],
                                      shared_expert=load("tiny:qwen2?layers=2&seed=4"), shared_gate=True,
                                      top_k=2, norm_topk_prob=False, router=moe.random(seed=4, std=0.5)),
-        "gemma2": load("tiny:gemma2?layers=2"),
-        "phi3": load("tiny:phi3?layers=2"),  # fused q/k/v and gate/up, untied head (Phi-4's layout)
-        "gemma3": load("tiny:gemma3?layers=6"),
         # transformers' own Gemma checkpoints (tests/conftest.py): soft-caps that bend the logits, a sliding
         # pattern of their own, Gemma 3's linearly scaled global rope next to its local theta
         "gemma2_hf": lambda root: load(str(save_hf_model(root / "gemma2_src", "gemma2", layers=4, tie=True,
@@ -66,10 +66,9 @@ def _builds():
     }
 
 
-ARCH = {"llama": "llama", "llama_bf16": "llama", "llama_f16": "llama", "mistral": "llama", "mixtral": "llama",
-        "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3moe", "deepseek": "deepseek",
-        "deepseek_unshared": "deepseek", "qwen2moe": "qwen2moe", "gemma2": "gemma2", "gemma3": "gemma3",
-        "gemma2_hf": "gemma2", "gemma3_hf": "gemma3", "phi3": "phi3"}
+ARCH = {**{n: families.get(t).gguf_arch for n, t in TINY.items()},
+        "llama_bf16": "llama", "llama_f16": "llama", "mixtral": "llama", "deepseek": "deepseek",
+        "deepseek_unshared": "deepseek", "qwen2moe": "qwen2moe", "gemma2_hf": "gemma2", "gemma3_hf": "gemma3"}
 
 
 @pytest.fixture(scope="session")

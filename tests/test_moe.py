@@ -6,17 +6,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compose import build, load, moe
-from conftest import load_hf, logits, manifest, read_tensors, save_hf_model, token_ids
+from compose import build, families, load, moe
+from conftest import (DENSE, FAMILY_CASES, FAMILY_TYPES, load_hf, logits, manifest, read_tensors, save_hf_model,
+                      token_ids)
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", [n for n in DENSE if families.get(FAMILY_TYPES[n]).moe_targets])
 def test_upcycle_matches_the_dense_model(tmp_path, hf_models, family):
+    """Every dense family with MoE classes: its upcycled model is the class its conftest.FAMILY_CASES entry
+    names, and computes the dense function."""
     src = hf_models[family]
     out = build(moe.upcycle(load(str(src)), num_experts=8, top_k=2), tmp_path / "out", progress=False)
     dense, sparse = load_hf(src), load_hf(out)
-    want = {"qwen2": "Qwen2MoeForCausalLM", "qwen3": "Qwen3MoeForCausalLM"}.get(family, "MixtralForCausalLM")
-    assert type(sparse).__name__ == want
+    assert type(sparse).__name__ == FAMILY_CASES[family].upcycled
     ids = token_ids(seq=40)
     torch.testing.assert_close(logits(sparse, ids), logits(dense, ids), rtol=0, atol=1e-5)
 
@@ -143,7 +145,7 @@ def test_solar_then_upcycle(tmp_path, hf_models):
     assert torch.equal(logits(load_hf(sparse), ids), logits(load_hf(dense), ids))
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3"])  # two MoE classes' fused layouts (CI time)
 def test_fused_expert_checkpoints_load(tmp_path, hf_models, family):
     """transformers 5 and mergekit may write experts fused (`experts.gate_up_proj`): read them too (a
     Mixtral from a Llama, a Qwen3-MoE from a Qwen3)."""

@@ -8,44 +8,41 @@ import torch
 
 from compose import build, calm, load, moe, visual_expert
 from compose.backends import runtime
-from conftest import load_hf, save_hf_model, token_ids, traced_decode_step
+from conftest import DENSE, FAMILY_CASES, load_hf, save_hf_model, token_ids, traced_decode_step
+
+
+MOE_BUILDS = {
+    # Each MoE class once, from a dense family's model by a recipe of its own (the class a recipe lands in is
+    # the point of it): name -> (dense source, recipe).
+    "mixtral": ("llama", lambda src: moe.upcycle(src, num_experts=4, top_k=2, noise=0.05)),
+    "qwen2_moe": ("qwen2", lambda src: moe.fine_grained(src, segments=2, routed=4, shared=1, top_k=2, noise=0.05,
+                                                        first_k_dense=1)),
+    "qwen3_moe": ("qwen3", lambda src: moe.upcycle(src, num_experts=4, top_k=2, noise=0.05)),
+}
+ONE_MODEL = DENSE + list(MOE_BUILDS)
+"""Every build of one model: each dense family (3 layers, tied as its conftest.FAMILY_CASES entry says), each
+MoE class."""
 
 
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory):
     root = tmp_path_factory.mktemp("runtime")
-    llama = save_hf_model(root / "llama", "llama", seed=5, layers=3)
-    mistral = save_hf_model(root / "mistral", "mistral", seed=6, layers=3)  # window 16
-    qwen3 = save_hf_model(root / "qwen3", "qwen3", seed=7, layers=3)
-    phi3 = save_hf_model(root / "phi3", "phi3", seed=8, layers=3)  # window 16, fused projections
-    qwen2 = save_hf_model(root / "qwen2", "qwen2", seed=9, layers=3, tie=True)  # q/k/v biases
-    # Gemma: window 16, sliding and global layers, soft-caps; Gemma 3 with a rope of each kind.
-    gemma2 = save_hf_model(root / "gemma2", "gemma2", seed=10, layers=3, tie=True)
-    gemma3 = save_hf_model(root / "gemma3", "gemma3", seed=11, layers=3, tie=True)
-    out = {
-        "gemma2": build(load(str(gemma2)), root / "o_gemma2", formats=["hf", "torch"], progress=False),
-        "gemma3": build(load(str(gemma3)), root / "o_gemma3", formats=["hf", "torch"], progress=False),
-        "llama": build(load(str(llama)), root / "o_llama", formats=["hf", "torch"], progress=False),
-        "mistral": build(load(str(mistral)), root / "o_mistral", formats=["hf", "torch"], progress=False),
-        "qwen3": build(load(str(qwen3)), root / "o_qwen3", formats=["hf", "torch"], progress=False),
-        "phi3": build(load(str(phi3)), root / "o_phi3", formats=["hf", "torch"], progress=False),
-        "qwen2": build(load(str(qwen2)), root / "o_qwen2", formats=["hf", "torch"], progress=False),
-        "mixtral": build(moe.upcycle(load(str(llama)), num_experts=4, top_k=2, noise=0.05), root / "o_mix",
-                         formats=["hf", "torch"], progress=False),
-        "qwen2_moe": build(moe.fine_grained(load(str(qwen2)), segments=2, routed=4, shared=1, top_k=2, noise=0.05,
-                                            first_k_dense=1), root / "o_qwen2_moe", formats=["hf", "torch"],
-                           progress=False),
-        "qwen3_moe": build(moe.upcycle(load(str(qwen3)), num_experts=4, top_k=2, noise=0.05), root / "o_qwen3_moe",
-                           formats=["hf", "torch"], progress=False),
-        "calm": build(calm(anchor=load("tiny:llama?layers=2"), augment=load("tiny:qwen2?layers=2"), every=1),
-                      root / "o_calm", progress=False),
-        "cogvlm": build(visual_expert(load("tiny:llama?layers=2"), vision_width=8), root / "o_vlm", progress=False),
-    }
+    # mistral and phi3 slide over 16 tokens (phi3 with fused projections), qwen2 has q/k/v biases, the Gemmas
+    # sliding and global layers and soft-caps (Gemma 3 a rope of each kind): conftest.FAMILY_CASES.
+    sources = {n: save_hf_model(root / n, n, seed=FAMILY_CASES[n].seed, layers=3, tie=FAMILY_CASES[n].tie)
+               for n in DENSE}
+    out = {n: build(load(str(src)), root / f"o_{n}", formats=["hf", "torch"], progress=False)
+           for n, src in sources.items()}
+    for name, (dense, recipe) in MOE_BUILDS.items():
+        out[name] = build(recipe(load(str(sources[dense]))), root / f"o_{name}", formats=["hf", "torch"],
+                          progress=False)
+    out["calm"] = build(calm(anchor=load("tiny:llama?layers=2"), augment=load("tiny:qwen2?layers=2"), every=1),
+                        root / "o_calm", progress=False)
+    out["cogvlm"] = build(visual_expert(load("tiny:llama?layers=2"), vision_width=8), root / "o_vlm", progress=False)
     return out
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "mixtral",
-                                  "qwen2_moe", "qwen3_moe"])
+@pytest.mark.parametrize("name", ONE_MODEL)
 def test_static_cache_greedy_equals_transformers_generate(builds, name):
     module, model = runtime.load(builds[name])
     ids = token_ids(batch=2, seq=7, seed=3)
@@ -65,7 +62,7 @@ def _left_padded(B=3, T=9, seed=4):
     return ids, mask
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "phi3", "gemma2", "gemma3", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("name", ONE_MODEL)
 def test_left_padded_batch_decodes_as_transformers_and_as_each_row_alone(builds, name):
     """A left-padded batch on the static cache: transformers' generate of the same padded batch (its own
     masks and positions), and each row decoded alone, give the same tokens. Mistral's window of 16 is

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from compose import build, load, visual_expert
-from conftest import load_hf, logits, manifest, read_tensors, save_hf_model, token_ids
+from conftest import DENSE, load_hf, logits, manifest, read_tensors, save_hf_model, token_ids
 from test_codegen import import_module
 from test_errors import assert_clean_failure, write
 
 WIDTH = 96
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"])
+@pytest.fixture(scope="module", params=DENSE)
 def vlm(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"vlm_{request.param}")
     base = save_hf_model(root / "base", request.param, seed=4, layers=4)
