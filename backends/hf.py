@@ -68,9 +68,11 @@ def write(g: Graph, out: Path, open_source, *, max_shard_size: str | int = "5GB"
 
     named = tensors(g)
     dtype = g.config.dtype
-    tdtype = torch_dtype(dtype)
-    entries = [Entry(n, tuple(e.shape), dtype) for n, e in named.items()]
-    costs = {e.name: working_set(named[e.name], dtype) for e in entries}  # the prefetcher asks per start and end
+    # Most tensors are written in the model's dtype; a class that keeps some in float32 in a half model
+    # (transformers' _keep_in_fp32_modules: router biases, some norms) gets them so.
+    dtypes = {n: target(g).tensor_dtype(g, n) for n in named}
+    entries = [Entry(n, tuple(e.shape), dtypes[n]) for n, e in named.items()]
+    costs = {e.name: working_set(named[e.name], e.dtype) for e in entries}  # the prefetcher asks per start and end
     keep_bytes = SHARED_BYTES
     budget = 1.25 * max(costs.values())
     if max_memory is not None:
@@ -91,7 +93,7 @@ def write(g: Graph, out: Path, open_source, *, max_shard_size: str | int = "5GB"
     # where its uses are near enough in the file.
     shared = kept_between_uses(entries, named, {x.expr for x in g.state.shared}, keep_bytes)
     # A shared plain copy is kept as its bytes; what is computed from it, or stacked, is kept decoded.
-    copies = SharedBytes(_plain_copies(named, shared, dtype))
+    copies = SharedBytes(_plain_copies(named, shared, dtypes))
     evaluate = Evaluator(named.values(), lambda e: check.source(e, open_source(e.source).tensor(e.key)),
                          device=device, keep=shared, cache_bytes=keep_bytes)
 
@@ -101,7 +103,7 @@ def write(g: Graph, out: Path, open_source, *, max_shard_size: str | int = "5GB"
 
     def produce(e: Entry):
         expr = named[e.name]
-        if isinstance(expr, Load) and expr.dtype == dtype:  # a plain copy: its bytes, never decoded
+        if isinstance(expr, Load) and expr.dtype == e.dtype:  # a plain copy: its bytes, never decoded
             if expr in copies:
                 data = copies.get(expr, lambda: None if (r := raw_copy(expr)) is None else r.read_all())
                 if data is not None:
@@ -110,7 +112,7 @@ def write(g: Graph, out: Path, open_source, *, max_shard_size: str | int = "5GB"
                 raw = raw_copy(expr)
                 if raw is not None:
                     return raw
-        return check.output(e.name, expr, evaluate(expr).to(device="cpu", dtype=tdtype))
+        return check.output(e.name, expr, evaluate(expr).to(device="cpu", dtype=torch_dtype(e.dtype)))
 
     total = sum(e.nbytes for e in entries)
     sha: dict[str, str] = {}
@@ -146,12 +148,12 @@ def working_set(expr: Expr, dtype: str) -> int:
     return inputs + arithmetic + out
 
 
-def _plain_copies(named: dict[str, Expr], shared: set[Expr], dtype: str) -> dict[Expr, int]:
+def _plain_copies(named: dict[str, Expr], shared: set[Expr], dtypes: dict[str, str]) -> dict[Expr, int]:
     """The shared loads every use of which is a whole output in the output's dtype, with their use counts."""
     roots: dict[Expr, int] = {}
     inner: set[Expr] = set()
-    for e in named.values():
-        if e in shared and isinstance(e, Load) and e.dtype == dtype:
+    for name, e in named.items():
+        if e in shared and isinstance(e, Load) and e.dtype == dtypes[name]:
             roots[e] = roots.get(e, 0) + 1
         else:
             inner.update(x for x in e.walk() if x in shared)

@@ -314,6 +314,10 @@ class Family:
                 return f"node {name}: a sliding window of {b.attn.window}, which {self.architecture} does not have"
         return None
 
+    def tensor_dtype(self, g: Graph, name: str) -> str:
+        """The dtype output tensor `name` is written in: the model's."""
+        return g.config.dtype
+
     def class_name(self, g: Graph) -> str:
         """The transformers class `g` is written as."""
         return self.architecture

@@ -63,6 +63,10 @@ class Derivation:
     """Per layer: (field, what it says of the layer, as JSON text)."""
     zero: tuple[tuple[str, ...], ...]
     """Per layer: its residual-output projections (names below `saved_stack.i.`)."""
+    fp32: tuple[tuple[str, str], ...]
+    """(half dtype, pattern): the tensors transformers' class keeps in float32 when the model is in that dtype
+    (its _keep_in_fp32_modules for float16, _keep_in_fp32_modules_strict for both), as transformers matches
+    them (a regex search of the names)."""
     towers: tuple[tuple[str, int], ...]
     """(checkpoint prefix, layer count) of the other stacks of layers (a vision tower's blocks): a merge's
     gradient parameters run over each of them as over the decoder's, as mergekit's modules do."""
@@ -300,7 +304,21 @@ def _read(model, t: str, name: str, text_key: str, stack: str, text_cfg, n: int)
         model_type=t, architecture=name, text=text_key, stack=stack, saved_stack=saved_stack,
         stem=tuple(stem.items()), layers=tuple(tuple(x.items()) for x in layers), tail=tuple(tail.items()),
         fields=fields, values=layer_fields.values(cfg_values, fields, n, whole),
-        zero=tuple(tuple(k for k in x if k in z) for x, z in zip(layers, zero)), unknown=unknown, towers=towers)
+        zero=tuple(tuple(k for k in x if k in z) for x, z in zip(layers, zero)), unknown=unknown, towers=towers,
+        fp32=_fp32(model))
+
+
+def _fp32(model) -> tuple[tuple[str, str], ...]:
+    """transformers' own rule (PreTrainedModel._get_dtype_plan and build_glob_alternation) as patterns."""
+    import torch
+    from transformers.core_model_loading import build_glob_alternation
+
+    out = []
+    for dtype, torch_dtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16)):
+        plan = model._get_dtype_plan(torch_dtype)
+        if plan:
+            out.append((dtype, build_glob_alternation(list(plan))[0].pattern))
+    return tuple(out)
 
 
 def _towers(model, tensors: dict, stack: str) -> tuple[tuple[str, int], ...]:
@@ -397,6 +415,13 @@ class Derived(Family):
 
     def class_name(self, g: Graph) -> str:
         return of(g).architecture
+
+    def tensor_dtype(self, g: Graph, name: str) -> str:
+        """float32 for what transformers' class keeps in float32 in a half model, else the model's dtype. The
+        patterns are matched against the checkpoint's names (transformers matches its in-memory ones: the same
+        for every tensor such a rule names in transformers 5.25's classes: router weights and biases, norms)."""
+        dtype = g.config.dtype
+        return "float32" if any(d == dtype and re.search(p, name) for d, p in of(g).fp32) else dtype
 
     # -- IR -> checkpoint --------------------------------------------------------------------------------
     def tensors(self, g: Graph) -> Parts:

@@ -228,3 +228,21 @@ def test_passthrough_yaml(checkpoints, tmp_path, t):
     if t in SLICES:
         run_mergekit(config, tmp_path / "mergekit")
         assert compare(ours, tmp_path / "mergekit") == []
+
+
+@pytest.mark.parametrize("t", ["glm4_moe", "deepseek_v3"])
+def test_half_models_keep_what_transformers_keeps_in_float32(checkpoints, tmp_path, t):
+    """A bfloat16 GLM-4.5 or DeepSeek-V3 holds its routers' weights and score-correction biases in float32
+    (transformers' _keep_in_fp32_modules_strict): LLaMA-Pro keeps them so, and the logits stay bit-identical."""
+    half = tmp_path / "bf16"
+    zoo.model_class(t).from_pretrained(checkpoints(t), dtype=torch.bfloat16).save_pretrained(half)
+    kept = {k for k, v in tensors(half).items() if v.dtype == torch.float32}
+    assert any("e_score_correction_bias" in k for k in kept)
+    out = run({"model": {"op": "expand_blocks", "model": {"op": "load", "ref": str(half)}, "groups": 2}},
+              tmp_path / "out")
+    written = tensors(out)
+    assert {k for k, v in written.items() if v.dtype == torch.float32} >= kept
+    a = zoo.model_class(t).from_pretrained(half, dtype=torch.bfloat16).eval()
+    b = zoo.model_class(t).from_pretrained(out, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        assert torch.equal(a(**zoo.text_inputs(t)).logits, b(**zoo.text_inputs(t)).logits)
