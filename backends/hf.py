@@ -67,7 +67,6 @@ def write(g: Graph, out: Path, open_source, *, max_shard_size: str | int = "5GB"
     from tqdm import tqdm
 
     named = tensors(g)
-    dtype = g.config.dtype
     # Most tensors are written in the model's dtype; a class that keeps some in float32 in a half model
     # (transformers' _keep_in_fp32_modules: router biases, some norms) gets them so.
     dtypes = {n: target(g).tensor_dtype(g, n) for n in named}

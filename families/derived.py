@@ -20,7 +20,6 @@ tensors written, and give each layer what its source layer had.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import re
@@ -277,7 +276,8 @@ def _read(model, t: str, name: str, text_key: str, stack: str, text_cfg, n: int)
             break
     if saved_stack is None:
         return f"transformers' {name}: could not tell where its decoder stack {stack} sits in a checkpoint"
-    tail_names = set(_saved(model, {k: tensors[k] for k in order[inside[-1] + 1:]})) if inside[-1] + 1 < len(order) else set()
+    after = {k: tensors[k] for k in order[inside[-1] + 1:]}
+    tail_names = set(_saved(model, after)) if after else set()
     pattern = re.compile(rf"{re.escape(saved_stack)}\.(\d+)\.(.+)")
     layers: list[dict[str, Shape]] = [{} for _ in range(n)]
     stem, tail = {}, {}
@@ -487,11 +487,13 @@ class Derived(Family):
         missing = [k for k in want if k not in written]
         if missing:
             return f"the new config.json's {out.architecture} has tensor {missing[0]}, which this model lacks"
-        for j, (_, b) in enumerate(g.blocks()):
+        blocks = [b for _, b in g.blocks()]
+        for j, b in enumerate(blocks):
             now = dict(out.values[j])
             for field, v in b.fields:
                 if now.get(field) != v:
-                    layers = [i for i, (_, x) in enumerate(g.blocks()) if dict(out.values[i]).get(field) != dict(x.fields).get(field)]
+                    layers = [i for i, x in enumerate(blocks)
+                              if dict(out.values[i]).get(field) != dict(x.fields).get(field)]
                     return (f"config.json {field} cannot say the new layer order: layers {layers} would be "
                             f"{[json.loads(dict(out.values[i])[field]) for i in layers]}, not what their source "
                             "layers are")

@@ -121,6 +121,8 @@ class ArchConfig:
         return {k: v for k, v in ids.items() if v is not None}
 
     def describe(self) -> str:
+        if self.source is not None:  # a derived family's: the rest is its class's, read from config.json
+            return f"family={self.family} (derived) hidden={self.hidden} vocab={self.vocab} dtype={self.dtype}"
         rope = "" if self.rope.type == "default" and self.local_rope is None else f" rope={self.rope.describe()}"
         if self.local_rope is not None:
             rope += f" local_rope={self.local_rope.describe()}"

@@ -219,7 +219,8 @@ def test_passthrough_yaml(checkpoints, tmp_path, t):
 
     a, b = checkpoints(t), checkpoints(t, seed=1)
     config = {"merge_method": "passthrough", "dtype": "float32", "slices": [
-        {"sources": [{"model": str(a), "layer_range": [0, 3]}]}, {"sources": [{"model": str(b), "layer_range": [1, 4]}]}]}
+        {"sources": [{"model": str(a), "layer_range": [0, 3]}]},
+        {"sources": [{"model": str(b), "layer_range": [1, 4]}]}]}
     spec = tmp_path / "passthrough.yaml"
     spec.write_text(yaml.safe_dump(config))
     ours = build(str(spec), tmp_path / "ours", progress=False)
