@@ -93,8 +93,8 @@ def value(kind: str, v, i: int, n: int):
         return i >= n - v
     if kind == "upto":
         return i <= v
-    if kind == "by_index":
-        return v.get(str(i), v.get(i))
+    if kind == "by_index":  # keys are indices as text, zero-padded by transformers past 9 layers ("05")
+        return next((x for k, x in v.items() if str(k).isdigit() and int(k) == i), None)
     if kind == "feeds":
         return i < len(v)
     return (i + 1) % v == 0 if v > 0 else False

@@ -247,3 +247,45 @@ def test_half_models_keep_what_transformers_keeps_in_float32(checkpoints, tmp_pa
     b = zoo.model_class(t).from_pretrained(out, dtype=torch.bfloat16).eval()
     with torch.no_grad():
         assert torch.equal(a(**zoo.text_inputs(t)).logits, b(**zoo.text_inputs(t)).logits)
+
+
+@pytest.fixture(scope="session")
+def gemma4_shared(tmp_path_factory):
+    """A Gemma 4 whose last two of 8 layers reuse earlier layers' keys and values (num_kv_shared_layers), with
+    full-attention layers of their own head size (per_layer_config)."""
+    from transformers import AutoConfig
+
+    t = "gemma4_text"
+    config = {k: v for k, v in zoo.config(t, layers=8).to_dict().items() if k != "model_type"}
+    config["num_kv_shared_layers"] = 2
+    torch.manual_seed(0)
+    model = zoo.model_class(t).from_config(AutoConfig.for_model(t, **config), dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    folder = tmp_path_factory.mktemp("gemma4-shared") / "src"
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_shared_kv_layers_stay_trailing(gemma4_shared, tmp_path):
+    """SOLAR over 8 layers makes 12: the two shared-KV layers stay last, and the per-layer head sizes follow
+    their layers (transformers writes those keys zero-padded past 9 layers)."""
+    t, src = "gemma4_text", gemma4_shared
+    out = run({"model": {"op": "depth_upscale", "model": {"op": "load", "ref": str(src)}, "drop": 2}},
+              tmp_path / "out")
+    load(out, t)
+    check_layer_map(out, [(src, i) for i in (0, 1, 2, 3, 4, 5, 2, 3, 4, 5, 6, 7)], t)
+    assert text_config(out, t)["num_kv_shared_layers"] == 2
+
+
+@pytest.mark.parametrize("position", [1, 6])
+def test_llama_pro_next_to_shared_kv_layers(gemma4_shared, tmp_path, position):
+    """A copy of a layer before the shared ones, or of a shared one (which then shares too): exact."""
+    t, src = "gemma4_text", gemma4_shared
+    out = run({"model": {"op": "expand_blocks", "model": {"op": "load", "ref": str(src)}, "positions": [position]}},
+              tmp_path / "out")
+    a, b = load(src, t), load(out, t)
+    with torch.no_grad():
+        assert torch.equal(a(**zoo.text_inputs(t)).logits, b(**zoo.text_inputs(t)).logits)
+    assert text_config(out, t)["num_kv_shared_layers"] == (3 if position >= 6 else 2)
