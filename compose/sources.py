@@ -371,9 +371,13 @@ def open_source(ref: str) -> Source:
         else:
             src = FolderSource(_hub_folder(ref), ref=ref)
     if families.for_source(src.config, ref).derived:  # its headers against transformers' class, up front
-        from compose.families.derived import check_checkpoint, derivation
+        from compose.families.derived import aliases, check_checkpoint, derivation
 
-        check_checkpoint(derivation(src.config, ref), {k: src.meta(k)[0] for k in src.keys()}, ref)
+        names = aliases(src.config, src.keys(), ref)
+        shapes = {names.get(k, k): src.meta(k)[0] for k in src.keys()}
+        if len(shapes) < len(src.keys()):
+            raise SourceError(f"{ref}: two of its tensors are the same tensor of the class under two names")
+        check_checkpoint(derivation(src.config, ref), shapes, ref)
     _OPEN[src.ref] = _OPEN[ref] = src
     return src
 

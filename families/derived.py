@@ -342,9 +342,40 @@ def _towers(model, tensors: dict, stack: str) -> tuple[tuple[str, int], ...]:
     return tuple(out)
 
 
+def aliases(config: dict, keys: list[str], where: str) -> dict[str, str]:
+    """Checkpoint name -> the name transformers' own save layout gives that tensor, for the names of another
+    layout transformers also loads (the Hub's Gemma 3 and LLaVA: `vision_tower.vision_model.*`; checkpoints
+    saved by transformers 4.5x: `model.language_model.*`). Found by transformers' load-time renaming to its
+    in-memory name, then its save-time renaming back. Empty for a checkpoint in the save layout."""
+    want = derivation(config, where).names()
+    odd = tuple(k for k in keys if k not in want)
+    return dict(_aliases(json.dumps(config, sort_keys=True), odd)) if odd else {}
+
+
+@functools.lru_cache(maxsize=16)
+def _aliases(text: str, odd: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    model, _ = build_meta(json.loads(text))
+    transforms = get_model_conversion_mapping(model, add_legacy=True)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    meta = model.state_dict(keep_vars=True)
+    out = []
+    for k in odd:
+        new, converted = rename_source_key(k, renamings, converters, model.base_model_prefix, meta)
+        if converted is None and new in meta:  # a plain renaming (a converter's parts stay as they are)
+            saved = list(_saved(model, {new: meta[new]}))
+            if len(saved) == 1 and saved[0] != k:
+                out.append((k, saved[0]))
+    return tuple(out)
+
+
 def check_checkpoint(d: Derivation, shapes: dict[str, Shape], where: str) -> None:
-    """Every tensor of the checkpoint (`shapes`: name -> shape, from its headers) is one the class has, with
-    its shape, and the reverse; else a SourceError naming the first that is not."""
+    """Every tensor of the checkpoint (`shapes`: name -> shape, from its headers, under the save layout's names:
+    `aliases`) is one the class has, with its shape, and the reverse; else a SourceError naming the first
+    that is not."""
     want = d.names()
     extra = [k for k in shapes if k not in want]
     if extra:
@@ -398,12 +429,14 @@ class Derived(Family):
                           qkv_bias=False, o_bias=False, mlp_bias=False, act="", dtype=dtype,
                           source=json.dumps(c, sort_keys=True))
 
-    def read(self, c: dict, reader, where: str) -> tuple[Tensors, list[Layer], Tensors]:
-        """The stem, layers and tail of a checkpoint of config.json `c`, every tensor loaded through `reader`."""
+    def read(self, c: dict, reader, where: str, names: dict[str, str]) -> tuple[Tensors, list[Layer], Tensors]:
+        """The stem, layers and tail of a checkpoint of config.json `c`, every tensor loaded through `reader`;
+        `names` (`aliases`) says which checkpoint name holds a tensor the save layout names otherwise."""
         d = derivation(c, where)
+        stored = {v: k for k, v in names.items()}
 
         def load(named: Named, prefix: str = ""):
-            return tuple((k, reader.load(prefix + k, s)) for k, s in named)
+            return tuple((k, reader.load(stored.get(prefix + k, prefix + k), s)) for k, s in named)
 
         layers = [Layer(weights=load(d.layers[i], f"{d.saved_stack}.{i}."), shapes=d.layers[i],
                         origin=Origin(where, i), fields=d.values[i], zero=d.zero[i]) for i in range(len(d.layers))]

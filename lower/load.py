@@ -116,7 +116,9 @@ def lower(spec, path: str, ctx) -> Graph:
 def _derived(src, fam, cfg, reader, adapter, path: str) -> Graph:
     """A source of a family derived from transformers' class (its headers were checked against the class when
     it was opened)."""
-    stem, layers, tail = fam.read(src.config, reader, src.ref)
+    from compose.families.derived import aliases
+
+    stem, layers, tail = fam.read(src.config, reader, src.ref, aliases(src.config, src.keys(), src.ref))
     if adapter is not None:
         adapter.check_folded(reader.loaded, src.ref, f"{path}.ref")
     return Graph.layered(cfg, stem, layers, tail, state=State(train="all", tokenizer=src.ref))

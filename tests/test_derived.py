@@ -289,3 +289,40 @@ def test_llama_pro_next_to_shared_kv_layers(gemma4_shared, tmp_path, position):
     with torch.no_grad():
         assert torch.equal(a(**zoo.text_inputs(t)).logits, b(**zoo.text_inputs(t)).logits)
     assert text_config(out, t)["num_kv_shared_layers"] == (3 if position >= 6 else 2)
+
+
+HUB_LAYOUT = {  # how the Hub's checkpoints (and those transformers 4.5x saved) name what 5.x saves otherwise
+    "gemma3": (("vision_tower.", "vision_tower.vision_model."), ("language_model.model.", "model.language_model.")),
+    "llava": (("vision_tower.", "vision_tower.vision_model."), ("language_model.model.", "model.language_model."),
+              ("language_model.lm_head.", "lm_head.")),
+}
+
+
+@pytest.mark.parametrize("t", sorted(HUB_LAYOUT))
+def test_checkpoints_in_another_layout_transformers_reads(checkpoints, tmp_path, t):
+    """A checkpoint named as the Hub's Gemma 3 and LLaVA are (which transformers loads through its own renaming)
+    is read under the names transformers saves, and LLaMA-Pro of it is exact on text and image+text; a merge
+    of it with a checkpoint in the save layout pairs the same tensors."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    src = checkpoints(t)
+    hub = Path(shutil.copytree(src, tmp_path / "hub"))
+    renamed = {}
+    for k, v in tensors(src).items():
+        old, new = next(((a, b) for a, b in HUB_LAYOUT[t] if k.startswith(a)), ("", ""))
+        renamed[new + k[len(old):]] = v
+    save_file(renamed, hub / "model.safetensors", metadata={"format": "pt"})
+    assert set(renamed) != set(tensors(src))
+    out = run({"model": {"op": "expand_blocks", "model": {"op": "load", "ref": str(hub)}, "groups": 2}},
+              tmp_path / "out")
+    assert set(tensors(out)) >= set(tensors(src))
+    a, b = load(hub, t), load(out, t)
+    with torch.no_grad():
+        for x in (zoo.text_inputs(t), zoo.image_inputs(t)):
+            assert torch.equal(a(**x).logits, b(**x).logits)
+    merged = run({"model": {"op": "merge", "method": "linear", "models": [
+        {"model": {"op": "load", "ref": str(hub)}, "parameters": {"weight": 0.5}},
+        {"model": {"op": "load", "ref": str(src)}, "parameters": {"weight": 0.5}}]}}, tmp_path / "merged")
+    assert all(torch.equal(v, tensors(src)[k]) for k, v in tensors(merged).items())  # the same model twice
