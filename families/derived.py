@@ -201,9 +201,35 @@ def build_meta(config: dict):
     return model, cfg
 
 
+MAX_LAYERS, MAX_COUNT = 1024, 1 << 16
+"""The most layers (of the decoder, of a vision tower) and the most of anything else counted in modules
+(experts, heads) a config.json may ask for before transformers' class is built from it: real models stay
+far below (Llama 3.1 405B: 126 layers; DeepSeek-V3: 256 experts), and a billion layers would hang even on
+the meta device."""
+_LAYERS = re.compile(r"(layers|layer|^depth)$")
+_COUNTS = re.compile(r"(experts|heads|head)$")
+"""The config.json keys that count modules: `num_hidden_layers`, `n_layer`, `depth`; `n_routed_experts`, ..."""
+
+
+def _too_many(config, path: str = "") -> str | None:
+    """The first count in config.json (nested configs included) above its bound, as a reason."""
+    for k, v in config.items() if isinstance(config, dict) else ():
+        where = f"{path}.{k}" if path else k
+        if isinstance(v, dict):
+            if (why := _too_many(v, where)) is not None:
+                return why
+        elif isinstance(v, int) and not isinstance(v, bool):
+            most = MAX_LAYERS if _LAYERS.search(k) else MAX_COUNT if _COUNTS.search(k) else None
+            if most is not None and v > most:
+                return f"config.json {where} is {v:,}, more than compose builds a model with ({most:,})"
+    return None
+
+
 @functools.lru_cache(maxsize=64)
 def _derive(text: str) -> Derivation | str:
     config = json.loads(text)
+    if (why := _too_many(config)) is not None:
+        return why
     t = config.get("model_type")
     if not isinstance(t, str) or not known(t):
         return (f"config.json model_type {t!r} is not one transformers {file_fields('')['transformers_version']} "

@@ -190,3 +190,11 @@ def test_the_card_of_an_image_text_to_text_build_loads_it_as_one(tmp_path, zoo_d
     card = ModelCard.load(out / "README.md")
     assert card.data.pipeline_tag == "image-text-to-text"
     assert "AutoModelForImageTextToText.from_pretrained(" in card.text
+
+
+@pytest.mark.parametrize("key", ["num_hidden_layers", "n_routed_experts"])
+def test_counts_are_bounded_before_the_class_is_built(capsys, tmp_path, zoo_dir, key):
+    """A billion layers (or experts) would hang transformers' class even on the meta device: refused first."""
+    src = copy(zoo_dir("deepseek_v3"), tmp_path / "huge")
+    edit_config(src, **{key: 10**9})
+    refused(capsys, tmp_path, ["build", spec(tmp_path, load(src))], key, "1,000,000,000")
