@@ -160,10 +160,10 @@ def plan(g: Graph, read: Callable | None, open_source: Callable) -> Plan:
                          "llama.cpp architecture; build it with --format hf or torch")
     fam = _target(g)
     if fam.generated or fam.gguf_arch is None:
+        written = sorted(f.architecture for f in families.REGISTRY.values() if f.gguf_arch and not f.generated)
         raise BuildError(f"--format gguf: llama.cpp has no architecture for {fam.architecture}"
                          + (" (compose's generated class)" if fam.generated else "")
-                         + "; compose writes GGUF for Llama, Mistral, Mixtral, Qwen2, Qwen2-MoE, Qwen3, Qwen3-MoE, "
-                           "Gemma 2, Gemma 3, Phi-3 and Phi-4")
+                         + f"; compose writes GGUF for {', '.join(written)}")
     blocks = [b for _, b in g.blocks()]
     moes = dict(moe_blocks(g))
     name = fam.gguf_arch.upper()
