@@ -71,6 +71,9 @@ def describe(sources: list[tuple[str, dict]], g=None) -> list[str]:
         if fam.derived:
             out += [f"family {ref}: {fam.model_type}, " + line if i == 0 else f"  {line}"
                     for i, line in enumerate(derived.derivation(config, ref).describe())]
+            if (hand := derived.language_family(config)) is not None:
+                out.append(f"  language model: read by the hand-written {hand.model_type} module "
+                           f"(families/{type(hand).__module__.rpartition('.')[2]}.py)")
         else:
             module = type(fam).__module__.rpartition(".")[2]
             out.append(f"family {ref}: {fam.model_type}, hand-written (families/{module}.py), "

@@ -464,8 +464,13 @@ class Derived(Family):
         def load(named: Named, prefix: str = ""):
             return tuple((k, reader.load(stored.get(prefix + k, prefix + k), s)) for k, s in named)
 
-        layers = [Layer(weights=load(d.layers[i], f"{d.saved_stack}.{i}."), shapes=d.layers[i],
-                        origin=Origin(where, i), fields=d.values[i], zero=d.zero[i]) for i in range(len(d.layers))]
+        hand = language_family(c)
+        if hand is not None:
+            layers = _read_by(hand, c, d, _Renamed(reader, d, stored), where)
+        else:
+            layers = [Layer(weights=load(d.layers[i], f"{d.saved_stack}.{i}."), shapes=d.layers[i],
+                            origin=Origin(where, i), fields=d.values[i], zero=d.zero[i])
+                      for i in range(len(d.layers))]
         return (Tensors(weights=load(d.stem), part="stem", shapes=d.stem), layers,
                 Tensors(weights=load(d.tail), part="tail", shapes=d.tail))
 
@@ -560,6 +565,57 @@ class Derived(Family):
 
     def readable_keys(self) -> frozenset[str]:
         return frozenset()
+
+
+def language_family(config: dict) -> Family | None:
+    """The hand-written family of an image-text-to-text class's language model (Gemma 3's `gemma3_text`,
+    LLaVA's `llama`), when compose has one for a dense decoder; None otherwise (and for text classes)."""
+    from compose import families
+
+    d = derivation(config, config.get("model_type"))
+    if not d.text or not isinstance(config.get(d.text), dict):
+        return None
+    t = config[d.text].get("model_type")
+    hand = families.REGISTRY.get(t) if t in families.SOURCES else None
+    return hand if hand is not None and hand.expert_prefix is None and not hand.generated else None
+
+
+class _Renamed:
+    """A Reader for a hand-written family reading a language model inside an image-text-to-text checkpoint: its
+    `model.layers.i.*` are the class's decoder stack (`language_model.model.layers.i.*`), under the names the
+    checkpoint stores them by."""
+
+    def __init__(self, reader, d: Derivation, stored: dict[str, str]):
+        self.reader, self.d, self.stored = reader, d, stored
+
+    def _name(self, key: str) -> str:
+        if key.startswith("model.layers."):
+            key = f"{self.d.saved_stack}.{key[len('model.layers.'):]}"
+        return self.stored.get(key, key)
+
+    def has(self, key: str) -> bool:
+        return self.reader.has(self._name(key))
+
+    def load(self, key: str, shape):
+        return self.reader.load(self._name(key), shape)
+
+
+def _read_by(hand: Family, config: dict, d: Derivation, reader, where: str) -> list[Layer]:
+    """The decoder layers as the hand-written family `hand` reads them (its typed config checks, its names and
+    shapes, its residual-output projections), each checked against what the class has."""
+    text = build_config(config).get_text_config(decoder=True).to_dict()
+    cfg = hand.arch_config(text, where, "float32")
+    out = []
+    for i, want in enumerate(d.layers):
+        block = hand.block(text, cfg, i, reader, Origin(where, i))
+        got = {k: tuple(e.shape) for k, e in block.params().items()}
+        if got != dict(want):
+            diff = sorted(set(got) ^ set(dict(want))) or [k for k in got if got[k] != dict(want)[k]]
+            raise SourceError(f"{where}: the {hand.model_type} module reads layer {i} of its language model "
+                              f"otherwise than transformers' {d.architecture} holds it ({diff[0]})")
+        out.append(Layer(weights=tuple(block.params().items()), shapes=want, origin=block.origin,
+                         fields=d.values[i], zero=block.residual_outputs(), family=hand.model_type))
+    return out
 
 
 def _same_layers(blocks, n: int) -> bool:

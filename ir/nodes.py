@@ -415,6 +415,13 @@ class DecoderBlock(Op):
     def hidden(self) -> int:
         return self.attn.hidden
 
+    def residual_outputs(self) -> tuple[str, ...]:
+        """The weights whose zeros make the block add exactly 0: the attention's o_proj and every FFN's down
+        projection (an MoE's: each routed expert's and the shared expert's), with their biases. The output
+        norms of a sandwich block (Gemma) map a zero vector to zero."""
+        return tuple(k for k in self.params() if k.startswith("self_attn.o_proj.")
+                     or (k.startswith("mlp.") and k.split(".")[-2] == "down_proj"))
+
     def verify_(self, name: str) -> None:
         if (self.attn_out_norm is None) != (self.ffn_out_norm is None):
             raise IRError(f"node {name}: a sandwich block needs both output norms (attention and FFN)")
@@ -474,10 +481,16 @@ class Layer(_Leaf):
     origin: Origin
     fields: tuple[tuple[str, str], ...] = ()
     zero: tuple[str, ...] = ()
+    family: str | None = None
+    """The hand-written family that read this layer (an image-text-to-text class's language model, such as
+    Gemma 3's), whose math names `zero`; None when it was derived from the class alone."""
     identity: bool | None = None
 
     def expected(self) -> dict[str, Shape]:
         return dict(self.shapes)
+
+    def residual_outputs(self) -> tuple[str, ...]:
+        return self.zero
 
     def attrs(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.fields)

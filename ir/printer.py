@@ -117,7 +117,7 @@ def format_node(name: str, op: Op, aliases: _Aliases) -> list[str]:
         head = f"%{name} = DecoderBlock({'' if o.new or o.method else 'from '}{o.describe(aliases.of)}{window})"
     elif isinstance(op, Layer):
         o = op.origin
-        fields = "".join(f", {k}={v}" for k, v in op.fields)
+        fields = "".join(f", {k}={v}" for k, v in op.fields) + (f", read by {op.family}" if op.family else "")
         head = f"%{name} = Layer({'' if o.new or o.method else 'from '}{o.describe(aliases.of)}{fields})"
     else:
         head = f"%{name} = {op.kind}({op.attrs()})"

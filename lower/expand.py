@@ -5,7 +5,7 @@ import dataclasses
 
 from compose.errors import SpecError
 from compose.ir.graph import Graph
-from compose.ir.nodes import Block, Layer
+from compose.ir.nodes import Block
 from compose.ir.weights import Zeros
 from compose.lower.common import rebuild, unused
 from compose.lower.limits import check_layers
@@ -15,13 +15,9 @@ def identity_copy(block: Block) -> Block:
     """LLaMA-Pro's new block: a copy whose output projections are zero, so it adds exactly 0. In an MoE
     block that is every expert's down projection (and the shared expert's): whichever experts the router
     picks, each adds 0. A derived family's layer says which of its tensors those are."""
-    names = block.zero if isinstance(block, Layer) else [k for k in block.params() if _output_projection(k)]
+    names = set(block.residual_outputs())
     zero = {k: Zeros(e.shape, e.dtype) for k, e in block.params().items() if k in names}
     return dataclasses.replace(block.with_weights(**zero), origin=dataclasses.replace(block.origin, new=True))
-
-
-def _output_projection(name: str) -> bool:
-    return name.startswith("self_attn.o_proj.") or (name.startswith("mlp.") and name.split(".")[-2] == "down_proj")
 
 
 def lower(spec, path: str, ctx) -> Graph:
@@ -62,5 +58,5 @@ def _check_derived(g: Graph, positions: list[int], path: str, ctx) -> None:
         if not b.zero:
             raise SpecError(f"{path}: layer {p} ({b.origin}) has no residual-output projections compose can zero, "
                             "so no identity copy of it exists")
-        if b.origin.method is None and not b.origin.new:
+        if b.origin.method is None and not b.origin.new and b.family is None:  # a module's math says it already
             check_identity(ctx.open(b.origin.source).config, b.origin.layer, f"{path}: layer {p} ({b.origin})")

@@ -12,12 +12,9 @@ def adds_zero(block: DecoderBlock | Layer) -> bool:
     """A pre-norm block adds attn(..) @ o_proj + ffn(..) @ down_proj to the residual: when both output
     projections (and their biases) are zero by construction, it adds exactly 0, bit for bit. A derived family's
     layer names its residual-output projections itself (checked on its class when expand_blocks zeroes them)."""
-    p = block.params()
-    if isinstance(block, Layer):
-        return bool(block.zero) and all(is_zero(p[k]) for k in block.zero)
+    p, outs = block.params(), block.residual_outputs()
     # An MoE adds sum_e p_e * down_e(..) (+ the shared FFN's down): zero when every down projection is.
-    outs = [k for k in p if k.startswith("self_attn.o_proj.") or (k.startswith("mlp.") and ".down_proj." in f".{k}")]
-    return all(is_zero(p[k]) for k in outs)
+    return bool(outs) and all(is_zero(p[k]) for k in outs)
 
 
 @dataclass(frozen=True)

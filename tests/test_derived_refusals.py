@@ -198,3 +198,13 @@ def test_counts_are_bounded_before_the_class_is_built(capsys, tmp_path, zoo_dir,
     src = copy(zoo_dir("deepseek_v3"), tmp_path / "huge")
     edit_config(src, **{key: 10**9})
     refused(capsys, tmp_path, ["build", spec(tmp_path, load(src))], key, "1,000,000,000")
+
+
+def test_a_vl_class_whose_language_model_has_a_module_is_read_by_it(capsys, tmp_path, zoo_dir):
+    """Gemma 3's image-text-to-text class holds a gemma3_text language model, which compose has a module for:
+    that module reads the decoder's layers (and names what LLaMA-Pro zeroes), inside the derived class."""
+    src = zoo_dir("gemma3")
+    assert main(["inspect", spec(tmp_path, {"op": "expand_blocks", "model": load(src), "positions": [1]})]) == 0
+    out = capsys.readouterr().out
+    assert "language model: read by the hand-written gemma3_text module (families/gemma3.py)" in out
+    assert "%layers.2 = Layer(new copy of %0 layer 1, layer_types=\"full_attention\", read by gemma3_text)" in out
