@@ -201,6 +201,15 @@ class AdapterSource(FolderSource):
             out.append(self.settings[default] if k is None else values[k])
         return out[0], out[1]
 
+    def renamed(self, names: dict[str, str]) -> "AdapterSource":
+        """This adapter with its modules under other names (`names`: the name PEFT saw in memory -> the base
+        checkpoint's, for a class that stores tensors otherwise than it holds them)."""
+        import copy
+
+        out = copy.copy(self)
+        out._modules = {names.get(k, k): v for k, v in self._modules.items()}
+        return out
+
     def changes(self, name: str) -> bool:
         return name in self._modules
 

@@ -62,6 +62,10 @@ class Derivation:
     """Per layer: (field, what it says of the layer, as JSON text)."""
     zero: tuple[tuple[str, ...], ...]
     """Per layer: its residual-output projections (names below `saved_stack.i.`)."""
+    memory: tuple[tuple[str, str], ...]
+    """(in-memory name, checkpoint name) of every tensor the class holds under another name than the checkpoint
+    (an image-text-to-text class's `model.language_model.*`): what a PEFT adapter, which names modules as they
+    are in memory, is matched by."""
     fp32: tuple[tuple[str, str], ...]
     """(half dtype, pattern): the tensors transformers' class keeps in float32 when the model is in that dtype
     (its _keep_in_fp32_modules for float16, _keep_in_fp32_modules_strict for both), as transformers matches
@@ -331,7 +335,27 @@ def _read(model, t: str, name: str, text_key: str, stack: str, text_cfg, n: int)
         stem=tuple(stem.items()), layers=tuple(tuple(x.items()) for x in layers), tail=tuple(tail.items()),
         fields=fields, values=layer_fields.values(cfg_values, fields, n, whole),
         zero=tuple(tuple(k for k in x if k in z) for x, z in zip(layers, zero)), unknown=unknown, towers=towers,
-        fp32=_fp32(model))
+        fp32=_fp32(model), memory=_in_memory(model, saved))
+
+
+def _in_memory(model, saved: dict) -> tuple[tuple[str, str], ...]:
+    """(in-memory name, checkpoint name) where they differ by a plain renaming, found by transformers' own
+    load-time renaming of each checkpoint name."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model, add_legacy=True)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    if not renamings and not converters:
+        return ()
+    meta = model.state_dict(keep_vars=True)
+    out = []
+    for k in saved:
+        new, converted = rename_source_key(k, renamings, converters, model.base_model_prefix, meta)
+        if converted is None and new != k and new in meta:
+            out.append((new, k))
+    return tuple(out)
 
 
 def _fp32(model) -> tuple[tuple[str, str], ...]:

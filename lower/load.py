@@ -97,6 +97,10 @@ def lower(spec, path: str, ctx) -> Graph:
     reader = SourceReader(src, path, adapter)
     cfg = fam.arch_config(src.config, src.ref, output_dtype(src, fam, spec.dtype))
     if fam.derived:
+        if adapter is not None:  # PEFT names modules as the class holds them in memory
+            from compose.families.derived import derivation
+
+            reader.adapter = adapter = adapter.renamed(dict(derivation(src.config, src.ref).memory))
         return _derived(src, fam, cfg, reader, adapter, path)
     embed = fam.embedding(cfg, reader)
     blocks = [fam.block(src.config, cfg, i, reader, Origin(src.ref, i)) for i in range(src.num_layers)]

@@ -326,3 +326,26 @@ def test_checkpoints_in_another_layout_transformers_reads(checkpoints, tmp_path,
         {"model": {"op": "load", "ref": str(hub)}, "parameters": {"weight": 0.5}},
         {"model": {"op": "load", "ref": str(src)}, "parameters": {"weight": 0.5}}]}}, tmp_path / "merged")
     assert all(torch.equal(v, tensors(src)[k]) for k, v in tensors(merged).items())  # the same model twice
+
+
+@pytest.mark.parametrize("t", ["olmo2", "glm4_moe", "gemma3", "qwen2_5_vl"])
+def test_a_peft_adapter_folds_as_peft_merges_it(checkpoints, tmp_path, t):
+    """`model+adapter` on a derived family: PEFT names modules as the class holds them in memory
+    (`model.language_model.layers.*`), the checkpoint as it stores them; the fold equals PEFT's own
+    merge_and_unload."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    src = checkpoints(t)
+    # o_proj, not down_proj: in an MoE, PEFT would take the experts' stacked down_proj as a raw parameter.
+    targets = r".*language_model.*\.(q_proj|o_proj)" if t in zoo.VL else ["q_proj", "o_proj"]
+    torch.manual_seed(0)
+    peft = get_peft_model(zoo.model_class(t).from_pretrained(src), LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    peft.save_pretrained(tmp_path / "adapter")
+    out = run({"model": {"op": "load", "ref": f"{src}+{tmp_path / 'adapter'}"}}, tmp_path / "out")
+    merged = PeftModel.from_pretrained(zoo.model_class(t).from_pretrained(src), tmp_path / "adapter")
+    merged = merged.merge_and_unload().eval()
+    ours = load(out, t)
+    with torch.no_grad():
+        for x in [zoo.text_inputs(t)] + ([zoo.image_inputs(t)] if t in zoo.VL else []):
+            assert (merged(**x).logits - ours(**x).logits).abs().max() <= 1e-6
