@@ -750,8 +750,12 @@ def _small_instance(config: dict, d: Derivation, layer: int, where: str):
         return getattr(transformers, d.architecture)._from_config(cfg)
 
     def size(c: dict) -> int:
-        with torch.device("meta"):
-            return sum(p.numel() for p in make(c).parameters())
+        try:
+            with torch.device("meta"):
+                return sum(p.numel() for p in make(c).parameters())
+        except Exception as e:
+            raise BuildError(f"{where}: compose checks a new block's identity on a small random instance of "
+                             f"{d.architecture}, which transformers could not build: {_one_line(e)}") from None
 
     if size(config) > SMALL:
         config = narrowed(config, d, layer)
@@ -759,7 +763,11 @@ def _small_instance(config: dict, d: Derivation, layer: int, where: str):
             raise BuildError(f"{where}: compose checks a new block's identity on a small random instance of "
                              f"{d.architecture}, and this config's is still over {SMALL:,} parameters narrowed")
     torch.manual_seed(0)
-    model = make(config).float().eval()
+    try:
+        model = make(config).float().eval()
+    except Exception as e:  # transformers refusing the narrowed config: said in one line, not a traceback
+        raise BuildError(f"{where}: compose checks a new block's identity on a small random instance of "
+                         f"{d.architecture}, which transformers could not build: {_one_line(e)}") from None
     with torch.no_grad():  # transformers' init leaves some projections at zero: nothing may be zero by chance
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
