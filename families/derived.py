@@ -62,10 +62,6 @@ class Derivation:
     """Per layer: (field, what it says of the layer, as JSON text)."""
     zero: tuple[tuple[str, ...], ...]
     """Per layer: its residual-output projections (names below `saved_stack.i.`)."""
-    memory: tuple[tuple[str, str], ...]
-    """(in-memory name, checkpoint name) of every tensor the class holds under another name than the checkpoint
-    (an image-text-to-text class's `model.language_model.*`): what a PEFT adapter, which names modules as they
-    are in memory, is matched by."""
     fp32: tuple[tuple[str, str], ...]
     """(half dtype, pattern): the tensors transformers' class keeps in float32 when the model is in that dtype
     (its _keep_in_fp32_modules for float16, _keep_in_fp32_modules_strict for both), as transformers matches
@@ -335,15 +331,26 @@ def _read(model, t: str, name: str, text_key: str, stack: str, text_cfg, n: int)
         stem=tuple(stem.items()), layers=tuple(tuple(x.items()) for x in layers), tail=tuple(tail.items()),
         fields=fields, values=layer_fields.values(cfg_values, fields, n, whole),
         zero=tuple(tuple(k for k in x if k in z) for x, z in zip(layers, zero)), unknown=unknown, towers=towers,
-        fp32=_fp32(model), memory=_in_memory(model, saved))
+        fp32=_fp32(model))
 
 
-def _in_memory(model, saved: dict) -> tuple[tuple[str, str], ...]:
-    """(in-memory name, checkpoint name) where they differ by a plain renaming, found by transformers' own
-    load-time renaming of each checkpoint name."""
+def in_memory_names(config: dict, where: str) -> dict[str, str]:
+    """In-memory name -> checkpoint name of every tensor the class holds under another name than a checkpoint
+    stores it by (an image-text-to-text class's `model.language_model.*`): what a PEFT adapter, which names
+    modules as they are in memory, is matched by. Found by transformers' own load-time renaming of each
+    checkpoint name; computed only when an adapter asks (it renames every name)."""
+    derivation(config, where)
+    return dict(_in_memory(json.dumps(config, sort_keys=True)))
+
+
+@functools.lru_cache(maxsize=16)
+def _in_memory(text: str) -> tuple[tuple[str, str], ...]:
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
+    config = json.loads(text)
+    model, _ = build_meta(config)
+    saved = derivation(config, "").names()
     transforms = get_model_conversion_mapping(model, add_legacy=True)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]

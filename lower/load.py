@@ -98,9 +98,9 @@ def lower(spec, path: str, ctx) -> Graph:
     cfg = fam.arch_config(src.config, src.ref, output_dtype(src, fam, spec.dtype))
     if fam.derived:
         if adapter is not None:  # PEFT names modules as the class holds them in memory
-            from compose.families.derived import derivation
+            from compose.families.derived import in_memory_names
 
-            reader.adapter = adapter = adapter.renamed(dict(derivation(src.config, src.ref).memory))
+            reader.adapter = adapter = adapter.renamed(in_memory_names(src.config, src.ref))
         return _derived(src, fam, cfg, reader, adapter, path)
     embed = fam.embedding(cfg, reader)
     blocks = [fam.block(src.config, cfg, i, reader, Origin(src.ref, i)) for i in range(src.num_layers)]
