@@ -345,24 +345,28 @@ def in_memory_names(config: dict, where: str) -> dict[str, str]:
 
 @functools.lru_cache(maxsize=16)
 def _in_memory(text: str) -> tuple[tuple[str, str], ...]:
+    config = json.loads(text)
+    model, _ = build_meta(config)
+    loaded = _loader_names(model, list(derivation(config, "").names()))
+    return tuple((new, k) for k, new in loaded.items() if new != k)
+
+
+def _loader_names(model, keys: list[str]) -> dict[str, str]:
+    """Checkpoint name -> the in-memory name transformers' loader gives it, for each of `keys` that a plain
+    renaming maps onto a tensor of `model` (a converter's parts, such as per-expert tensors, are left out)."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
-    config = json.loads(text)
-    model, _ = build_meta(config)
-    saved = derivation(config, "").names()
     transforms = get_model_conversion_mapping(model, add_legacy=True)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    if not renamings and not converters:
-        return ()
     meta = model.state_dict(keep_vars=True)
-    out = []
-    for k in saved:
+    out = {}
+    for k in keys:
         new, converted = rename_source_key(k, renamings, converters, model.base_model_prefix, meta)
-        if converted is None and new != k and new in meta:
-            out.append((new, k))
-    return tuple(out)
+        if converted is None and new in meta:
+            out[k] = new
+    return out
 
 
 def _fp32(model) -> tuple[tuple[str, str], ...]:
@@ -411,21 +415,13 @@ def aliases(config: dict, keys: list[str], where: str) -> dict[str, str]:
 
 @functools.lru_cache(maxsize=16)
 def _aliases(text: str, odd: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-
     model, _ = build_meta(json.loads(text))
-    transforms = get_model_conversion_mapping(model, add_legacy=True)
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
     meta = model.state_dict(keep_vars=True)
     out = []
-    for k in odd:
-        new, converted = rename_source_key(k, renamings, converters, model.base_model_prefix, meta)
-        if converted is None and new in meta:  # a plain renaming (a converter's parts stay as they are)
-            saved = list(_saved(model, {new: meta[new]}))
-            if len(saved) == 1 and saved[0] != k:
-                out.append((k, saved[0]))
+    for k, new in _loader_names(model, list(odd)).items():
+        saved = list(_saved(model, {new: meta[new]}))  # and back, as transformers saves it
+        if len(saved) == 1 and saved[0] != k:
+            out.append((k, saved[0]))
     return tuple(out)
 
 
