@@ -51,7 +51,7 @@ from compose.ir.weights import Zeros
 
 from compose import families
 from compose.backends import gguf_vocab
-from compose.errors import BuildError
+from compose.errors import BuildError, install_hint
 
 FILE = "model.gguf"
 
@@ -153,7 +153,7 @@ def plan(g: Graph, read: Callable | None, open_source: Callable) -> Plan:
     import importlib.util
 
     if importlib.util.find_spec("gguf") is None:  # refused here, before anything is written
-        raise BuildError("--format gguf needs the gguf package (llama.cpp's writer): pip install 'compose[gguf]'")
+        raise BuildError(f"--format gguf needs the gguf package (llama.cpp's writer): {install_hint('gguf')}")
 
     if g.composite:
         raise BuildError(f"--format gguf: a {g.composite} composite (cross-attention or visual experts) has no "

@@ -28,7 +28,7 @@ import torch
 
 from compose.backends.onnx_weights import HALF_DTYPES, store_half
 from compose.backends.torch import kind, load_module
-from compose.errors import BuildError
+from compose.errors import BuildError, install_hint
 
 TOLERANCE = 1e-4
 """Of the outputs' scale: the largest |value| PyTorch computes, at least 1. float32 rounding grows with the
@@ -316,7 +316,7 @@ def check_ready(g, dense_moe: bool = False) -> None:
 
     missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
     if missing:
-        raise BuildError(f"--format onnx needs {', '.join(missing)}: pip install 'compose[onnx]'")
+        raise BuildError(f"--format onnx needs {', '.join(missing)}: {install_hint('onnx')}")
     if dense_moe and not moe_blocks(g):
         raise BuildError("--dense-moe: the model has no MoE layers")
 

@@ -17,7 +17,8 @@ def _make(cls, fn: str, **fields):
 
 
 def load(ref: str, *, dtype: str | None = None, lora: str | None = None) -> LoadSpec:
-    """A model: a local HF folder, a hub id (through the local HF cache), or `tiny:llama|mistral|qwen2`.
+    """A model: a local HF folder, a hub id (through the local HF cache), or a built-in `tiny:<name>` (the names
+    are `compose.families.TINY`'s: one per hand-written family with a tiny recipe).
     `lora` (a PEFT adapter folder or hub id) is folded into its weights, as `load("model+adapter")` is:
     the spec holds mergekit's `model+adapter` form either way. A folder whose name holds a `+` is that
     folder; a reference that also reads as a model and an adapter is refused when it is built."""

@@ -23,3 +23,13 @@ class PassError(ComposeError):
 
 class BuildError(ComposeError):
     """Writing the output failed (existing folder without --force, unsupported target, ...)."""
+
+
+DISTRIBUTION = "compose-llm"
+"""The name compose is installed by (pyproject.toml's project name). On the package index, `compose` is an
+unrelated package: a hint that names it would install that."""
+
+
+def install_hint(extra: str) -> str:
+    """The command that installs compose with one of its extras (`onnx`, `gguf`)."""
+    return f"pip install '{DISTRIBUTION}[{extra}]'"
