@@ -180,6 +180,6 @@ def test_onnx_refusals_come_before_any_weight_is_written(tmp_path, monkeypatch):
         build(load(TINY), tmp_path / "a", formats=["hf", "onnx"], progress=False, dense_moe=True)
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
-    with pytest.raises(BuildError, match=r"--format onnx needs onnxscript: pip install 'compose\[onnx\]'"):
+    with pytest.raises(BuildError, match=r"--format onnx needs onnxscript: pip install 'compose-llm\[onnx\]'"):
         build(load(TINY), tmp_path / "b", formats=["hf", "onnx"], progress=False)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
