@@ -123,8 +123,12 @@ def derivation(config: dict, where: str) -> Derivation:
 
 
 def of(g: Graph) -> Derivation:
-    """The derivation a derived graph's config records (its first source's)."""
-    return derivation(json.loads(g.config.source), g.config.family)
+    """The derivation a derived graph's config records (its first source's). The config holds config.json as
+    `derivation` keys its cache (sorted JSON), so this is a lookup: backends ask it once per tensor."""
+    got = _derive(g.config.source)
+    if isinstance(got, str):
+        raise SourceError(f"{g.config.family}: {got}")
+    return got
 
 
 def known(model_type: str) -> bool:
@@ -291,15 +295,7 @@ def _read(model, t: str, name: str, text_key: str, stack: str, text_cfg, n: int)
     inside = [i for i, k in enumerate(order) if k.startswith(stack + ".")]
     if not inside:
         return f"transformers' {name}: its decoder stack {stack} holds no tensors"
-    saved_stack = None
-    for k in order[inside[0]:]:
-        rest = k[len(stack) + 3:] if k.startswith(stack + ".0.") else None
-        if rest is None:
-            break
-        one = list(_saved(model, {k: tensors[k]}))
-        if len(one) == 1 and one[0].endswith(".0." + rest):
-            saved_stack = one[0][:-len(".0." + rest)]
-            break
+    saved_stack = _saved_prefix(model, tensors, stack)
     if saved_stack is None:
         return f"transformers' {name}: could not tell where its decoder stack {stack} sits in a checkpoint"
     after = {k: tensors[k] for k in order[inside[-1] + 1:]}
@@ -393,14 +389,22 @@ def _towers(model, tensors: dict, stack: str) -> tuple[tuple[str, int], ...]:
     out = []
     for path, m in model.named_modules():
         if isinstance(m, torch.nn.ModuleList) and path != stack and len(m) in depths:
-            first = next((k for k in tensors if k.startswith(f"{path}.0.")), None)
-            if first is None:
-                continue
-            saved = list(_saved(model, {first: tensors[first]}))
-            rest = first[len(path) + 3:]
-            if len(saved) == 1 and saved[0].endswith(".0." + rest):
-                out.append((saved[0][:-len(".0." + rest)], len(m)))
+            if (prefix := _saved_prefix(model, tensors, path)) is not None:
+                out.append((prefix, len(m)))
     return tuple(out)
+
+
+def _saved_prefix(model, tensors: dict, path: str) -> str | None:
+    """Where the stack of layers at in-memory `path` sits in a checkpoint: the prefix that transformers' save
+    renaming gives a tensor of its layer 0 renamed alone, one to one (a tensor that a converter merges with
+    others, such as an expert's, is passed over)."""
+    for k in tensors:
+        if k.startswith(f"{path}.0."):
+            rest = k[len(path) + 3:]
+            one = list(_saved(model, {k: tensors[k]}))
+            if len(one) == 1 and one[0].endswith(".0." + rest):
+                return one[0][:-len(".0." + rest)]
+    return None
 
 
 def aliases(config: dict, keys: list[str], where: str) -> dict[str, str]:

@@ -492,9 +492,6 @@ class Layer(_Leaf):
     def residual_outputs(self) -> tuple[str, ...]:
         return self.zero
 
-    def attrs(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.fields)
-
 
 @dataclass(frozen=True, kw_only=True)
 class LMHead(_Leaf):
