@@ -86,17 +86,16 @@ def check_layer_map(out: Path, sources: list[tuple[Path, int]], t: str) -> None:
     source's said of that layer."""
     got = tensors(out)
     prefix = stack_prefix(t, out)
+    read = {src: (tensors(src), per_layer(json.loads((src / "config.json").read_text()), t)) for src, _ in sources}
     for j, (src, i) in enumerate(sources):
         mine = {k[len(f"{prefix}.{j}."):]: v for k, v in got.items() if k.startswith(f"{prefix}.{j}.")}
-        theirs = {k[len(f"{prefix}.{i}."):]: v for k, v in tensors(src).items() if k.startswith(f"{prefix}.{i}.")}
+        theirs = {k[len(f"{prefix}.{i}."):]: v for k, v in read[src][0].items() if k.startswith(f"{prefix}.{i}.")}
         assert mine.keys() == theirs.keys() and mine
         for k in mine:
             assert mine[k].dtype == theirs[k].dtype and torch.equal(mine[k], theirs[k]), (j, k)
-    config = json.loads((out / "config.json").read_text())
-    fields = per_layer(config, t)
+    fields = per_layer(json.loads((out / "config.json").read_text()), t)
     for f, said in fields.items():
-        want = [per_layer(json.loads((src / "config.json").read_text()), t)[f][i] for src, i in sources]
-        assert said == want, f
+        assert said == [read[src][1][f][i] for src, i in sources], f
 
 
 @pytest.mark.parametrize("t", TYPES)
