@@ -7,7 +7,8 @@
 
 Adding a hand-written family is one module here (a Family subclass and `FAMILY = ...`; MODULES collects it
 from the folder) and one entry in tests/test_families.py. Every other model_type transformers can build is
-read by a family derived from transformers' own class (compose.families.derived). No module outside this package names a model_type or a transformers class.
+read by a family derived from transformers' own class (compose.families.derived). No module outside this
+package names a model_type or a transformers class.
 """
 from __future__ import annotations
 
@@ -72,12 +73,9 @@ def describe(sources: list[tuple[str, dict]], g=None) -> list[str]:
             out += [f"family {ref}: {fam.model_type}, " + line if i == 0 else f"  {line}"
                     for i, line in enumerate(derived.derivation(config, ref).describe())]
             if (hand := derived.language_family(config)) is not None:
-                out.append(f"  language model: read by the hand-written {hand.model_type} module "
-                           f"(families/{type(hand).__module__.rpartition('.')[2]}.py)")
+                out.append(f"  language model: read by the hand-written {hand.model_type} module ({_file(hand)})")
         else:
-            module = type(fam).__module__.rpartition(".")[2]
-            out.append(f"family {ref}: {fam.model_type}, hand-written (families/{module}.py), "
-                       f"written as {fam.architecture}")
+            out.append(f"family {ref}: {fam.model_type}, hand-written ({_file(fam)}), written as {fam.architecture}")
     if g is not None and g.derived and g.state.target is not None:
         d = derived.of(g)
         config = get(g.config.family).config_json(g)
@@ -85,6 +83,11 @@ def describe(sources: list[tuple[str, dict]], g=None) -> list[str]:
         out += [f"rewritten {field} = {text.get(field)!r}" for field, _ in d.fields]
         out.append(f"rewritten num_hidden_layers = {text['num_hidden_layers']}")
     return out
+
+
+def _file(fam: Family) -> str:
+    """The module a hand-written family lives in (`families/gemma3.py`)."""
+    return f"families/{type(fam).__module__.rpartition('.')[2]}.py"
 
 
 def in_memory_name(name: str) -> str:
